@@ -1,0 +1,55 @@
+# bnzoo: every target creates .venv when it is missing, so `make train` and
+# `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+FASHION_MNIST_FILE := $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz
+TRAIN_ARGS ?=
+TEST_ARGS ?=
+
+.PHONY: setup data train test bench lint format experiments clean
+
+# The stamp is remade when pyproject.toml changes, so new dependencies install.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Fashion-MNIST's original IDX files from Debian: the offline default dataset.
+data: $(FASHION_MNIST_FILE)
+
+$(FASHION_MNIST_FILE):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" \
+	       "or pass --manual-dir DIR with the four IDX files." >&2; exit 1; \
+	fi
+
+train: setup data
+	$(PY) train.py $(TRAIN_ARGS)
+
+test: setup data
+	$(PY) -m pytest $(TEST_ARGS)
+	KERAS_BACKEND=jax $(PY) -m pytest -m multi_backend $(TEST_ARGS)
+
+bench: setup
+	$(PY) bench/bench_batch_normalization.py
+
+experiments: setup data
+	$(PY) experiments/run_all.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,52 @@
+"""Shared test setup.
+
+The suite runs twice from `make test`: once on the TensorFlow backend (every test), then with
+`KERAS_BACKEND=jax -m multi_backend` (the backend-agnostic subset). Tests that also hold on JAX
+carry `@pytest.mark.multi_backend`; on JAX every other test is skipped here.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    # Synchronized BN is tested under a MirroredStrategy over two logical CPU devices. Logical
+    # devices can only be configured before TensorFlow initializes its runtime, so it happens
+    # here, once, before any test touches a tensor.
+    _cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        _cpus[0],
+        [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "multi_backend: also run on the JAX backend (KERAS_BACKEND=jax)"
+    )
+    config.addinivalue_line("markers", "slow: end-to-end tests that train or export models")
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"TensorFlow-only test; backend is {BACKEND}")
+    for item in items:
+        if "multi_backend" not in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_keras_state():
+    """Every test starts from float32 and a fresh Keras session, whatever the last one set."""
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.clear_session()
+    yield
+    keras.mixed_precision.set_global_policy("float32")
