@@ -1,0 +1,211 @@
+"""train.py's configuration: flags, `--config run.yaml`, the saved config and the run folder's
+identity. No TensorFlow needed: these run in milliseconds."""
+
+import datetime
+import os
+
+import pytest
+import yaml
+
+from bnzoo.cli import UsageError
+from bnzoo.config import (
+    TrainConfig,
+    check_run_folder,
+    default_output_dir,
+    load_config,
+    parse_train_args,
+    parse_literal,
+    save_config,
+)
+
+
+def write_yaml(path, values):
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_defaults_train_plain_cnn_with_batch_norm_on_fashion_mnist():
+    config = parse_train_args([])
+    assert (config.model, config.normalization, config.dataset) == (
+        "plain_cnn",
+        "batch_norm",
+        "fashion_mnist",
+    )
+    assert (config.train_split, config.val_split, config.test_split) == (
+        "train[:90%]",
+        "train[90%:]",
+        "test",
+    )
+    assert config.output_dir == os.path.join(
+        "runs", f"{datetime.date.today().isoformat()}-plain_cnn-fashion_mnist"
+    )
+
+
+def test_command_line_flags_override_the_config_file(tmp_path):
+    path = write_yaml(
+        tmp_path / "run.yaml",
+        {"batch_size": 64, "lr": 0.05, "model_args": {"widths": [8, 16]}, "augment": True},
+    )
+    config = parse_train_args(
+        ["--config", path, "--lr", "0.2", "--model-arg", "depth=1", "--no-augment"]
+    )
+    assert config.batch_size == 64  # from the file
+    assert config.lr == 0.2  # the flag wins
+    assert config.model_args == {"widths": [8, 16], "depth": 1}  # merged per key
+    assert config.augment is False
+
+
+def test_config_file_accepts_dashed_keys_and_null(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {"val-split": None, "image-size": [32, 32]})
+    config = parse_train_args(["--config", path])
+    assert config.val_split is None
+    assert config.image_size == (32, 32)
+
+
+def test_config_file_values_are_checked_like_flags(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {"batch_size": 0})
+    with pytest.raises(UsageError, match="--batch-size: must be a positive integer, got '0'"):
+        parse_train_args(["--config", path])
+
+
+def test_config_file_rejects_an_unknown_key_naming_close_matches(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {"batch_sise": 64})
+    with pytest.raises(UsageError, match="unknown option 'batch_sise'; did you mean 'batch_size'"):
+        parse_train_args(["--config", path])
+
+
+def test_missing_config_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        parse_train_args(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_config_file_that_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        parse_train_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("0.5", 0.5),
+        ("1e-3", 0.001),
+        ("[32, 64]", [32, 64]),
+        ("(3, 3)", (3, 3)),
+        ("true", True),
+        ("null", None),
+        ("relu", "relu"),
+        ("'max'", "max"),
+    ],
+)
+def test_model_arg_values_are_python_or_yaml_literals(text, value):
+    assert parse_literal(text) == value
+
+
+def test_model_arg_needs_key_equals_value():
+    with pytest.raises(UsageError, match="expected KEY=VALUE"):
+        parse_train_args(["--model-arg", "widths"])
+
+
+@pytest.mark.parametrize("key", ["input_shape", "classes", "normalization", "bn_momentum"])
+def test_model_args_owned_by_train_py_are_refused(key):
+    with pytest.raises(ValueError, match=f"--model-arg {key}=... is not allowed"):
+        parse_train_args(["--model-arg", f"{key}=1"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size: must be a positive integer, got '0'"),
+        (["--epochs", "-1"], "--epochs: must be a positive integer"),
+        (["--optimizer", "adagrad"], "--optimizer: invalid choice: 'adagrad'"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--label-smoothing", "1.0"], r"--label-smoothing must be in \[0, 1\)"),
+        (["--warmup-epochs", "5", "--epochs", "3"], "--warmup-epochs must be"),
+        (["--image-size", "0"], "--image-size: expected SIZE or HEIGHT,WIDTH"),
+        (["--bn-epsilon", "0"], "--bn-epsilon must be positive"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_values_are_value_errors_naming_the_flag(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_train_args(argv)
+
+
+def test_image_size_accepts_square_and_height_width():
+    assert parse_train_args(["--image-size", "32"]).image_size == (32, 32)
+    assert parse_train_args(["--image-size", "32x48"]).image_size == (32, 48)
+    assert parse_train_args(["--image-size", "none"]).image_size is None
+
+
+def test_saved_config_repeats_the_run(tmp_path):
+    """The resolved config.yaml, fed back through --config, is the same run."""
+    original = parse_train_args(
+        [
+            "--model-arg",
+            "widths=[8,16]",
+            "--image-size",
+            "32,32",
+            "--val-split",
+            "none",
+            "--epochs",
+            "3",
+            "--mixed-precision",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    os.makedirs(original.output_dir)
+    path = save_config(original, original.output_dir)
+    assert load_config(original.output_dir) == original
+    assert parse_train_args(["--config", path]) == original
+
+
+def test_default_output_dir_names_date_model_and_dataset():
+    config = TrainConfig(model="bn_inception", dataset="image_folder:/data/My Flowers/")
+    assert default_output_dir(config, today=datetime.date(2025, 3, 1)) == os.path.join(
+        "runs", "2025-03-01-bn_inception-image_folder-My-Flowers"
+    )
+
+
+def test_missing_or_empty_run_folder_starts_a_new_run(tmp_path):
+    config = TrainConfig()
+    assert check_run_folder(tmp_path / "absent", config) == "new"
+    assert check_run_folder(tmp_path, config) == "new"
+
+
+def test_run_folder_holding_the_same_run_resumes(tmp_path):
+    config = TrainConfig(epochs=3, output_dir=str(tmp_path))
+    save_config(config, tmp_path)
+    # Where the data lives is not part of the run's identity.
+    moved = TrainConfig(epochs=3, output_dir=str(tmp_path), data_dir="/elsewhere")
+    assert check_run_folder(tmp_path, moved) == "resume"
+
+
+def test_run_folder_holding_a_different_run_is_refused_unless_overwrite(tmp_path):
+    save_config(TrainConfig(epochs=3, lr=0.1), tmp_path)
+    different = TrainConfig(epochs=5, lr=0.1)
+    with pytest.raises(ValueError, match=r"holds a different run \(epochs: 3 -> 5\).*--overwrite"):
+        check_run_folder(tmp_path, different)
+    different.overwrite = True
+    assert check_run_folder(tmp_path, different) == "new"
+
+
+def test_non_empty_folder_without_a_run_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no bnzoo run"):
+        check_run_folder(tmp_path, TrainConfig())
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_run_folder(path, TrainConfig())
+
+
+def test_unknown_key_in_a_run_config_is_an_error(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: plain_cnn\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
+        load_config(tmp_path)
