@@ -1,0 +1,105 @@
+"""Shared CLI behaviour: user errors become one line on stderr and a non-zero exit, bugs keep
+their traceback, `--debug` shows it for user errors too."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR, UsageError, one_line, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def failing(error):
+    def main(argv):
+        raise error
+
+    return main
+
+
+def test_value_error_is_one_line_on_stderr_and_exit_1(capsys):
+    status = run_cli(failing(ValueError("unknown model 'plain_cn'")), [], prog="train.py")
+    captured = capsys.readouterr()
+    assert status == EXIT_USER_ERROR == 1
+    assert captured.err == "train.py: error: unknown model 'plain_cn'\n"
+    assert captured.out == ""
+
+
+def test_usage_error_exits_2(capsys):
+    assert run_cli(failing(UsageError("bad flag")), [], prog="x") == EXIT_USAGE == 2
+    assert capsys.readouterr().err == "x: error: bad flag\n"
+
+
+def test_missing_file_is_a_user_error(capsys):
+    assert run_cli(failing(FileNotFoundError("no IDX files in /data")), [], prog="x") == 1
+    assert capsys.readouterr().err == "x: error: no IDX files in /data\n"
+
+
+def test_multi_line_messages_are_joined_into_one_line(capsys):
+    run_cli(failing(ValueError("first line\n  second line\n")), [], prog="x")
+    assert capsys.readouterr().err == "x: error: first line second line\n"
+
+
+def test_debug_shows_the_traceback_of_user_errors():
+    with pytest.raises(ValueError, match="boom"):
+        run_cli(failing(ValueError("boom")), ["--debug"], prog="x")
+
+
+def test_bugs_keep_their_traceback():
+    with pytest.raises(ZeroDivisionError):
+        run_cli(failing(ZeroDivisionError("a bug, not a user error")), [], prog="x")
+
+
+def test_keyboard_interrupt_exits_130(capsys):
+    assert run_cli(failing(KeyboardInterrupt()), [], prog="x") == 130
+    assert capsys.readouterr().err == "x: interrupted\n"
+
+
+def test_success_returns_mains_status():
+    assert run_cli(lambda argv: None, []) == 0
+    assert run_cli(lambda argv: 3, []) == 3
+
+
+def test_one_line_names_the_file_of_a_bare_os_error():
+    error = FileNotFoundError(2, "No such file or directory", "/data/x.gz")
+    assert one_line(error) == "[Errno 2] No such file or directory: '/data/x.gz'"
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("train.py", ["--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+        ("evaluate.py", ["--batch-size", "0", "x"], "argument --batch-size: must be a positive"),
+        ("evaluate.py", [], "the following arguments are required: PATH"),
+    ],
+)
+def test_scripts_report_argument_errors_in_one_line_without_importing_tensorflow(
+    script, argv, message
+):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{script}: error: ") and message in lines[0]
+
+
+def test_scripts_help_exits_0_and_lists_option_groups():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0
+    for group in ("model:", "data:", "optimization:", "run:", "--lr-schedule", "--model-arg"):
+        assert group in result.stdout
