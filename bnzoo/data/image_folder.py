@@ -1,0 +1,274 @@
+"""Users' own images as a dataset: one sub-folder per class.
+
+    my_images/
+      cat/  001.jpg 002.png ...
+      dog/  a.bmp b.gif ...
+
+Class names are the sorted sub-folder names (label i is the i-th name). Images are found
+recursively inside each class folder by extension (.jpg, .jpeg, .png, .bmp, .gif, any case);
+other files are ignored. The folder is one split, `train`, sliced with TFDS split syntax
+(`train[:90%]`, `train[90%:]`, `train[:512]`, `train[:10%]+train[-10%:]`). Slices are taken from
+the file list sorted by path and then shuffled with a fixed seed (`FILE_ORDER_SEED`), so every
+slice mixes all classes and the same expression always selects the same files on every machine.
+
+Sizes and channels are read from each file's header (a few bytes, no decoding) when the dataset
+is loaded, so problems surface at once, naming the file, and not in the middle of training:
+- Channels: 1 when every image is grayscale (with or without alpha), else 3 (RGB; alpha is
+  dropped, grayscale images are expanded).
+- Size: when every image has the same height and width, `DatasetInfo.image_shape` is that
+  size. When sizes differ it is `(None, None, C)`; the images are delivered at their own sizes
+  and `make_pipeline` then needs `image_size=(H, W)` to resize them (it says so otherwise).
+Decoding uses `tf.io.decode_image`; GIFs contribute their first frame.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from bnzoo.data.info import DatasetInfo, horizontal_flip_default, normalization_for
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+FILE_ORDER_SEED = 1337
+PREFIX = "image_folder:"
+SPLIT_NAME = "train"
+
+# JPEG start-of-frame markers (the ones holding the image size): C0-CF except DHT (C4),
+# JPG (C8) and DAC (CC).
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Channels `tf.io.decode_image(channels=0)` yields per PNG color type.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+def read_image_header(path: str) -> tuple[int, int, int]:
+    """`(height, width, channels)` of an image file, read from its header without decoding.
+
+    `channels` is what `tf.io.decode_image(..., channels=0)` returns for the file (e.g. 2 for
+    a gray+alpha PNG, 3 for any GIF, 3 for a CMYK JPEG), so it predicts the decoded tensor.
+
+    Args:
+        path: A PNG, JPEG, BMP or GIF file (detected by content, not by extension).
+
+    Raises:
+        ValueError: the file is not one of these formats or its header is corrupt.
+
+    Example:
+    >>> bnzoo.data.image_folder.read_image_header("cat/001.png")
+    (64, 48, 3)
+    """
+    with open(path, "rb") as f:
+        head = f.read(32)
+        try:
+            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+                width, height = struct.unpack(">II", head[16:24])
+                color_type = head[25]
+                if color_type not in _PNG_CHANNELS:
+                    raise ValueError(f"unknown PNG color type {color_type}")
+                return height, width, _PNG_CHANNELS[color_type]
+            if head[:6] in (b"GIF87a", b"GIF89a"):
+                width, height = struct.unpack("<HH", head[6:10])
+                return height, width, 3
+            if head.startswith(b"BM"):
+                (header_size,) = struct.unpack("<I", head[14:18])
+                if header_size == 12:  # BITMAPCOREHEADER: 16-bit sizes
+                    width, height, _, bits = struct.unpack("<HHHH", head[18:26])
+                else:
+                    width, height, _, bits = struct.unpack("<iiHH", head[18:30])
+                if bits not in (8, 24, 32):
+                    raise ValueError(f"{bits}-bit BMP (TensorFlow decodes 8, 24 and 32 bits)")
+                return abs(height), width, bits // 8
+            if head.startswith(b"\xff\xd8"):
+                f.seek(2)
+                return _read_jpeg_sof(f)
+        except struct.error as error:
+            raise ValueError(f"{path}: truncated image header ({error}).") from error
+        except ValueError as error:
+            raise ValueError(f"{path}: cannot read the image ({error}).") from error
+    raise ValueError(
+        f"{path}: not a PNG, JPEG, BMP or GIF image (starts with {head[:8].hex()}); remove it "
+        "from the image folder or convert it."
+    )
+
+
+def _read_jpeg_sof(f) -> tuple[int, int, int]:
+    """Walks JPEG marker segments up to the start-of-frame, which holds size and components."""
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise ValueError("no start-of-frame marker before the end of the file")
+        if byte != b"\xff":
+            continue
+        marker = f.read(1)
+        while marker == b"\xff":  # fill bytes before a marker
+            marker = f.read(1)
+        if not marker:
+            raise ValueError("truncated JPEG marker")
+        code = marker[0]
+        if code in (0x01, *range(0xD0, 0xD8)):  # standalone markers carry no length
+            continue
+        if code == 0xDA:  # start of scan: image data follows, the frame header was missing
+            raise ValueError("no start-of-frame marker before the image data")
+        (length,) = struct.unpack(">H", f.read(2))
+        if code in _JPEG_SOF_MARKERS:
+            _, height, width, components = struct.unpack(">BHHB", f.read(6))
+            # TensorFlow decodes 4-component (CMYK) JPEGs to RGB.
+            return height, width, 1 if components == 1 else 3
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def folder_path(name: str) -> str:
+    """The folder of an `image_folder:PATH` dataset name, absolute and user-expanded."""
+    path = name[len(PREFIX) :] if name.startswith(PREFIX) else name
+    if not path:
+        raise ValueError(
+            "image_folder: needs a folder, e.g. --dataset image_folder:/path/to/images "
+            "(one sub-folder per class)."
+        )
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def scan_image_folder(directory: str) -> tuple[tuple[str, ...], list[str], list[int]]:
+    """Class names, image paths and labels of a folder with one sub-folder per class.
+
+    Paths are sorted (class, then path within the class), so the result does not depend on the
+    order the file system lists entries in.
+
+    Raises:
+        FileNotFoundError: `directory` does not exist.
+        ValueError: it has no class sub-folders, or a class sub-folder has no images.
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"image folder {directory} does not exist; pass a folder with one sub-folder of "
+            "images per class."
+        )
+    class_names = tuple(
+        sorted(
+            entry.name
+            for entry in os.scandir(directory)
+            if entry.is_dir() and not entry.name.startswith(".")
+        )
+    )
+    if not class_names:
+        raise ValueError(
+            f"image folder {directory} has no class sub-folders; put the images of each class "
+            "in a sub-folder named after the class (e.g. cat/, dog/)."
+        )
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, class_name in enumerate(class_names):
+        class_paths = []
+        for root, dirs, files in os.walk(os.path.join(directory, class_name)):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            class_paths.extend(
+                os.path.join(root, file)
+                for file in files
+                if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith(".")
+            )
+        if not class_paths:
+            raise ValueError(
+                f"class folder {os.path.join(directory, class_name)} holds no images "
+                f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder."
+            )
+        class_paths.sort()
+        paths.extend(class_paths)
+        labels.extend([label] * len(class_paths))
+    return class_names, paths, labels
+
+
+def select_split(num_examples: int, split: str, dataset: str = "image_folder") -> np.ndarray:
+    """Indices of the examples a TFDS split expression selects from a single `train` split.
+
+    Uses TFDS's own parser and rounding, so `train[:90%]` and `train[90%:]` partition the
+    data exactly as they would a TFDS dataset.
+
+    Raises:
+        ValueError: malformed expression, a split other than `train`, or an out-of-range slice.
+    """
+    try:
+        instruction = tfds.core.ReadInstruction.from_spec(split)
+        split_info = tfds.core.SplitInfo(name=SPLIT_NAME, shard_lengths=[num_examples], num_bytes=0)
+        absolute = instruction.to_absolute({SPLIT_NAME: split_info})
+    except (ValueError, AssertionError) as error:
+        raise ValueError(
+            f"split {split!r} is not valid for {dataset}: {_first_line(error)}. An image folder "
+            "is one split, 'train'; slice it like 'train[:90%]', 'train[90%:]' or 'train[:512]'."
+        ) from error
+    ranges = [np.arange(num_examples)[part.from_ : part.to] for part in absolute]
+    return np.concatenate(ranges) if ranges else np.zeros([0], np.int64)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def load_image_folder(name: str, split: str = SPLIT_NAME) -> tuple[tf.data.Dataset, DatasetInfo]:
+    """An image folder as `(image uint8 [H, W, C], label int64)` examples and its `DatasetInfo`.
+
+    Args:
+        name: `"image_folder:/path/to/dir"` (or just the path).
+        split: TFDS split syntax over the single split `train`.
+
+    Returns:
+        The unbatched dataset (in the deterministic shuffled file order, sliced by `split`) and
+        its info (mean/std 0.5: image folders have no known statistics).
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        ValueError: bad layout, unreadable image, malformed split or empty selection.
+
+    Example:
+    >>> ds, info = bnzoo.data.image_folder.load_image_folder(
+    ...     "image_folder:my_images", split="train[:90%]")
+    >>> info.class_names
+    ('cat', 'dog')
+    """
+    directory = folder_path(name)
+    class_names, paths, labels = scan_image_folder(directory)
+    order = np.random.default_rng(FILE_ORDER_SEED).permutation(len(paths))
+    selected = order[select_split(len(paths), split, dataset=f"{PREFIX}{directory}")]
+    if len(selected) == 0:
+        raise ValueError(
+            f"split {split!r} selects no images of {directory} ({len(paths)} images); use a "
+            "larger slice."
+        )
+    # Headers of every image in the folder, not only the selection: the channel count must not
+    # depend on the split, or train and test would be decoded differently.
+    headers = [read_image_header(path) for path in paths]
+    channels = 1 if all(c in (1, 2) for _, _, c in headers) else 3
+    sizes = {(h, w) for h, w, _ in headers}
+    height, width = next(iter(sizes)) if len(sizes) == 1 else (None, None)
+    mean, std = normalization_for(PREFIX, channels)
+
+    selected_paths = [paths[i] for i in selected]
+    selected_labels = np.asarray([labels[i] for i in selected], np.int64)
+    dataset = tf.data.Dataset.from_tensor_slices((selected_paths, selected_labels))
+
+    def decode(path, label):
+        data = tf.io.read_file(path)
+        if channels == 3:
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        else:
+            # Gray (1 channel) or gray+alpha (2): keep the gray channel. Not channels=1, which
+            # TensorFlow's BMP and GIF decoders reject.
+            image = tf.io.decode_image(data, channels=0, expand_animations=False)[..., :1]
+        image.set_shape([height, width, channels])
+        return image, label
+
+    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    info = DatasetInfo(
+        name=f"{PREFIX}{directory}",
+        num_classes=len(class_names),
+        image_shape=(height, width, channels),
+        class_names=class_names,
+        num_examples=len(selected),
+        mean=mean,
+        std=std,
+        split=split,
+        horizontal_flip=horizontal_flip_default(PREFIX),
+    )
+    return dataset, info
