@@ -49,7 +49,11 @@ def import_tensorflow_quietly() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        import tensorflow
+
+        # Listing the GPUs initializes the device platforms, which logs a CUDA-probe error on
+        # machines with a CUDA build of TensorFlow but no GPU; train.py reports the device.
+        tensorflow.config.list_physical_devices("GPU")
     finally:
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)

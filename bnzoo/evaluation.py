@@ -318,17 +318,26 @@ def _saved_model_classifier(path: str, image_shape: Sequence[int]) -> Callable:
     return classify
 
 
+def _keras_load_reason(error: Exception, limit: int = 300) -> str:
+    """The gist of a Keras deserialization error, which embeds whole layer configs."""
+    message = " ".join(str(error).split())
+    _, marker, reason = message.partition("Exception encountered: ")
+    if marker:
+        message = reason.split(" Full object config:")[0]
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
 def _keras_classifier(path: str, info, preprocessing: dict[str, Any] | None) -> Callable:
     import keras
 
-    import models  # noqa: F401  (registers bnzoo's layers for deserialization)
+    import layers  # noqa: F401  (registers bnzoo's layers for deserialization)
     from bnzoo.export import serving_function
 
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises many types for a malformed archive
         raise ValueError(
-            f"cannot load {path} as a Keras model: {' '.join(str(error).split())}"
+            f"cannot load {path} as a Keras model: {_keras_load_reason(error)}"
         ) from None
     input_shape = tuple(model.input_shape[1:])
     if len(input_shape) != 3 or input_shape[2] != info.image_shape[2]:

@@ -1,0 +1,66 @@
+"""Evaluate a trained model: a SavedModel folder, a `.keras` file or a run folder.
+
+    python evaluate.py runs/<run>                     # the run's dataset and test split
+    python evaluate.py runs/<run>/saved_model --output metrics.json --confusion-matrix cm.png
+    python evaluate.py model.keras --dataset fashion_mnist --split "train[90%:]"
+
+Prints loss, accuracy, top-5 accuracy, per-class accuracy, the confusion matrix and the
+throughput; `--output` writes the same metrics as JSON (the schema of a run's metrics.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bnzoo.cli import import_tensorflow_quietly, run_cli
+from bnzoo.config import ArgumentParser, positive_int
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="evaluate.py",
+        description="Evaluate a SavedModel folder, a .keras file or a bnzoo run folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("path", metavar="PATH", help="SavedModel folder, .keras file or run folder")
+    parser.add_argument(
+        "--dataset",
+        help="TFDS name or image_folder:/path (default: the run's dataset, else fashion_mnist)",
+    )
+    parser.add_argument("--split", help="TFDS split (default: the run's test split, else test)")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--data-dir", help="TFDS data directory")
+    parser.add_argument("--manual-dir", help="folder with the original IDX files")
+    parser.add_argument("--output", metavar="FILE.json", help="write the metrics as JSON")
+    parser.add_argument(
+        "--confusion-matrix", metavar="FILE.png", help="write the confusion matrix as a PNG"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback for errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import_tensorflow_quietly()
+    from bnzoo import evaluation
+
+    metrics = evaluation.evaluate_path(
+        args.path,
+        dataset=args.dataset,
+        split=args.split,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        manual_dir=args.manual_dir,
+    )
+    print(evaluation.format_metrics_table(metrics))
+    if args.output:
+        print(f"wrote {evaluation.save_metrics_json(metrics, args.output)}")
+    if args.confusion_matrix:
+        print(f"wrote {evaluation.save_confusion_matrix_png(metrics, args.confusion_matrix)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
