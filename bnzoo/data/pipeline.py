@@ -243,7 +243,8 @@ def make_pipeline(
     """Batches of model inputs from the `(image uint8, label int64)` examples of `load_dataset`.
 
     Order of operations: cache (uint8) -> shuffle (training) -> batch -> `preprocess_images`
-    -> augmentation (training and `augment`) -> prefetch.
+    -> augmentation (training and `augment`) -> prefetch. Datasets of varying image size are
+    preprocessed (resized) one image at a time before batching instead.
 
     Args:
         ds: Unbatched `(image uint8 [H, W, C], label int64)` examples (`load_dataset`'s output).
@@ -301,14 +302,22 @@ def make_pipeline(
             seed=seed,
             reshuffle_each_iteration=True,
         )
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-
     mean, std = info.mean, info.std
 
     def preprocess(images, labels):
         return preprocess_images(images, mean, std, image_size), tf.cast(labels, tf.int32)
 
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    if info.has_fixed_shape:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        # Images of different sizes cannot share a batch before they are fitted to one size.
+        def preprocess_one(image, label):
+            images, labels = preprocess(image[tf.newaxis], label[tf.newaxis])
+            return images[0], labels[0]
+
+        ds = ds.map(preprocess_one, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
 
     if training and augment:
         padding = crop_padding_for(image_size)

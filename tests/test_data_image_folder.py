@@ -1,0 +1,183 @@
+"""The image-folder dataset on small PNG/JPEG/BMP/GIF folders that the tests write themselves."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bnzoo.data import load_dataset, make_pipeline
+from bnzoo.data.image_folder import read_image_header
+
+Image = pytest.importorskip("PIL.Image")
+
+# Each class's images are filled with the class's own gray level, so an (image, label) pair
+# shows whether the label names the folder the image came from.
+CLASS_LEVELS = {"dog": 30, "bird": 90, "cat": 150}
+
+
+def _save(path, array, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+
+
+def _class_folder(root, per_class=4, size=(6, 8), channels=1, fmt="png"):
+    for name, level in CLASS_LEVELS.items():  # created in non-sorted order on purpose
+        for i in range(per_class):
+            shape = size if channels == 1 else (*size, channels)
+            _save(root / name / f"{i:02d}.{fmt}", np.full(shape, level, np.uint8))
+    return f"image_folder:{root}"
+
+
+def _examples(ds):
+    images, labels = zip(*[(x.numpy(), int(y.numpy())) for x, y in ds], strict=True)
+    return np.stack(images), np.array(labels)
+
+
+def test_class_names_are_sorted_subfolders_and_labels_follow_them(tmp_path):
+    ds, info = load_dataset(_class_folder(tmp_path), split="train")
+    assert info.class_names == ("bird", "cat", "dog")
+    assert info.num_classes == 3 and info.num_examples == 12
+    assert info.image_shape == (6, 8, 1)
+    assert info.mean == (0.5,) and info.std == (0.5,)
+    assert ds.element_spec[0].dtype == tf.uint8 and ds.element_spec[1].dtype == tf.int64
+    images, labels = _examples(ds)
+    for image, label in zip(images, labels, strict=True):
+        assert np.all(image == CLASS_LEVELS[info.class_names[label]])
+    assert np.bincount(labels).tolist() == [4, 4, 4]
+
+
+def test_every_supported_format_decodes_to_its_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    # A GIF has a palette of at most 256 colours: four distinct colours survive exactly.
+    four_colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]], np.uint8)
+    gif = four_colours[rng.integers(0, 4, (10, 12))]
+    smooth = np.broadcast_to(np.linspace(0, 255, 12, dtype=np.uint8)[None, :, None], (10, 12, 3))
+    expected = {"a.png": rgb, "b.bmp": rgb, "c.gif": gif, "d.jpg": np.ascontiguousarray(smooth)}
+    for name, array in expected.items():
+        _save(tmp_path / "only" / name, array)
+    (tmp_path / "only" / "notes.txt").write_text("not an image: ignored")
+    ds, info = load_dataset(f"image_folder:{tmp_path}", split="train")
+    assert info.num_examples == 4 and info.image_shape == (10, 12, 3)
+    decoded = sorted((x.numpy() for x, _ in ds), key=lambda a: a.tobytes())
+    lossless = sorted((expected[n] for n in ("a.png", "b.bmp", "c.gif")), key=lambda a: a.tobytes())
+    # JPEG is lossy: the smooth ramp comes back within a few levels; the others exactly.
+    jpeg = [d for d in decoded if not any(np.array_equal(d, e) for e in lossless)]
+    assert len(jpeg) == 1
+    assert np.abs(jpeg[0].astype(int) - smooth).mean() < 3
+    for array in lossless:
+        assert any(np.array_equal(array, d) for d in decoded)
+
+
+@pytest.mark.parametrize(
+    "name, mode, expected",
+    [
+        ("gray.png", "L", (5, 7, 1)),
+        ("gray_alpha.png", "LA", (5, 7, 2)),
+        ("rgba.png", "RGBA", (5, 7, 4)),
+        ("palette.png", "P", (5, 7, 3)),
+        ("gray.jpg", "L", (5, 7, 1)),
+        ("progressive.jpg", "RGB", (5, 7, 3)),
+        ("cmyk.jpg", "CMYK", (5, 7, 3)),
+        ("gray.bmp", "L", (5, 7, 1)),
+        ("rgb.bmp", "RGB", (5, 7, 3)),
+        ("gray.gif", "L", (5, 7, 3)),
+    ],
+)
+def test_header_reader_predicts_the_shape_tensorflow_decodes(tmp_path, name, mode, expected):
+    rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb).convert(mode)
+    path = tmp_path / name
+    image.save(path, progressive=name.startswith("progressive"))
+    decoded = tf.io.decode_image(path.read_bytes(), channels=0, expand_animations=False)
+    assert read_image_header(str(path)) == expected == tuple(decoded.shape)
+
+
+def test_grayscale_folder_has_one_channel_and_a_mixed_folder_three(tmp_path):
+    _save(tmp_path / "a" / "gray.png", np.full((4, 4), 200, np.uint8))
+    _save(tmp_path / "b" / "gray_alpha.png", np.full((4, 4, 2), 100, np.uint8))
+    _, info = load_dataset(f"image_folder:{tmp_path}", split="train")
+    assert info.image_shape == (4, 4, 1)
+    _save(tmp_path / "b" / "rgb.bmp", np.full((4, 4, 3), (10, 20, 30), np.uint8))
+    ds, info = load_dataset(f"image_folder:{tmp_path}", split="train")
+    assert info.image_shape == (4, 4, 3)
+    images = sorted((x.numpy() for x, _ in ds), key=lambda a: int(a[0, 0, 0]))
+    # Grayscale images are expanded to three equal channels, RGB keeps its colour, alpha is
+    # dropped.
+    assert [tuple(a[0, 0]) for a in images] == [(10, 20, 30), (100, 100, 100), (200, 200, 200)]
+
+
+def test_split_slices_partition_the_folder_deterministically_and_mix_classes(tmp_path):
+    name = _class_folder(tmp_path, per_class=10)
+    _, head = load_dataset(name, split="train[:80%]")
+    _, tail = load_dataset(name, split="train[80%:]")
+    assert (head.num_examples, tail.num_examples) == (24, 6)
+    head_images, head_labels = _examples(load_dataset(name, split="train[:80%]")[0])
+    tail_labels = _examples(load_dataset(name, split="train[80%:]")[0])[1]
+    all_labels = _examples(load_dataset(name, split="train")[0])[1]
+    # The slices are consecutive pieces of one fixed order, so they partition the folder.
+    np.testing.assert_array_equal(np.concatenate([head_labels, tail_labels]), all_labels)
+    # The order is shuffled across classes (sorted paths would give a test slice of one class)
+    # and the same on every call.
+    assert len(set(tail_labels.tolist())) > 1
+    np.testing.assert_array_equal(
+        _examples(load_dataset(name, split="train[:80%]")[0])[1], head_labels
+    )
+    _, first = load_dataset(name, split="train[:5]")
+    _, joined = load_dataset(name, split="train[:10%]+train[-10%:]")
+    assert (first.num_examples, joined.num_examples) == (5, 6)
+
+
+def test_images_of_different_sizes_need_an_image_size_for_batching(tmp_path):
+    _save(tmp_path / "a" / "small.png", np.full((4, 6), 50, np.uint8))
+    _save(tmp_path / "b" / "large.png", np.full((8, 10), 50, np.uint8))
+    ds, info = load_dataset(f"image_folder:{tmp_path}", split="train")
+    assert info.image_shape == (None, None, 1)
+    assert sorted(tuple(x.shape) for x, _ in ds) == [(4, 6, 1), (8, 10, 1)]
+    with pytest.raises(ValueError, match=r"vary in size; pass image_size"):
+        make_pipeline(ds, info, batch_size=2)
+    batches = make_pipeline(ds, info, batch_size=2, training=False, image_size=(5, 5))
+    images, _ = next(iter(batches))
+    assert images.shape == (2, 5, 5, 1)
+    # A uniform image stays uniform under resizing: (50/255 - 0.5) / 0.5 everywhere.
+    np.testing.assert_allclose(images.numpy(), (50 / 255 - 0.5) / 0.5, atol=1e-5)
+
+
+def test_missing_folder_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder .*nowhere does not exist"):
+        load_dataset(f"image_folder:{tmp_path / 'nowhere'}", split="train")
+
+
+def test_bad_layouts_and_unreadable_images_raise_value_errors_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        load_dataset(f"image_folder:{tmp_path}", split="train")
+    _save(tmp_path / "cat" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"class folder .*dog holds no images"):
+        load_dataset(f"image_folder:{tmp_path}", split="train")
+    (tmp_path / "dog" / "broken.png").write_text("this is not a PNG")
+    with pytest.raises(ValueError, match=r"broken\.png: not a PNG, JPEG, BMP or GIF"):
+        load_dataset(f"image_folder:{tmp_path}", split="train")
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+    with pytest.raises(ValueError, match=r"broken\.png: .*(truncated|start-of-frame)"):
+        load_dataset(f"image_folder:{tmp_path}", split="train")
+
+
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        ("train[:50", "malformed split"),
+        ("test", "one split, 'train'"),
+        ("train[:500]", "not valid for image_folder"),
+        ("train[50%:50%]", "selects no images"),
+    ],
+)
+def test_bad_splits_of_an_image_folder_raise_value_errors(tmp_path, split, message):
+    name = _class_folder(tmp_path, per_class=2)
+    with pytest.raises(ValueError, match=message):
+        load_dataset(name, split=split)
+
+
+def test_empty_image_folder_prefix_is_rejected():
+    with pytest.raises(ValueError, match="image_folder: needs a folder"):
+        load_dataset("image_folder:", split="train")
