@@ -1,0 +1,169 @@
+"""Every registered model builds, predicts, trains, saves and exports.
+
+One parametrized test per behaviour, run over `models.list_models()`, so a newly registered
+model is covered without writing a test (and `TINY` tells how to make it test-sized).
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import models
+
+# Test-sized arguments per builder family; registry defaults (e.g. the slim module table) still
+# apply underneath. Narrow widths keep the whole suite fast; the architectures are unchanged.
+TINY = {
+    models.bn_inception: dict(input_shape=(32, 32, 3), width_multiplier=0.1, min_depth=4),
+    models.plain_cnn: dict(input_shape=(12, 12, 1), widths=(8, 16)),
+    models.paper_mlp: dict(input_shape=(6, 6, 1), hidden_units=16),
+}
+CLASSES = 5
+BATCH = 8
+ALL_MODELS = models.list_models()
+
+
+def build(name, **overrides):
+    spec = models.get_model_spec(name)
+    assert spec.builder in TINY, f"add test-sized arguments for {name!r} to TINY"
+    return models.create_model(name, **{"classes": CLASSES, **TINY[spec.builder], **overrides})
+
+
+def example_batch(model, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (BATCH, *model.inputs[0].shape[1:])
+    images = rng.uniform(0.0, 1.0, size=shape).astype("float32")
+    labels = rng.integers(0, CLASSES, size=(BATCH,))
+    return images, labels
+
+
+def bn_layers(model):
+    return [layer for layer in model.layers if hasattr(layer, "moving_variance")]
+
+
+def randomize_bn_state(model, seed=1):
+    """Give BN non-default statistics, so a save/load that lost them would show."""
+    rng = np.random.default_rng(seed)
+    for layer in bn_layers(model):
+        channels = layer.moving_mean.shape
+        layer.moving_mean.assign(rng.normal(0.0, 0.1, channels).astype("float32"))
+        layer.moving_variance.assign(rng.uniform(0.5, 1.5, channels).astype("float32"))
+        layer.gamma.assign(rng.uniform(0.8, 1.2, channels).astype("float32"))
+        layer.beta.assign(rng.normal(0.0, 0.1, channels).astype("float32"))
+
+
+def test_every_registered_model_has_test_sized_arguments():
+    assert ALL_MODELS == sorted(["bn_inception", "bn_inception_slim", "paper_mlp", "plain_cnn"])
+    for name in ALL_MODELS:
+        assert models.get_model_spec(name).builder in TINY
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_pass_gives_class_probabilities(name):
+    model = build(name)
+    images, _ = example_batch(model)
+    probabilities = keras.ops.convert_to_numpy(model(images, training=False))
+    assert probabilities.shape == (BATCH, CLASSES)
+    assert np.all(probabilities >= 0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_classifier_activation_none_gives_the_logits_of_the_softmax_model(name):
+    probabilities_model = build(name)
+    logits_model = build(name, classifier_activation=None)
+    logits_model.set_weights(probabilities_model.get_weights())
+    images, _ = example_batch(probabilities_model)
+
+    logits = keras.ops.convert_to_numpy(logits_model(images, training=False)).astype("float64")
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    probabilities = keras.ops.convert_to_numpy(probabilities_model(images, training=False))
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_training_step_updates_every_weight_and_the_moving_statistics(name):
+    model = build(name, classifier_activation=None)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    images, labels = example_batch(model)
+    trainable_before = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+    statistics = [(layer.moving_mean, layer.moving_variance) for layer in bn_layers(model)]
+    assert statistics, "every registered model normalizes by default"
+    statistics_before = [
+        (keras.ops.convert_to_numpy(mean), keras.ops.convert_to_numpy(variance))
+        for mean, variance in statistics
+    ]
+
+    loss = model.train_on_batch(images, labels)
+
+    assert np.isfinite(loss)
+    for weight, before in zip(model.trainable_weights, trainable_before, strict=True):
+        assert not np.array_equal(keras.ops.convert_to_numpy(weight), before), weight.path
+    for (mean, variance), (mean_before, variance_before) in zip(
+        statistics, statistics_before, strict=True
+    ):
+        assert not np.array_equal(keras.ops.convert_to_numpy(mean), mean_before), mean.path
+        assert not np.array_equal(keras.ops.convert_to_numpy(variance), variance_before)
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_keras_file_round_trip_gives_identical_outputs(name, tmp_path):
+    model = build(name)
+    randomize_bn_state(model)
+    images, _ = example_batch(model)
+    path = tmp_path / f"{name}.keras"
+
+    model.save(path)
+    restored = keras.models.load_model(path)
+
+    assert restored.name == model.name
+    assert [layer.name for layer in restored.layers] == [layer.name for layer in model.layers]
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(restored(images, training=False)),
+        keras.ops.convert_to_numpy(model(images, training=False)),
+    )
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_weights_argument_loads_a_weights_file_of_the_same_architecture(name, tmp_path):
+    model = build(name)
+    randomize_bn_state(model)
+    path = tmp_path / f"{name}.weights.h5"
+    model.save_weights(path)
+
+    rebuilt = build(name, weights=str(path))
+
+    images, _ = example_batch(model)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(rebuilt(images, training=False)),
+        keras.ops.convert_to_numpy(model(images, training=False)),
+    )
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_saved_model_export_gives_identical_outputs(name, tmp_path):
+    import tensorflow as tf
+
+    model = build(name)
+    randomize_bn_state(model)
+    images, _ = example_batch(model)
+    path = tmp_path / name
+
+    model.export(str(path), format="tf_saved_model", verbose=False)
+    # Keep the loaded object alive: its variables die with it.
+    reloaded = tf.saved_model.load(str(path))
+    served = reloaded.serve(tf.constant(images))
+
+    np.testing.assert_allclose(
+        served.numpy(),
+        keras.ops.convert_to_numpy(model(images, training=False)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
