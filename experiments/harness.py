@@ -1,0 +1,852 @@
+"""Shared machinery for the paper's experiments: one CLI, seeding, data as arrays, a step-based
+training loop with periodic evaluation and probes, JSON writing and plots.
+
+Every experiment script (``experiments/exp*_*.py``) is a thin description of *what* to train and
+*what* to measure; this module is the *how*, so that all experiments train, evaluate, time and
+record results the same way and differ only where the paper's setups differ.
+
+Design choices, and why:
+
+* **Arrays, not an input pipeline.** The experiments train tiny models for thousands of small
+  steps (the paper's §4.1 uses mini-batches of 60). The whole Fashion-MNIST training set fits in
+  memory, so it is loaded once through ``bnzoo.data`` (``load_dataset`` + ``preprocess_images``,
+  the same normalization as ``train.py``) and sampled by index inside the compiled step, which
+  keeps a step well under a millisecond of overhead on a 2-core CPU.
+* **Chunks of steps in one ``tf.function``.** ``eval_every`` steps run inside one graph call
+  (a ``tf.range`` loop), so Python is entered only at evaluation points. Per-step losses come
+  back as a vector, which is what the layer-vs-Keras comparison plots.
+* **Sampling without replacement, one seeded permutation per epoch**, so two runs with the same
+  seed see exactly the same mini-batches (needed to compare two BN implementations step by step).
+* **Probes** are callables evaluated at every evaluation point (percentiles of a sigmoid input,
+  per-layer gradient norms). Gradient probes use ``Model.stateless_call`` so that looking at a
+  model in training mode does not move its BN moving averages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_ROOT = REPO_ROOT / "experiments" / "results"
+BUDGETS = ("smoke", "full")
+
+# Fashion-MNIST and MNIST both have 10 classes; the accuracy of guessing.
+CHANCE_ACCURACY_10_CLASSES = 0.1
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Experiments build many small models on purpose; TensorFlow warns that each new model's
+# compiled functions are "retracing", which is expected here and would bury the progress lines.
+tf.get_logger().setLevel("ERROR")
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The flags every experiment script accepts.
+
+    Args:
+        name: the experiment's name (its script's stem), used for the default output folder.
+        description: first line of ``--help``.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"experiments/{name}.py",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=RESULTS_ROOT / name,
+        help="folder for config.json, results.json and the PNG plots",
+    )
+    parser.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default="full",
+        help="'full': the run documented in docs/RESULTS.md; 'smoke': a check in seconds",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="override the budget's number of training steps per run",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights and batch order")
+    parser.add_argument(
+        "--data-dir", default=None, help="TFDS data_dir (default: TFDS' own default)"
+    )
+    parser.add_argument(
+        "--manual-dir",
+        default=None,
+        help="folder with Fashion-MNIST's IDX files (default: /usr/share/datasets/fashion-mnist)",
+    )
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, presets: Mapping[str, Mapping[str, Any]]) -> dict:
+    """Merges the budget's preset with the command line into the config a run is repeated from.
+
+    Args:
+        args: parsed command line from ``build_parser`` (plus any experiment-specific flags).
+        presets: ``{"smoke": {...}, "full": {...}}``; each preset must hold ``steps``.
+
+    Returns:
+        A JSON-serializable dict: the preset's values, then every command-line flag.
+    """
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be a positive number of training steps, got {args.steps}.")
+    config = dict(presets[args.budget])
+    for key, value in vars(args).items():
+        if value is None and key in config:
+            continue  # an unset override keeps the preset's value
+        config[key] = str(value) if isinstance(value, Path) else value
+    return config
+
+
+def run_experiment(
+    name: str,
+    description: str,
+    presets: Mapping[str, Mapping[str, Any]],
+    run: Callable[[dict, Path], dict],
+    argv: Sequence[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> dict:
+    """Parses the command line, runs one experiment and writes its config and results.
+
+    The resolved config is written *before* training starts, so a crashed run still says what it
+    was; ``results.json`` is written at the end with the runtime and the machine.
+
+    Args:
+        name: the experiment's name (``exp1_mnist_mlp``).
+        description: one-line description for ``--help``.
+        presets: the ``smoke`` and ``full`` budgets.
+        run: ``run(config, output_dir) -> results``; it saves its own plots into ``output_dir``.
+        argv: command-line arguments (``None``: ``sys.argv[1:]``).
+        add_arguments: adds experiment-specific flags to the parser.
+
+    Returns:
+        The results dict that was written to ``results.json``.
+    """
+    parser = build_parser(name, description)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    require_tensorflow_backend()
+    config = resolve_config(args, presets)
+    config["experiment"] = name
+    output_dir = Path(config["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / "config.json", config)
+
+    started = time.perf_counter()
+    results = run(config, output_dir)
+    results = {
+        "experiment": name,
+        "budget": config["budget"],
+        "runtime_seconds": time.perf_counter() - started,
+        "environment": environment(),
+        **results,
+    }
+    write_json(output_dir / "results.json", results)
+    print(f"{name}: wrote {output_dir / 'results.json'} ({results['runtime_seconds']:.0f} s)")
+    return results
+
+
+def cli_main(
+    name: str,
+    description: str,
+    presets: Mapping[str, Mapping[str, Any]],
+    run: Callable[[dict, Path], dict],
+    argv: Sequence[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """``run_experiment`` for a script's ``__main__``: user errors become one line and exit 2."""
+    try:
+        run_experiment(name, description, presets, run, argv, add_arguments)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def require_tensorflow_backend() -> None:
+    """The loop below uses ``tf.function`` and ``tf.GradientTape``; say so instead of failing."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            f"The experiments run on the TensorFlow backend, but KERAS_BACKEND is {backend!r}. "
+            "Unset KERAS_BACKEND or set KERAS_BACKEND=tensorflow."
+        )
+
+
+def set_seed(seed: int) -> None:
+    """Seeds Python, NumPy, TensorFlow and Keras, so weights and dropout masks repeat."""
+    keras.utils.set_random_seed(seed)
+
+
+def environment() -> dict:
+    """What the numbers were measured on; RESULTS.md quotes it next to every runtime."""
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySplit:
+    """One dataset split, preprocessed exactly like ``train.py`` does, held as NumPy arrays.
+
+    Attributes:
+        images: float32 ``[N, H, W, C]``, ``(x/255 - mean) / std`` and resized/padded.
+        labels: int32 ``[N]``.
+        info: the ``bnzoo.data.DatasetInfo`` of the split.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    info: Any
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, count: int, seed: int) -> ArraySplit:
+        """A fixed random subset of ``count`` examples (all of them when ``count`` is larger).
+
+        Evaluation every few hundred steps uses such a subset: its accuracy has a standard error
+        of about 0.7 points at 2,000 examples, small next to the effects measured, at a fifth of
+        the cost of the full test set.
+        """
+        if count >= self.num_examples:
+            return self
+        order = np.sort(np.random.default_rng(seed).choice(self.num_examples, count, replace=False))
+        return ArraySplit(self.images[order], self.labels[order], self.info)
+
+
+@functools.lru_cache(maxsize=8)
+def load_split(
+    dataset: str,
+    split: str,
+    image_size: tuple[int, int] | None = None,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+) -> ArraySplit:
+    """Loads a split through ``bnzoo.data`` and preprocesses it once into arrays.
+
+    Cached, so experiments run in one process (``run_all`` and the smoke test) read each split
+    once. The arrays are made read-only because they are shared.
+
+    Args:
+        dataset: a ``bnzoo.data`` dataset name (``"fashion_mnist"``, ``"mnist"``).
+        split: TFDS split syntax (``"train"``, ``"test"``, ``"train[:2000]"``).
+        image_size: ``(H, W)`` the model expects, e.g. ``(32, 32)`` for ``bn_inception``; ``None``
+            keeps the dataset's size.
+        data_dir: TFDS data_dir.
+        manual_dir: folder with the dataset's IDX files.
+
+    Raises:
+        ValueError / FileNotFoundError: from ``bnzoo.data`` for unknown datasets or missing files.
+    """
+    from bnzoo.data import load_dataset, preprocess_images
+
+    ds, info = load_dataset(dataset, split=split, data_dir=data_dir, manual_dir=manual_dir)
+
+    def preprocess(images, labels):
+        return (
+            preprocess_images(images, mean=info.mean, std=info.std, image_size=image_size),
+            tf.cast(labels, tf.int32),
+        )
+
+    batches = ds.batch(4096).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    images, labels = [], []
+    for image_batch, label_batch in batches.as_numpy_iterator():
+        images.append(image_batch)
+        labels.append(label_batch)
+    if not images:
+        raise ValueError(f"Split {split!r} of {dataset!r} is empty; choose a non-empty split.")
+    split_arrays = ArraySplit(np.concatenate(images), np.concatenate(labels), info)
+    split_arrays.images.setflags(write=False)
+    split_arrays.labels.setflags(write=False)
+    return split_arrays
+
+
+def dataset_available(dataset: str, manual_dir: str | None, data_dir: str | None) -> str | None:
+    """``None`` when ``dataset`` loads, else the one-line reason it does not (for skipping)."""
+    try:
+        load_split(dataset, "test", None, data_dir, manual_dir)
+    except (FileNotFoundError, ValueError) as error:
+        return str(error)
+    return None
+
+
+class BatchSampler:
+    """Mini-batch indices: one seeded permutation per epoch, batches drawn without replacement.
+
+    Two samplers with the same seed produce the same batches, so two models trained with the same
+    seed see identical data in identical order.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        if batch_size > num_examples:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the {num_examples} training examples; "
+                "use a smaller batch or a larger split."
+            )
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self._rng = np.random.default_rng(seed)
+        self._order = np.empty(0, dtype=np.int32)
+        self._position = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size
+
+    def take(self, steps: int) -> np.ndarray:
+        """Indices for the next ``steps`` batches, int32 ``[steps, batch_size]``."""
+        batches = np.empty((steps, self.batch_size), dtype=np.int32)
+        for step in range(steps):
+            if self._position + self.batch_size > self._order.shape[0]:
+                # The remainder of an epoch is dropped so that every batch has the same size
+                # (BN's batch statistics depend on it).
+                self._order = self._rng.permutation(self.num_examples).astype(np.int32)
+                self._position = 0
+            batches[step] = self._order[self._position : self._position + self.batch_size]
+            self._position += self.batch_size
+        return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+Probe = Callable[[keras.Model], dict]
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """Everything measured while training one model.
+
+    Attributes:
+        steps: the step count at each evaluation point (0 = at initialization).
+        eval_accuracy / eval_loss: on the fixed evaluation subset, at each evaluation point.
+        train_loss: mean training loss over the steps since the previous evaluation point (at
+            step 0, where no step was taken, the eval loss).
+        step_losses: every step's training loss (only when ``record_step_losses``).
+        chunk_seconds: wall time of each chunk of training steps (the first includes tracing).
+        probes: name -> list of values, one per evaluation point.
+        diverged_at_step: first evaluation point whose loss or weights were not finite.
+        final_test_accuracy / final_test_loss: on the full test split after training.
+    """
+
+    steps: list[int] = dataclasses.field(default_factory=list)
+    eval_accuracy: list[float] = dataclasses.field(default_factory=list)
+    eval_loss: list[float] = dataclasses.field(default_factory=list)
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    step_losses: list[float] = dataclasses.field(default_factory=list)
+    chunk_seconds: list[float] = dataclasses.field(default_factory=list)
+    probes: dict[str, list] = dataclasses.field(default_factory=dict)
+    diverged_at_step: int | None = None
+    final_test_accuracy: float | None = None
+    final_test_loss: float | None = None
+
+    @property
+    def best_accuracy(self) -> float:
+        return max(self.eval_accuracy)
+
+    @property
+    def best_step(self) -> int:
+        return self.steps[int(np.argmax(self.eval_accuracy))]
+
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(self.chunk_seconds))
+
+    def steps_to_reach(self, target: float) -> int | None:
+        """The first evaluation step at which accuracy is at least ``target`` (``None``: never)."""
+        return steps_to_reach(self.steps, self.eval_accuracy, target)
+
+    def summary(self) -> dict:
+        """The headline numbers of the run (what the tables in RESULTS.md show)."""
+        return {
+            "best_eval_accuracy": self.best_accuracy,
+            "best_eval_step": self.best_step,
+            "final_eval_accuracy": self.eval_accuracy[-1],
+            "final_test_accuracy": self.final_test_accuracy,
+            "final_test_loss": self.final_test_loss,
+            "diverged_at_step": self.diverged_at_step,
+            "steps_trained": self.steps[-1],
+            "train_seconds": self.train_seconds,
+        }
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "summary": self.summary()}
+
+
+def steps_to_reach(steps: Sequence[int], accuracies: Sequence[float], target: float) -> int | None:
+    """The first step whose accuracy is at least ``target``, as in the paper's Figure 3."""
+    for step, accuracy in zip(steps, accuracies, strict=True):
+        if accuracy >= target:
+            return int(step)
+    return None
+
+
+def sgd(learning_rate: float, momentum: float = 0.0) -> keras.optimizers.Optimizer:
+    """Plain or momentum SGD, the optimizers the paper uses (§4.1 and §4.2)."""
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+
+
+def _loss_fn(labels, logits):
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+def _weights_finite(model: keras.Model) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(w)))) for w in model.trainable_weights)
+
+
+def evaluate(model: keras.Model, data: ArraySplit, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (inference mode) on ``data``.
+
+    A model whose weights went to NaN has NaN logits; ``argmax`` then picks class 0, so its
+    accuracy is reported as what it is: near chance.
+    """
+    losses, correct = [], 0
+    for start in range(0, data.num_examples, batch_size):
+        images = data.images[start : start + batch_size]
+        labels = data.labels[start : start + batch_size]
+        # Keras compiles (and caches on the model) its own inference function here.
+        logits = np.asarray(model.predict_on_batch(images))
+        losses.append(_loss_fn(labels, logits).numpy())
+        correct += int(np.sum(np.argmax(logits, axis=-1) == labels))
+    return float(np.mean(np.concatenate(losses))), correct / data.num_examples
+
+
+class Trainer:
+    """Trains one model in chunks of compiled steps, evaluating between chunks; resumable.
+
+    ``Trainer.train(steps)`` can be called repeatedly: the step counter, the batch order and the
+    record carry on. That lets an experiment interleave two models epoch by epoch, so that the
+    load of a shared machine affects both timings alike.
+
+    The model must output logits (build it with ``classifier_activation=None``). Evaluation and
+    probes run at step 0 (initialization), every ``eval_every`` steps and at the last step.
+
+    Args:
+        model: a built Keras model mapping ``train_data.images`` to logits.
+        train_data: the training split.
+        eval_data: the fixed subset evaluated at each evaluation point.
+        optimizer: a fresh optimizer for this model.
+        batch_size: examples per step.
+        eval_every: steps between evaluation points (and per compiled chunk).
+        seed: seed of the batch order.
+        probes: name -> ``probe(model) -> dict``, recorded at each evaluation point.
+        record_step_losses: keep every step's loss, not only the chunk means.
+        log_prefix: printed before each progress line.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        train_data: ArraySplit,
+        eval_data: ArraySplit,
+        *,
+        optimizer: keras.optimizers.Optimizer,
+        batch_size: int,
+        eval_every: int,
+        seed: int,
+        probes: Mapping[str, Probe] | None = None,
+        record_step_losses: bool = False,
+        log_prefix: str = "",
+    ):
+        if eval_every < 1:
+            raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}.")
+        self.model = model
+        self.eval_data = eval_data
+        self.eval_every = eval_every
+        self.probes = dict(probes or {})
+        self.record_step_losses = record_step_losses
+        self.log_prefix = log_prefix
+        self.sampler = BatchSampler(train_data.num_examples, batch_size, seed)
+        self.step = 0
+        self.run = TrainingRun(probes={name: [] for name in self.probes})
+        self._images = tf.constant(train_data.images)
+        self._labels = tf.constant(train_data.labels)
+        self._train_chunk = self._compile(model, optimizer)
+
+    @staticmethod
+    def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer):
+        variables = model.trainable_variables
+
+        @tf.function
+        def train_chunk(images, labels, batch_indices):
+            # The whole chunk is one graph: Python is not re-entered between steps.
+            num_steps = tf.shape(batch_indices)[0]
+            losses = tf.TensorArray(tf.float32, size=num_steps)
+            for step in tf.range(num_steps):
+                index = batch_indices[step]
+                x = tf.gather(images, index)
+                y = tf.gather(labels, index)
+                with tf.GradientTape() as tape:
+                    logits = model(x, training=True)
+                    loss = tf.reduce_mean(_loss_fn(y, logits))
+                    # Weight regularizers a builder may add are part of the objective.
+                    total = loss + tf.add_n(model.losses) if model.losses else loss
+                gradients = tape.gradient(total, variables)
+                optimizer.apply_gradients(zip(gradients, variables, strict=True))
+                losses = losses.write(step, tf.cast(loss, tf.float32))
+            return losses.stack()
+
+        return train_chunk
+
+    @property
+    def diverged(self) -> bool:
+        return self.run.diverged_at_step is not None
+
+    def _record(self, chunk_losses: np.ndarray | None) -> None:
+        run = self.run
+        eval_loss, eval_accuracy = evaluate(self.model, self.eval_data)
+        run.steps.append(self.step)
+        run.eval_loss.append(eval_loss)
+        run.eval_accuracy.append(eval_accuracy)
+        train_loss = float(np.mean(chunk_losses)) if chunk_losses is not None else eval_loss
+        run.train_loss.append(train_loss)
+        for name, probe in self.probes.items():
+            run.probes[name].append(probe(self.model))
+        healthy = math.isfinite(train_loss) and math.isfinite(eval_loss)
+        if not (healthy and _weights_finite(self.model)) and run.diverged_at_step is None:
+            run.diverged_at_step = self.step
+
+    def train(self, steps: int, stop_on_divergence: bool = True) -> TrainingRun:
+        """Trains ``steps`` more steps (fewer if the model diverges) and returns the record.
+
+        Args:
+            steps: number of training steps to add.
+            stop_on_divergence: stop at the first evaluation point whose loss or weights are not
+                finite (the model cannot recover; the remaining steps would only cost time).
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be a positive number of training steps, got {steps}.")
+        if not self.run.steps:
+            self._record(None)  # step 0: the model at initialization
+        target = self.step + steps
+        while self.step < target and not (stop_on_divergence and self.diverged):
+            chunk = min(self.eval_every, target - self.step)
+            indices = tf.constant(self.sampler.take(chunk))
+            started = time.perf_counter()
+            chunk_losses = self._train_chunk(self._images, self._labels, indices).numpy()
+            self.run.chunk_seconds.append(time.perf_counter() - started)
+            self.step += chunk
+            if self.record_step_losses:
+                self.run.step_losses.extend(float(v) for v in chunk_losses)
+            self._record(chunk_losses)
+            run = self.run
+            print(
+                f"{self.log_prefix}step {self.step:>6}: loss {run.train_loss[-1]:.4f} "
+                f"eval accuracy {run.eval_accuracy[-1]:.4f} ({run.chunk_seconds[-1]:.1f} s)",
+                flush=True,
+            )
+        if self.diverged and stop_on_divergence:
+            print(f"{self.log_prefix}diverged at step {self.run.diverged_at_step}: not finite")
+        return self.run
+
+    def test(self, test_data: ArraySplit) -> TrainingRun:
+        """Evaluates the trained model on the full ``test_data`` and records it in the run."""
+        self.run.final_test_loss, self.run.final_test_accuracy = evaluate(self.model, test_data)
+        return self.run
+
+
+def train(
+    model: keras.Model,
+    train_data: ArraySplit,
+    eval_data: ArraySplit,
+    *,
+    optimizer: keras.optimizers.Optimizer,
+    steps: int,
+    batch_size: int,
+    eval_every: int,
+    seed: int,
+    test_data: ArraySplit | None = None,
+    probes: Mapping[str, Probe] | None = None,
+    record_step_losses: bool = False,
+    stop_on_divergence: bool = True,
+    log_prefix: str = "",
+) -> TrainingRun:
+    """Trains ``model`` for ``steps`` steps with a ``Trainer`` and tests it on ``test_data``.
+
+    See ``Trainer`` for the arguments; ``test_data`` (the full test split) is evaluated once
+    at the end.
+
+    Returns:
+        The ``TrainingRun`` with every measured number.
+    """
+    trainer = Trainer(
+        model,
+        train_data,
+        eval_data,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        seed=seed,
+        probes=probes,
+        record_step_losses=record_step_losses,
+        log_prefix=log_prefix,
+    )
+    trainer.train(steps, stop_on_divergence=stop_on_divergence)
+    if test_data is not None:
+        trainer.test(test_data)
+    return trainer.run
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes: what the experiments look at inside a model
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_outputs_model(model: keras.Model, layer_names: Sequence[str]) -> keras.Model:
+    """A model sharing ``model``'s layers that returns the named layers' outputs.
+
+    Raises:
+        ValueError: a name is not a layer of ``model``; the message lists the layer names.
+    """
+    names = [layer.name for layer in model.layers]
+    missing = [name for name in layer_names if name not in names]
+    if missing:
+        raise ValueError(f"Model {model.name!r} has no layer {missing}; its layers are {names}.")
+    return keras.Model(model.inputs, [model.get_layer(name).output for name in layer_names])
+
+
+def _forward(tap: keras.Model, images: tf.Tensor, training: bool):
+    """``tap(images)``; in training mode through ``stateless_call``, so BN uses the batch's
+    statistics, as in a training step, without moving its moving averages."""
+    if not training:
+        return tap(images, training=False)
+    outputs, _ = tap.stateless_call(
+        [tf.convert_to_tensor(v) for v in tap.trainable_variables],
+        [tf.convert_to_tensor(v) for v in tap.non_trainable_variables],
+        images,
+        training=True,
+    )
+    return outputs
+
+
+def activation_percentiles_probe(
+    model: keras.Model,
+    layer_name: str,
+    images: np.ndarray,
+    percentiles: Sequence[float] = (15, 50, 85),
+    unit: int = 0,
+    training: bool = True,
+) -> Probe:
+    """Percentiles over ``images`` of each unit of a layer's output.
+
+    This is the paper's Figure 1(b, c): the distribution of the input to one sigmoid over the
+    course of training, as its 15th, 50th and 85th percentiles. ``training=True`` (default)
+    measures the distribution the sigmoid sees in a training step (BN normalizes with the
+    statistics of ``images``); in inference mode early points would instead show how far BN's
+    moving averages lag behind.
+
+    The probe returns the chosen ``unit``'s percentiles, their mean over all units, and every
+    unit's (``all_units``, ``[len(percentiles), units]``), so that the stability claim can be
+    checked over the whole layer rather than one hand-picked unit.
+    """
+    tap = layer_outputs_model(model, [layer_name])
+    batch = tf.constant(images)
+    forward = tf.function(lambda x: _forward(tap, x, training))
+
+    def probe(_model: keras.Model) -> dict:
+        values = np.asarray(forward(batch)).reshape(images.shape[0], -1)
+        per_unit = np.percentile(values, percentiles, axis=0)
+        return {
+            "unit": [float(v) for v in per_unit[:, unit]],
+            "mean_over_units": [float(v) for v in per_unit.mean(axis=1)],
+            "all_units": per_unit,
+        }
+
+    return probe
+
+
+def gradient_norms_probe(
+    model: keras.Model, images: np.ndarray, labels: np.ndarray, kernel_layers: Sequence[str]
+) -> Probe:
+    """L2 norm of the loss gradient for each named layer's kernel, on one fixed batch.
+
+    Computed in training mode (BN normalizes with the batch's statistics, as during a training
+    step) through ``stateless_call``, so the probe does not update the BN moving averages.
+    """
+    kernels = []
+    for name in kernel_layers:
+        layer = model.get_layer(name)
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            raise ValueError(f"Layer {name!r} has no kernel; pass Dense or Conv layer names.")
+        kernels.append(kernel)
+    trainable = model.trainable_variables
+    non_trainable = model.non_trainable_variables
+    positions = [next(i for i, v in enumerate(trainable) if v is k) for k in kernels]
+    x = tf.constant(images)
+    y = tf.constant(labels)
+
+    @tf.function
+    def norms():
+        values = [tf.convert_to_tensor(v) for v in trainable]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            logits, _ = model.stateless_call(
+                values, [tf.convert_to_tensor(v) for v in non_trainable], x, training=True
+            )
+            loss = tf.reduce_mean(_loss_fn(y, logits))
+        gradients = tape.gradient(loss, values)
+        return tf.stack([tf.norm(gradients[i]) for i in positions])
+
+    def probe(_model: keras.Model) -> dict:
+        return dict(zip(kernel_layers, (float(v) for v in norms().numpy()), strict=True))
+
+    return probe
+
+
+def layer_values(
+    model: keras.Model, layer_names: Sequence[str], images: np.ndarray, training: bool = True
+) -> list[np.ndarray]:
+    """The named layers' outputs on ``images`` (training mode is stateless: no BN updates)."""
+    tap = layer_outputs_model(model, layer_names)
+    outputs = _forward(tap, tf.constant(images), training)
+    if not isinstance(outputs, list | tuple):
+        outputs = [outputs]
+    return [np.asarray(o) for o in outputs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing results
+# ---------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    # NaN and infinity are not JSON; a diverged run's non-finite numbers become null and the run
+    # says where it diverged (``diverged_at_step``).
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.integer | bool):
+        return value if isinstance(value, bool) else int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes strict JSON (no NaN): every number in it is finite."""
+    path.write_text(json.dumps(_jsonable(data), indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist; run the experiment first.")
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a server)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Saves ``figure`` as a PNG and closes it (figures otherwise accumulate in memory)."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
+def plot_accuracy_curves(
+    runs: Mapping[str, TrainingRun],
+    path: Path,
+    title: str,
+    target: float | None = None,
+    log_steps: bool = False,
+    skip_initial: bool = False,
+    ylim: tuple[float, float] | None = None,
+) -> Path:
+    """Eval accuracy against training steps, one line per run (the paper's Figures 1a and 2).
+
+    Args:
+        runs: label -> run, plotted in order.
+        path: the PNG to write.
+        title: the figure's title.
+        target: draws the target accuracy as a dashed line (steps-to-target in Figure 3).
+        log_steps: log-scale step axis (step 0 is then left out).
+        skip_initial: leave out step 0, whose chance-level accuracy would squash the axis.
+        ylim: accuracy axis limits.
+    """
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for label, run in runs.items():
+        steps = np.asarray(run.steps)
+        accuracy = np.asarray(run.eval_accuracy)
+        keep = steps > 0 if (log_steps or skip_initial) else np.ones_like(steps, dtype=bool)
+        suffix = ""
+        if run.diverged_at_step is not None:
+            suffix = f" (diverged by step {run.diverged_at_step})"
+        axis.plot(steps[keep], accuracy[keep], label=label + suffix, linewidth=1.4)
+    if target is not None:
+        axis.axhline(
+            target, color="gray", linestyle="--", linewidth=1, label=f"target {target:.3f}"
+        )
+    if log_steps:
+        axis.set_xscale("log")
+    if ylim is not None:
+        axis.set_ylim(*ylim)
+    axis.set_xlabel("training steps")
+    axis.set_ylabel("test accuracy (fixed subset)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return save_figure(figure, path)
