@@ -1,0 +1,256 @@
+"""The pieces of a training run: learning-rate schedule, optimizer, checkpoints, history.
+
+Small inline Keras models keep these fast; the end-to-end runs are in test_train_end_to_end.py.
+"""
+
+import math
+import os
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+from bnzoo.config import TrainConfig
+from bnzoo.training import (
+    STATE_MEMBER,
+    RunPaths,
+    WarmupSchedule,
+    _repair_best_checkpoint,
+    build_optimizer,
+    build_schedule,
+    read_checkpoint_state,
+    read_history_csv,
+    remove_run_artifacts,
+    remove_temporary_files,
+    resolve_image_size,
+    save_checkpoint,
+    write_history_csv,
+)
+
+
+def value(variable):
+    return keras.ops.convert_to_numpy(variable)
+
+
+def reference_learning_rate(step, peak, warmup, total, decay, steps_per_epoch, rate):
+    """The schedule written out in plain Python, from WarmupSchedule's docstring."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = step - warmup
+    if decay == "constant":
+        return peak
+    if decay == "exponential":
+        return peak * rate ** (t / steps_per_epoch)
+    return 0.5 * peak * (1 + math.cos(math.pi * min(t, total - warmup) / (total - warmup)))
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("decay", ["constant", "exponential", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_schedule_matches_its_formula(decay, warmup):
+    schedule = WarmupSchedule(
+        0.1, warmup_steps=warmup, total_steps=100, decay=decay, steps_per_epoch=20, decay_rate=0.5
+    )
+    for step in [0, 1, 5, 9, 10, 11, 40, 99, 100, 150]:
+        expected = reference_learning_rate(step, 0.1, warmup, 100, decay, 20, 0.5)
+        actual = float(keras.ops.convert_to_numpy(schedule(step)))
+        assert actual == pytest.approx(expected, rel=1e-5, abs=1e-8), (step, decay)
+
+
+@pytest.mark.multi_backend
+def test_schedule_round_trips_through_its_config():
+    schedule = WarmupSchedule(0.05, 3, 30, decay="exponential", steps_per_epoch=6, decay_rate=0.8)
+    clone = WarmupSchedule.from_config(schedule.get_config())
+    assert clone.get_config() == schedule.get_config()
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    assert float(keras.ops.convert_to_numpy(restored(17))) == pytest.approx(
+        0.05 * 0.8 ** ((17 - 3) / 6), rel=1e-6
+    )
+
+
+def test_schedule_in_epochs_from_config():
+    config = TrainConfig(epochs=4, lr=0.2, warmup_epochs=0.5, lr_schedule="cosine")
+    schedule = build_schedule(config, steps_per_epoch=10)
+    assert (schedule.warmup_steps, schedule.total_steps, schedule.peak_learning_rate) == (
+        5,
+        40,
+        0.2,
+    )
+
+
+def small_model(seed=0):
+    import layers
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(5)(inputs)
+    x = layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    outputs = keras.layers.Dense(3)(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_weight_decay_shrinks_kernels_but_not_biases_or_batch_norm_parameters():
+    """Decoupled decay: w <- w - lr * wd * w for kernels; gamma, beta and biases untouched."""
+    model = small_model()
+    config = TrainConfig(
+        optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.01, warmup_epochs=0, epochs=2
+    )
+    optimizer = build_optimizer(config, model, steps_per_epoch=10)
+    before = {v.path: value(v) for v in model.trainable_variables}
+    # Non-trivial BN parameters, so that "unchanged" is not just "still ones and zeros".
+    for variable in model.trainable_variables:
+        if len(variable.shape) == 1:
+            variable.assign(np.linspace(0.5, 1.5, variable.shape[0]).astype("float32"))
+            before[variable.path] = value(variable)
+    zeros = [keras.ops.zeros_like(v) for v in model.trainable_variables]
+    optimizer.apply_gradients(zip(zeros, model.trainable_variables, strict=True))
+    for variable in model.trainable_variables:
+        expected = before[variable.path]
+        if len(variable.shape) > 1:
+            expected = expected * (1 - 0.1 * 0.01)
+        np.testing.assert_allclose(value(variable), expected, rtol=1e-6, err_msg=variable.path)
+
+
+@pytest.mark.parametrize(
+    "name, expected_class", [("sgd", "SGD"), ("adam", "Adam"), ("adamw", "AdamW")]
+)
+def test_optimizer_choice(name, expected_class):
+    optimizer = build_optimizer(TrainConfig(optimizer=name), small_model(), steps_per_epoch=5)
+    assert type(optimizer).__name__ == expected_class
+    assert isinstance(optimizer.learning_rate, float) or optimizer.learning_rate is not None
+
+
+@pytest.mark.parametrize(
+    "image_shape, min_size, requested, expected",
+    [
+        ((28, 28, 1), 8, None, None),  # plain_cnn on Fashion-MNIST: no padding
+        ((28, 28, 1), 32, None, (32, 32)),  # bn_inception: pad up to its minimum
+        ((28, 28, 1), 8, (36, 36), (36, 36)),  # --image-size wins
+        ((28, 28, 1), 8, (28, 28), None),  # asking for the dataset's size changes nothing
+        ((None, None, 3), 8, (64, 48), (64, 48)),  # varying sizes need --image-size
+    ],
+)
+def test_image_size_is_the_dataset_size_raised_to_the_model_minimum(
+    image_shape, min_size, requested, expected
+):
+    config = TrainConfig(image_size=requested)
+    assert resolve_image_size(config, image_shape, min_size) == expected
+
+
+def test_varying_image_sizes_without_image_size_is_an_error():
+    with pytest.raises(ValueError, match="vary in size; pass --image-size"):
+        resolve_image_size(TrainConfig(dataset="image_folder:/x"), (None, None, 3), 8)
+
+
+def compiled_small_model(seed=0):
+    model = small_model(seed)
+    config = TrainConfig(optimizer="sgd", lr=0.05, epochs=3, warmup_epochs=1)
+    model.compile(
+        optimizer=build_optimizer(config, model, steps_per_epoch=4),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def fit_a_little(model):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 64), 3)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+
+
+def test_checkpoint_restores_weights_bn_statistics_and_optimizer_state(tmp_path):
+    model = compiled_small_model()
+    fit_a_little(model)
+    path = str(tmp_path / "last.keras")
+    state = {"format": 1, "epoch": 1, "history": [{"epoch": 1, "loss": 1.0}], "best": None}
+    save_checkpoint(model, path, state)
+
+    restored = compiled_small_model(seed=1)  # different initial weights
+    restored.optimizer.build(restored.trainable_variables)
+    restored.load_weights(path)
+    assert read_checkpoint_state(path) == state
+    assert int(restored.optimizer.iterations) == 4
+    for original, copy in zip(model.weights, restored.weights, strict=True):
+        np.testing.assert_array_equal(value(original), value(copy), err_msg=original.path)
+    moving_mean = [w for w in restored.weights if "moving_mean" in w.path]
+    assert moving_mean and np.abs(value(moving_mean[0])).max() > 0  # statistics, not zeros
+    for original, copy in zip(model.optimizer.variables, restored.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(value(original), value(copy), err_msg=original.path)
+
+
+def test_checkpoint_is_still_a_plain_keras_file(tmp_path):
+    model = compiled_small_model()
+    fit_a_little(model)
+    path = str(tmp_path / "last.keras")
+    save_checkpoint(model, path, {"format": 1, "epoch": 2, "history": [], "best": None})
+    loaded = keras.models.load_model(path)
+    x = np.ones((2, 6), "float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    with zipfile.ZipFile(path) as archive:
+        assert STATE_MEMBER in archive.namelist()
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = compiled_small_model()
+    path = str(tmp_path / "last.keras")
+    save_checkpoint(model, path, {"format": 1, "epoch": 1, "history": [], "best": None})
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, path, {"format": 1, "epoch": 2, "history": [], "best": None})
+    monkeypatch.undo()
+    assert read_checkpoint_state(path)["epoch"] == 1
+    leftovers = [name for name in os.listdir(tmp_path) if ".tmp-" in name]
+    assert leftovers  # the half-written file, under its temporary name
+    remove_temporary_files(RunPaths(str(tmp_path)))
+    assert os.listdir(tmp_path) == ["last.keras"]
+
+
+def test_unreadable_checkpoint_is_a_value_error(tmp_path):
+    path = tmp_path / "last.keras"
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable bnzoo checkpoint.*--overwrite"):
+        read_checkpoint_state(str(path))
+
+
+def test_best_checkpoint_is_repaired_after_a_kill_between_last_and_best(tmp_path):
+    paths = RunPaths(str(tmp_path))
+    os.makedirs(paths.checkpoints)
+    model = compiled_small_model()
+    save_checkpoint(model, paths.best_checkpoint, {"format": 1, "epoch": 1, "history": []})
+    state = {
+        "format": 1,
+        "epoch": 2,
+        "history": [],
+        "best": {"monitor": "val_accuracy", "value": 0.9, "epoch": 2},
+    }
+    save_checkpoint(model, paths.last_checkpoint, state)  # the kill came before the copy
+    _repair_best_checkpoint(paths, state)
+    assert read_checkpoint_state(paths.best_checkpoint) == state
+
+
+def test_history_csv_has_one_row_per_epoch_with_an_epoch_column(tmp_path):
+    path = str(tmp_path / "history.csv")
+    rows = [
+        {"epoch": 1, "loss": 0.5, "accuracy": 0.8, "learning_rate": 0.1},
+        {"epoch": 2, "loss": 0.25, "accuracy": 0.9, "val_loss": 0.3, "learning_rate": 0.05},
+    ]
+    write_history_csv(path, rows)
+    assert open(path).readline().startswith("epoch,loss,accuracy,")
+    assert read_history_csv(path) == rows
+
+
+def test_overwrite_removes_only_the_runs_own_files(tmp_path):
+    paths = RunPaths(str(tmp_path))
+    os.makedirs(paths.checkpoints)
+    for path in (paths.config, paths.history, paths.last_checkpoint, paths.metrics):
+        open(path, "w").close()
+    open(tmp_path / "my_notes.txt", "w").close()
+    remove_run_artifacts(paths)
+    assert os.listdir(tmp_path) == ["my_notes.txt"]
