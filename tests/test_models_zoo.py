@@ -132,22 +132,6 @@ def test_keras_file_round_trip_gives_identical_outputs(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
-def test_weights_argument_loads_a_weights_file_of_the_same_architecture(name, tmp_path):
-    model = build(name)
-    randomize_bn_state(model)
-    path = tmp_path / f"{name}.weights.h5"
-    model.save_weights(path)
-
-    rebuilt = build(name, weights=str(path))
-
-    images, _ = example_batch(model)
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(rebuilt(images, training=False)),
-        keras.ops.convert_to_numpy(model(images, training=False)),
-    )
-
-
-@pytest.mark.parametrize("name", ALL_MODELS)
 def test_saved_model_export_gives_identical_outputs(name, tmp_path):
     import tensorflow as tf
 

@@ -1,0 +1,105 @@
+"""The registry: names, wildcards, variant defaults, user overrides, helpful errors."""
+
+import dataclasses
+
+import pytest
+
+import models
+from models import registry
+
+TINY_INCEPTION = dict(input_shape=(32, 32, 3), width_multiplier=0.25, min_depth=4, classes=3)
+
+
+def test_list_models_is_sorted_and_filters_with_fnmatch_wildcards():
+    names = models.list_models()
+    assert names == sorted(names)
+    assert {"bn_inception", "bn_inception_slim", "plain_cnn", "paper_mlp"} <= set(names)
+    assert models.list_models("bn_inception*") == ["bn_inception", "bn_inception_slim"]
+    assert models.list_models("*_mlp") == ["paper_mlp"]
+    assert models.list_models("plain_cn?") == ["plain_cnn"]
+    assert models.list_models("resnet*") == []
+
+
+def test_builders_are_importable_from_the_package():
+    from models import bn_inception, paper_mlp, plain_cnn
+
+    assert models.get_model_spec("bn_inception").builder is bn_inception
+    assert models.get_model_spec("bn_inception_slim").builder is bn_inception
+    assert models.get_model_spec("plain_cnn").builder is plain_cnn
+    assert models.get_model_spec("paper_mlp").builder is paper_mlp
+
+
+def test_model_spec_is_frozen_and_describes_the_input():
+    spec = models.get_model_spec("bn_inception")
+    assert spec.name == "bn_inception"
+    assert spec.default_input_shape == (224, 224, 3)
+    assert spec.min_input_size == 32
+    assert spec.description
+    assert models.get_model_spec("plain_cnn").default_input_shape == (28, 28, 1)
+    assert models.get_model_spec("paper_mlp").default_input_shape == (28, 28, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.min_input_size = 1
+    with pytest.raises(TypeError):
+        models.get_model_spec("bn_inception_slim").default_kwargs["stem"] = "conv"
+
+
+def test_create_model_applies_the_variant_defaults_then_the_user_overrides():
+    slim = models.create_model("bn_inception_slim", **TINY_INCEPTION)
+    assert slim.name == "bn_inception_slim"
+    # 4c at width 0.25: 1×1 40, 3×3 40, double 3×3 40, pool projection 96 → 24 (slim) or 32.
+    assert slim.get_layer("inception_4c_output").output.shape[-1] == 40 + 40 + 40 + 24
+    assert slim.get_layer("dropout").rate == pytest.approx(0.2)
+
+    overridden = models.create_model(
+        "bn_inception_slim", module_table="caffe", dropout_rate=0.0, **TINY_INCEPTION
+    )
+    assert overridden.get_layer("inception_4c_output").output.shape[-1] == 40 + 40 + 40 + 32
+    assert "dropout" not in {layer.name for layer in overridden.layers}
+    assert overridden.output.shape == (None, 3)
+
+
+def test_create_model_names_the_model_after_the_entry_unless_told_otherwise():
+    assert models.create_model("paper_mlp").name == "paper_mlp"
+    assert models.create_model("paper_mlp", model_name="mlp_run_3").name == "mlp_run_3"
+
+
+def test_unknown_model_names_raise_value_error_listing_close_matches():
+    with pytest.raises(ValueError, match="Unknown model 'bn_incepton'.*bn_inception"):
+        models.create_model("bn_incepton")
+    with pytest.raises(ValueError, match="Did you mean: plain_cnn"):
+        models.get_model_spec("plain-cnn")
+    with pytest.raises(ValueError, match="Registered models: .*paper_mlp"):
+        models.create_model("alexnet")
+
+
+def test_register_model_decorator_registers_variants_and_refuses_to_overwrite(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @models.register_model(default_input_shape=(8, 8, 1), min_input_size=2, widths=(4,))
+    def toy_cnn(**kwargs):
+        """A toy builder."""
+        return models.plain_cnn(**kwargs)
+
+    models.register_model(
+        "toy_cnn_wide", default_input_shape=(8, 8, 1), min_input_size=2, widths=(4, 8)
+    )(toy_cnn)
+
+    assert models.list_models("toy_*") == ["toy_cnn", "toy_cnn_wide"]
+    assert models.get_model_spec("toy_cnn").description == "A toy builder."
+    model = models.create_model("toy_cnn_wide", input_shape=(8, 8, 1))
+    assert model.name == "toy_cnn_wide"
+    assert model.get_layer("stage2_conv1").filters == 8
+
+    with pytest.raises(ValueError, match="already registered"):
+        models.register_model("plain_cnn", default_input_shape=(8, 8, 1), min_input_size=1)(toy_cnn)
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_model_builds_at_its_min_input_size_and_rejects_smaller(name):
+    spec = models.get_model_spec(name)
+    channels = spec.default_input_shape[-1]
+    smallest = (spec.min_input_size, spec.min_input_size, channels)
+    model = models.create_model(name, input_shape=smallest, classes=2)
+    assert model.output.shape == (None, 2)
+    with pytest.raises(ValueError, match="input_shape"):
+        models.create_model(name, input_shape=(spec.min_input_size - 1, 64, channels))
