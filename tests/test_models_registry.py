@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 import models
+from models import __main__ as models_cli
 from models import registry
 
 TINY_INCEPTION = dict(input_shape=(32, 32, 3), width_multiplier=0.25, min_depth=4, classes=3)
@@ -103,3 +104,28 @@ def test_every_model_builds_at_its_min_input_size_and_rejects_smaller(name):
     assert model.output.shape == (None, 2)
     with pytest.raises(ValueError, match="input_shape"):
         models.create_model(name, input_shape=(spec.min_input_size - 1, 64, channels))
+
+
+def test_command_line_lists_models_with_parameters_multiply_adds_and_input_size(capsys):
+    assert models_cli.main(["*_mlp"]) == 0
+    table = capsys.readouterr().out
+    header, rule, row = table.splitlines()
+    assert header.split()[:5] == ["model", "parameters", "trainable", "multiply-adds", "input"]
+    assert row.split()[:6] == ["paper_mlp", "100,610", "100,010", "99.40", "k", "28x28x1"]
+
+
+def test_command_line_summarizes_one_model_and_applies_options(capsys):
+    assert (
+        models_cli.main(["plain_cnn", "--input-shape", "32,32,3", "--normalization", "none"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "stage1_conv1 (Conv2D)" in text and "_bn" not in text
+    assert "input shape:      32x32x3 (default 28x28x1, minimum 4x4)" in text
+    expected = models.profile_model(models.plain_cnn(input_shape=(32, 32, 3), normalization=None))
+    assert f"multiply-adds:    {expected.multiply_adds:,}" in text
+
+
+def test_command_line_reports_an_unknown_name_in_one_line(capsys):
+    assert models_cli.main(["bn_incepton"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Did you mean: bn_inception" in error
