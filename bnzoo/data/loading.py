@@ -132,8 +132,14 @@ def load_dataset(
     if name.startswith(image_folder.PREFIX):
         return image_folder.load_image_folder(name, split)
     _check_tfds_name(name)
-    builder = prepare_tfds(name, data_dir=data_dir, manual_dir=manual_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as error:  # unknown config or version: TFDS raises several error types
+        raise ValueError(f"cannot open dataset {name!r}: {_first_line(error)}") from error
+    # Features are known before any data exists, so a dataset that cannot be used fails here,
+    # before minutes of downloading.
     image_feature, label_feature = _check_image_classification(name, builder)
+    builder = prepare_tfds(name, data_dir=data_dir, manual_dir=manual_dir)
     num_examples = _split_size(name, builder, split)
     if num_examples == 0:
         raise ValueError(f"split {split!r} of {name} selects no examples; use a larger slice.")
