@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
+import inspect
 import io
 import json
 import math
@@ -48,6 +50,7 @@ from keras import ops
 
 from bnzoo.config import (
     CONFIG_FILENAME,
+    RESERVED_MODEL_ARGS,
     TrainConfig,
     atomic_write_text,
     check_run_folder,
@@ -438,9 +441,25 @@ def resolve_image_size(
 def build_model(
     config: TrainConfig, input_shape: tuple[int, int, int], num_classes: int
 ) -> keras.Model:
-    """`models.create_model` with the dataset's input shape and classes, returning logits."""
+    """`models.create_model` with the dataset's input shape and classes, returning logits.
+
+    `--model-arg` keys are checked against the builder's signature first: a typo would
+    otherwise surface as a TypeError from deep inside the builder.
+    """
     import models
 
+    spec = models.get_model_spec(config.model)
+    parameters = inspect.signature(spec.builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    options = sorted(name for name in parameters if name not in RESERVED_MODEL_ARGS)
+    for key in config.model_args:
+        if not takes_any and key not in parameters:
+            close = difflib.get_close_matches(key, options, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"--model-arg {key}=...: {config.model} has no option {key!r}{hint} "
+                f"(its options: {', '.join(options)})"
+            )
     kwargs = dict(config.model_args)
     kwargs.update(
         input_shape=tuple(input_shape),

@@ -1,0 +1,175 @@
+"""The serving SavedModel: raw uint8 images in, the same answers as the Keras model out, loadable
+without bnzoo, and strict about what it accepts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bnzoo.data import preprocess_images
+from bnzoo.export import export_serving_model, read_export_metadata, serving_function
+
+RAW_SHAPE = (28, 28, 1)  # Fashion-MNIST as the dataset delivers it
+MODEL_SIZE = (32, 32)  # a model that needs padding, like bn_inception
+MEAN, STD = (0.286,), (0.353,)
+
+
+def make_model():
+    """A tiny conv net with bnzoo's BN whose moving statistics are far from their initial 0/1,
+    so that inference must really use them for the outputs to agree."""
+    import layers
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((*MODEL_SIZE, 1))
+    x = keras.layers.Conv2D(4, 3, strides=2)(inputs)
+    x = layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    bn = model.layers[2]
+    bn.moving_mean.assign(np.linspace(-0.5, 0.5, 4).astype("float32"))
+    bn.moving_variance.assign(np.linspace(0.2, 3.0, 4).astype("float32"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = make_model()
+    path = str(tmp_path_factory.mktemp("export") / "saved_model")
+    export_serving_model(
+        model,
+        path,
+        image_shape=RAW_SHAPE,
+        mean=MEAN,
+        std=STD,
+        image_size=MODEL_SIZE,
+        metadata={"dataset": "fashion_mnist", "class_names": [str(i) for i in range(10)]},
+    )
+    images = np.random.default_rng(0).integers(0, 256, (7, *RAW_SHAPE), dtype=np.uint8)
+    expected = model(preprocess_images(images, mean=MEAN, std=STD, image_size=MODEL_SIZE))
+    return path, images, keras.ops.convert_to_numpy(expected)
+
+
+def test_signature_takes_uint8_images_named_images_and_returns_three_outputs(exported):
+    path, _, _ = exported
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    _, inputs = signature.structured_input_signature
+    assert list(inputs) == ["images"]
+    assert inputs["images"].dtype == tf.uint8
+    assert inputs["images"].shape.as_list() == [None, *RAW_SHAPE]
+    outputs = signature.structured_outputs
+    assert sorted(outputs) == ["classes", "logits", "probabilities"]
+    assert outputs["probabilities"].dtype == tf.float32
+    assert outputs["classes"].dtype == tf.int64
+
+
+def test_outputs_equal_the_keras_model_on_preprocessed_images(exported):
+    path, images, expected_logits = exported
+    outputs = tf.saved_model.load(path).signatures["serving_default"](images=images)
+    np.testing.assert_allclose(outputs["logits"].numpy(), expected_logits, rtol=1e-5, atol=1e-5)
+    softmax = np.exp(expected_logits) / np.exp(expected_logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(outputs["probabilities"].numpy(), softmax, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(outputs["classes"].numpy(), expected_logits.argmax(axis=1))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_any_batch_size_is_served(exported, batch):
+    path, images, expected_logits = exported
+    outputs = tf.saved_model.load(path).signatures["serving_default"](images=images[:batch])
+    np.testing.assert_allclose(
+        outputs["logits"].numpy(), expected_logits[:batch], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_loads_in_a_process_that_imports_only_tensorflow(exported, tmp_path):
+    """No bnzoo, no Keras custom objects: the subprocess cannot even import the project."""
+    path, images, expected_logits = exported
+    inputs, outputs = str(tmp_path / "images.pb"), str(tmp_path / "logits.pb")
+    tf.io.write_file(inputs, tf.io.serialize_tensor(tf.constant(images)))
+    script = (
+        "import sys\n"
+        "import tensorflow as tf\n"
+        "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+        "images = tf.io.parse_tensor(tf.io.read_file(sys.argv[2]), tf.uint8)\n"
+        "tf.io.write_file(sys.argv[3], tf.io.serialize_tensor(serve(images=images)['logits']))\n"
+        "project = [m for m in sys.modules if m.split('.')[0] in ('bnzoo', 'layers', 'models')]\n"
+        "assert not project, project\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, path, inputs, outputs],
+        cwd=tmp_path,  # not the repository: its packages are not importable from here
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    logits = tf.io.parse_tensor(tf.io.read_file(outputs), tf.float32).numpy()
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_keras_tfsm_layer_gives_the_same_outputs(exported):
+    path, images, expected_logits = exported
+    layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+    outputs = layer(images)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(outputs["logits"]), expected_logits, rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "bad_images",
+    [
+        np.zeros((2, 28, 28, 1), np.float32),  # already scaled floats: wrong dtype
+        np.zeros((28, 28, 1), np.uint8),  # one image without its batch axis: wrong rank
+        np.zeros((2, 32, 32, 1), np.uint8),  # the model's size, not the dataset's
+        np.zeros((2, 28, 28, 3), np.uint8),  # RGB for a grayscale model
+    ],
+    ids=["float32", "rank3", "32x32", "rgb"],
+)
+def test_wrong_dtype_rank_or_shape_is_rejected(exported, bad_images):
+    path, _, _ = exported
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    with pytest.raises((tf.errors.InvalidArgumentError, TypeError, ValueError)):
+        signature(images=tf.constant(bad_images))
+
+
+def test_export_records_its_preprocessing_and_metadata(exported):
+    path, _, _ = exported
+    metadata = read_export_metadata(path)
+    assert metadata["input"] == {"name": "images", "dtype": "uint8", "shape": [None, 28, 28, 1]}
+    assert metadata["preprocessing"] == {"mean": [0.286], "std": [0.353], "image_size": [32, 32]}
+    assert metadata["dataset"] == "fashion_mnist"
+
+
+def test_export_replaces_an_existing_folder_and_leaves_no_temporary_files(tmp_path):
+    path = str(tmp_path / "saved_model")
+    os.makedirs(path)
+    with open(os.path.join(path, "stale.txt"), "w") as stream:
+        stream.write("from an older export")
+    export_serving_model(
+        make_model(), path, image_shape=RAW_SHAPE, mean=MEAN, std=STD, image_size=MODEL_SIZE
+    )
+    assert os.listdir(tmp_path) == ["saved_model"]
+    assert not os.path.exists(os.path.join(path, "stale.txt"))
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    with open(os.path.join(path, "assets.extra", "bnzoo.json")) as stream:
+        assert json.load(stream)["signature"] == "serving_default"
+
+
+def test_mixed_precision_model_serves_float32_outputs(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = make_model()
+    keras.mixed_precision.set_global_policy("float32")
+    serve = serving_function(
+        model, image_shape=RAW_SHAPE, mean=MEAN, std=STD, image_size=MODEL_SIZE
+    )
+    outputs = serve(tf.zeros((2, *RAW_SHAPE), tf.uint8))
+    assert outputs["logits"].dtype == tf.float32
+    assert outputs["probabilities"].dtype == tf.float32

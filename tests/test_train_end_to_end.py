@@ -1,0 +1,276 @@
+"""train.py end to end on small slices of Fashion-MNIST: the run folder, both artifacts evaluated,
+the SavedModel served without bnzoo, rerunning a finished run, and every bad input reported in
+one line before the run folder is touched."""
+
+import csv
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bnzoo import evaluation
+from bnzoo.cli import run_cli
+from bnzoo.data import load_dataset, preprocess_images
+from bnzoo.training import RunPaths, read_checkpoint_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLICES = [
+    "--train-split",
+    "train[:512]",
+    "--val-split",
+    "train[512:640]",
+    "--test-split",
+    "test[:256]",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+]
+TINY = [*SLICES, "--model-arg", "widths=[8,16]"]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_cli(argv, capsys):
+    status = run_cli(load_script("train").main, argv, prog="train.py")
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("e2e") / "run")
+    status = run_cli(load_script("train").main, [*TINY, "--output-dir", path], prog="train.py")
+    assert status == 0
+    return path
+
+
+@pytest.mark.slow
+def test_run_folder_holds_every_artifact(run_dir):
+    paths = RunPaths(run_dir)
+    for path in (
+        paths.config,
+        paths.history,
+        paths.last_checkpoint,
+        paths.best_checkpoint,
+        paths.model,
+        os.path.join(paths.saved_model, "saved_model.pb"),
+        paths.metrics,
+        paths.curves,
+    ):
+        assert os.path.exists(path), path
+    assert glob.glob(os.path.join(paths.logs, "train", "events.out.tfevents.*"))
+    assert glob.glob(os.path.join(paths.logs, "validation", "events.out.tfevents.*"))
+    assert not [name for name in os.listdir(run_dir) if ".tmp-" in name or ".old-" in name]
+    with open(paths.curves, "rb") as stream:
+        assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_history_has_one_row_per_epoch_matching_the_tensorboard_logs(run_dir):
+    paths = RunPaths(run_dir)
+    with open(paths.history, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["epoch"] for row in rows] == ["1"]
+    scalars = {}
+    for folder in ("train", "validation"):
+        for path in glob.glob(os.path.join(paths.logs, folder, "events.out.tfevents.*")):
+            for event in tf.compat.v1.train.summary_iterator(path):
+                for value in event.summary.value:
+                    scalars[(folder, value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+    assert scalars[("train", "epoch_loss", 1)] == pytest.approx(float(rows[0]["loss"]))
+    assert scalars[("validation", "epoch_accuracy", 1)] == pytest.approx(
+        float(rows[0]["val_accuracy"])
+    )
+    assert scalars[("train", "epoch_learning_rate", 1)] == pytest.approx(
+        float(rows[0]["learning_rate"])
+    )
+    assert read_checkpoint_state(paths.last_checkpoint)["history"][0]["loss"] == pytest.approx(
+        float(rows[0]["loss"])
+    )
+
+
+@pytest.mark.slow
+def test_saved_model_and_keras_model_evaluate_to_the_run_metrics(run_dir):
+    with open(RunPaths(run_dir).metrics) as stream:
+        recorded = json.load(stream)
+    assert recorded["num_examples"] == 256 and recorded["split"] == "test[:256]"
+    for path in (
+        run_dir,
+        os.path.join(run_dir, "saved_model"),
+        os.path.join(run_dir, "model.keras"),
+    ):
+        metrics = evaluation.evaluate_path(path, batch_size=100)
+        assert set(metrics) == set(recorded)
+        assert metrics["dataset"] == "fashion_mnist" and metrics["split"] == "test[:256]"
+        assert metrics["confusion_matrix"] == recorded["confusion_matrix"], path
+        assert metrics["accuracy"] == recorded["accuracy"]
+        assert metrics["loss"] == pytest.approx(recorded["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_saved_model_in_a_tensorflow_only_process_predicts_like_the_keras_model(run_dir, tmp_path):
+    import layers  # noqa: F401  (bnzoo's BN layer, for loading model.keras here)
+
+    test_ds, info = load_dataset("fashion_mnist", split="test[:64]")
+    images = np.stack([image for image, _ in test_ds.as_numpy_iterator()])
+    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    expected = keras.ops.convert_to_numpy(
+        model(preprocess_images(images, mean=info.mean, std=info.std), training=False)
+    )
+
+    inputs, outputs = str(tmp_path / "images.pb"), str(tmp_path / "probabilities.pb")
+    tf.io.write_file(inputs, tf.io.serialize_tensor(tf.constant(images)))
+    script = (
+        "import sys\n"
+        "import tensorflow as tf\n"
+        "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+        "out = serve(images=tf.io.parse_tensor(tf.io.read_file(sys.argv[2]), tf.uint8))\n"
+        "tf.io.write_file(sys.argv[3], tf.io.serialize_tensor(out['logits']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, os.path.join(run_dir, "saved_model"), inputs, outputs],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    served = tf.io.parse_tensor(tf.io.read_file(outputs), tf.float32).numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_script_prints_a_table_and_writes_json_and_png(run_dir, tmp_path, capsys):
+    output, figure = str(tmp_path / "m.json"), str(tmp_path / "cm.png")
+    status = run_cli(
+        load_script("evaluate").main,
+        [os.path.join(run_dir, "saved_model"), "--output", output, "--confusion-matrix", figure],
+        prog="evaluate.py",
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "top-5 accuracy" in out and "per-class accuracy:" in out and "T-shirt/top" in out
+    with open(output) as stream, open(RunPaths(run_dir).metrics) as recorded:
+        assert set(json.load(stream)) == set(json.load(recorded))
+    assert os.path.getsize(figure) > 0
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_says_it_is_complete(run_dir, capsys):
+    before = os.path.getmtime(os.path.join(run_dir, "model.keras"))
+    status, out, _ = train_cli([*TINY, "--output-dir", run_dir], capsys)
+    assert status == 0
+    assert "is already complete (1 epochs; test accuracy" in out
+    assert os.path.getmtime(os.path.join(run_dir, "model.keras")) == before
+
+
+@pytest.mark.slow
+def test_a_different_run_in_the_folder_is_refused_in_one_line(run_dir, capsys):
+    status, _, err = train_cli([*TINY, "--epochs", "2", "--output-dir", run_dir], capsys)
+    assert status == 1
+    assert err.count("\n") == 1
+    assert "holds a different run (epochs: 1 -> 2)" in err and "--overwrite" in err
+
+
+def mnist_files(folder, corrupt=False):
+    """MNIST's four IDX files, written by hand: tiny, or with a wrong magic number."""
+    import gzip
+    import struct
+
+    os.makedirs(folder, exist_ok=True)
+    for prefix, count in (("train", 60000), ("t10k", 10000)):
+        magic = 0x0803 if not corrupt else 0x0BAD
+        with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as stream:
+            stream.write(struct.pack(">IIII", magic, count, 28, 28))
+        with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as stream:
+            stream.write(struct.pack(">II", 0x0801, count))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "plain_cn"], "plain_cnn"),
+        (["--dataset", "fashion_mnst"], "fashion_mnist"),
+        (["--train-split", "train[:90"], "train[:90"),
+        (["--model", "bn_inception", "--image-size", "16"], "16"),
+        (["--train-split", "train[:32]"], "fewer than --batch-size 64"),
+        (["--model-arg", "widht=[8]"], "plain_cnn has no option 'widht'; did you mean widths?"),
+        (["--dataset", "mnist", "--manual-dir", "{empty}", "--data-dir", "{data}"], "mnist"),
+        (
+            ["--dataset", "mnist", "--manual-dir", "{corrupt}", "--data-dir", "{data}"],
+            "train-images-idx3-ubyte.gz",
+        ),
+    ],
+    ids=[
+        "unknown-model",
+        "unknown-dataset",
+        "malformed-split",
+        "input-too-small",
+        "split-smaller-than-batch",
+        "unknown-model-arg",
+        "missing-data-files",
+        "corrupt-data-files",
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_run_folder(argv, message, tmp_path, capsys):
+    replacements = {
+        "{empty}": str(tmp_path / "empty"),
+        "{data}": str(tmp_path / "tfds"),
+        "{corrupt}": mnist_files(str(tmp_path / "corrupt"), corrupt=True),
+    }
+    os.makedirs(replacements["{empty}"])
+    argv = [replacements.get(arg, arg) for arg in argv]
+    output_dir = str(tmp_path / "run")
+    status, out, err = train_cli([*SLICES, *argv, "--output-dir", output_dir], capsys)
+    assert status == 1, (out, err)
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert "Traceback" not in err
+    assert not os.path.exists(output_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, message",
+    [("missing", "does not exist"), ("notes.txt", "is not a model"), (".", "is not a model")],
+)
+def test_evaluate_reports_a_path_that_is_not_a_model_in_one_line(name, message, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    status = run_cli(load_script("evaluate").main, [str(tmp_path / name)], prog="evaluate.py")
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("evaluate.py: error: ") and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.slow
+def test_evaluate_script_error_is_one_line_on_stderr_in_a_real_process(tmp_path):
+    """The whole process, TensorFlow's start-up logging included, prints just the one line."""
+    (tmp_path / "notes.txt").write_text("hello")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path / "notes.txt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"evaluate.py: error: {tmp_path / 'notes.txt'} is not a model: expected a .keras file "
+        "(a zip archive), a SavedModel folder or a bnzoo run folder"
+    ]

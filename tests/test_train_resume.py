@@ -1,0 +1,118 @@
+"""A run killed with SIGKILL mid-training resumes from its last finished epoch: each epoch appears
+exactly once in history.csv, the optimizer state (its step counter) carries over, and the rerun
+finishes with every artifact."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+from bnzoo.training import RunPaths, read_checkpoint_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = 3
+TRAIN_EXAMPLES, BATCH_SIZE = 1536, 32
+STEPS_PER_EPOCH = TRAIN_EXAMPLES // BATCH_SIZE
+
+
+def command(output_dir):
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--train-split",
+        f"train[:{TRAIN_EXAMPLES}]",
+        "--val-split",
+        "train[1536:1664]",
+        "--test-split",
+        "test[:128]",
+        "--epochs",
+        str(EPOCHS),
+        "--batch-size",
+        str(BATCH_SIZE),
+        "--model-arg",
+        "widths=[8,16]",
+        "--output-dir",
+        output_dir,
+    ]
+
+
+def committed_epoch(paths):
+    """The epoch in checkpoints/last.keras; reading it while the trainer writes is safe because
+    the file is only ever replaced whole (a torn read would raise ValueError and fail the test)."""
+    state = read_checkpoint_state(paths.last_checkpoint)
+    return 0 if state is None else state["epoch"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path):
+    output_dir = str(tmp_path / "run")
+    paths = RunPaths(output_dir)
+    log = open(tmp_path / "first.log", "w")
+    process = subprocess.Popen(command(output_dir), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while committed_epoch(paths) < 1:
+            assert process.poll() is None, open(tmp_path / "first.log").read()[-3000:]
+            assert time.monotonic() < deadline, "the first epoch never finished"
+            time.sleep(0.05)
+        # Into the second epoch, then kill without warning.
+        time.sleep(0.5)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    killed_at = committed_epoch(paths)
+    assert 1 <= killed_at < EPOCHS, "the kill came too late to test resuming"
+    with open(paths.history, newline="") as stream:
+        assert [int(row["epoch"]) for row in csv.DictReader(stream)] == list(
+            range(1, killed_at + 1)
+        )
+
+    rerun = subprocess.run(
+        command(output_dir), capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert f"resuming {output_dir} after epoch {killed_at} of {EPOCHS}" in rerun.stdout
+    # The rerun trained only the missing epochs, one summary line each.
+    trained = [line for line in rerun.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in trained] == [
+        f"{epoch}/{EPOCHS}" for epoch in range(killed_at + 1, EPOCHS + 1)
+    ]
+
+    with open(paths.history, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1))
+    for path in (
+        paths.config,
+        paths.best_checkpoint,
+        paths.model,
+        os.path.join(paths.saved_model, "saved_model.pb"),
+        paths.metrics,
+        paths.curves,
+    ):
+        assert os.path.exists(path), path
+    leftovers = [
+        name
+        for folder in (output_dir, paths.checkpoints)
+        for name in os.listdir(folder)
+        if ".tmp-" in name or ".old-" in name
+    ]
+    assert not leftovers
+
+    # The optimizer state came back: its step counter counts every epoch exactly once. A resume
+    # that rebuilt a fresh optimizer would restart it (and the learning-rate schedule) at 0.
+    import bnzoo.training  # noqa: F401  (the schedule inside the checkpoint's optimizer)
+    import layers  # noqa: F401  (bnzoo's BN layer, to load the checkpoint)
+
+    checkpoint = keras.models.load_model(paths.last_checkpoint)
+    assert int(checkpoint.optimizer.iterations) == EPOCHS * STEPS_PER_EPOCH
+    state = read_checkpoint_state(paths.last_checkpoint)
+    assert state["epoch"] == EPOCHS
+    assert [row["epoch"] for row in state["history"]] == list(range(1, EPOCHS + 1))
