@@ -13,8 +13,8 @@ from bnzoo.config import (
     check_run_folder,
     default_output_dir,
     load_config,
-    parse_train_args,
     parse_literal,
+    parse_train_args,
     save_config,
 )
 
