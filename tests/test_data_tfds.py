@@ -128,6 +128,13 @@ def test_list_datasets_names_fashion_mnist_from_the_debian_files(tmp_path):
     assert list_datasets(str(tmp_path)) == ["fashion_mnist"]
 
 
+def test_list_datasets_names_prepared_datasets_but_not_downloads(tmp_path):
+    for folder in ("cifar10/3.0.2", "emnist/letters/3.1.0", "downloads/extracted/x"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "dataset_info.json").write_text("{}")
+    assert list_datasets(str(tmp_path)) == ["cifar10", "emnist", "fashion_mnist"]
+
+
 @pytest.mark.parametrize(
     "name, message",
     [

@@ -12,7 +12,8 @@ the file list sorted by path and then shuffled with a fixed seed (`FILE_ORDER_SE
 slice mixes all classes and the same expression always selects the same files on every machine.
 
 Sizes and channels are read from each file's header (a few bytes, no decoding) when the dataset
-is loaded, so problems surface at once, naming the file, and not in the middle of training:
+is loaded, so a non-image or a broken header surfaces at once, naming the file, and not in the
+middle of training (damaged pixel data behind a valid header fails only when decoded):
 - Channels: 1 when every image is grayscale (with or without alpha), else 3 (RGB; alpha is
   dropped, grayscale images are expanded).
 - Size: when every image has the same height and width, `DatasetInfo.image_shape` is that

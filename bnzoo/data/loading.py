@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import glob
 import os
 
 import numpy as np
@@ -171,17 +172,20 @@ def load_dataset(
 
 
 def _prepared_datasets(data_dir: str) -> set[str]:
-    """Names of the datasets with a prepared version (`<name>/<version>/dataset_info.json`)."""
+    """Names of the datasets prepared in `data_dir`.
+
+    TFDS keeps them as `<name>/<version>/dataset_info.json`, or
+    `<name>/<config>/<version>/dataset_info.json` for datasets with configs; globbing just
+    those depths avoids walking `downloads/`, which can hold many files.
+    """
     names = set()
-    if not os.path.isdir(data_dir):
-        return names
-    for entry in os.scandir(data_dir):
-        if not entry.is_dir():
-            continue
-        for root, _, files in os.walk(entry.path):
-            if "dataset_info.json" in files and os.path.relpath(root, data_dir).count(os.sep) <= 2:
-                names.add(entry.name)
-                break
+    for depth in (("*", "*"), ("*", "*", "*")):
+        for info_file in glob.glob(
+            os.path.join(glob.escape(data_dir), *depth, "dataset_info.json")
+        ):
+            name = os.path.relpath(info_file, data_dir).split(os.sep)[0]
+            if name != "downloads":
+                names.add(name)
     return names
 
 
