@@ -256,6 +256,87 @@ def run(config: dict, output_dir: Path) -> dict:
     return results
 
 
+def report(results: dict) -> dict[str, str]:
+    """Markdown tables and headline numbers for docs/RESULTS.md, from ``results.json``."""
+    table = harness.markdown_table
+    out = {}
+    for dataset, data in results["datasets"].items():
+        runs = data["runs"]
+        rows = []
+        for key, run in runs.items():
+            summary = run["summary"]
+            rows.append(
+                [
+                    LABELS[key],
+                    f"{harness.percent(summary['best_eval_accuracy'])} "
+                    f"(step {summary['best_eval_step']:,})",
+                    harness.percent(summary["final_test_accuracy"], 2),
+                    harness.step_count(data["steps_to_target"][key]),
+                    harness.seconds(summary["train_seconds"]),
+                ]
+            )
+        out[f"{dataset}_accuracy_table"] = table(
+            [
+                "network",
+                "best accuracy, 2k test subset (step)",
+                "final accuracy, full test set",
+                f"steps to {harness.percent(data['target_accuracy'])} (no-BN best)",
+                "training time",
+            ],
+            rows,
+        )
+        rows = []
+        for key, run in runs.items():
+            drift = data["percentile_drift"][key]
+            unit = [p["unit"] for p in run["probes"]["sigmoid_input"]]
+            rows.append(
+                [
+                    LABELS[key],
+                    " / ".join(f"{v:+.2f}" for v in unit[0]),
+                    " / ".join(f"{v:+.2f}" for v in unit[-1]),
+                    f"{drift['median_range']:.2f}",
+                    f"{drift['spread_range']:.2f}",
+                    f"{drift['final_spread']:.2f}",
+                ]
+            )
+        out[f"{dataset}_drift_table"] = table(
+            [
+                "network",
+                f"unit {data['probe_unit']}: 15/50/85th pct, step 0",
+                "same, end",
+                "median moved by (mean over 100 units)",
+                "15-85 spread changed by (mean)",
+                "final 15-85 spread (mean)",
+            ],
+            rows,
+        )
+    rows = []
+    for row in results["learning_rate_sweep"]:
+        rows.append(
+            [
+                f"{row['learning_rate']:g}",
+                harness.percent(row["without_bn"]["final_test_accuracy"], 2),
+                harness.percent(row["with_bn"]["final_test_accuracy"], 2),
+                harness.percent(row["target_accuracy"]),
+                harness.step_count(row["steps_to_target"]["without_bn"]),
+                harness.step_count(row["steps_to_target"]["with_bn"]),
+            ]
+        )
+    out["sweep_table"] = table(
+        [
+            "learning rate",
+            "final accuracy without BN",
+            "with BN",
+            "no-BN best (target)",
+            "steps to target without BN",
+            "with BN",
+        ],
+        rows,
+    )
+    out["skipped"] = " ".join(results["skipped"].values()) or "MNIST ran too."
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     return harness.cli_main(NAME, DESCRIPTION, PRESETS, run, argv, add_arguments)
 

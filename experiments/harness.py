@@ -123,6 +123,12 @@ def resolve_config(args: argparse.Namespace, presets: Mapping[str, Mapping[str, 
         if value is None and key in config:
             continue  # an unset override keeps the preset's value
         config[key] = str(value) if isinstance(value, Path) else value
+    if args.steps is not None:
+        # "--steps N" means every training run of the experiment trains N steps, including
+        # secondary runs with their own preset length (a sweep, a second model).
+        for key in config:
+            if key.endswith("steps"):
+                config[key] = args.steps
     return config
 
 
@@ -632,6 +638,99 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------
+# Comparisons of BN / no BN at multiples of a base learning rate (paper §4.2.2, Figure 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def variant_key(normalization: str | None, multiplier: float) -> str:
+    """``bn_x5``, ``no_bn_x30``: a run's key in the results."""
+    return f"{'bn' if normalization else 'no_bn'}_x{multiplier:g}"
+
+
+def variant_label(normalization: str | None, multiplier: float, base_learning_rate: float) -> str:
+    """``BN, lr x5 (0.05)``: a run's label in plots and tables."""
+    name = "BN" if normalization else "no BN"
+    return f"{name}, lr x{multiplier:g} ({base_learning_rate * multiplier:g})"
+
+
+def compare_variants(
+    build_model: Callable[[str | None], keras.Model],
+    variants: Sequence[Mapping[str, Any]],
+    train_data: ArraySplit,
+    eval_data: ArraySplit,
+    test_data: ArraySplit,
+    *,
+    base_learning_rate: float,
+    momentum: float,
+    steps: int,
+    batch_size: int,
+    eval_every: int,
+    seed: int,
+    log_prefix: str = "",
+) -> dict[str, TrainingRun]:
+    """Trains one model per variant: with/without BN at a multiple of the base learning rate.
+
+    Every variant starts from the same seed (weights and batch order) and trains with momentum
+    SGD, as the paper's Inception runs do (§4.2), at ``base_learning_rate * multiplier``.
+
+    Args:
+        build_model: ``build_model(normalization) -> model`` (logits out).
+        variants: ``[{"normalization": None | "batch_norm", "multiplier": 5}, ...]``.
+        train_data / eval_data / test_data: the splits (eval: the fixed subset).
+        base_learning_rate: the learning rate of multiplier 1.
+        momentum: SGD momentum.
+        steps / batch_size / eval_every / seed: see ``Trainer``.
+        log_prefix: printed before each progress line.
+
+    Returns:
+        ``variant_key(...) -> TrainingRun``, in the order of ``variants``.
+    """
+    runs = {}
+    for variant in variants:
+        normalization, multiplier = variant["normalization"], variant["multiplier"]
+        key = variant_key(normalization, multiplier)
+        label = variant_label(normalization, multiplier, base_learning_rate)
+        set_seed(seed)
+        runs[key] = train(
+            build_model(normalization),
+            train_data,
+            eval_data,
+            optimizer=sgd(base_learning_rate * multiplier, momentum),
+            steps=steps,
+            batch_size=batch_size,
+            eval_every=eval_every,
+            seed=seed,
+            test_data=test_data,
+            log_prefix=f"{log_prefix}[{label}] ",
+        )
+    return runs
+
+
+def variant_rows(
+    runs: Mapping[str, TrainingRun],
+    variants: Sequence[Mapping[str, Any]],
+    base_learning_rate: float,
+    target: float,
+) -> list[dict]:
+    """One row per variant, the columns of the paper's Figure 3 plus what CPU runs add."""
+    rows = []
+    for variant in variants:
+        normalization, multiplier = variant["normalization"], variant["multiplier"]
+        run = runs[variant_key(normalization, multiplier)]
+        rows.append(
+            {
+                "key": variant_key(normalization, multiplier),
+                "label": variant_label(normalization, multiplier, base_learning_rate),
+                "batch_norm": normalization is not None,
+                "learning_rate": base_learning_rate * multiplier,
+                "steps_to_target": run.steps_to_reach(target),
+                **run.summary(),
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Probes: what the experiments look at inside a model
 # ---------------------------------------------------------------------------------------------
 
@@ -850,3 +949,29 @@ def plot_accuracy_curves(
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     return save_figure(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown for docs/RESULTS.md (each script's ``report(results)`` uses these)
+# ---------------------------------------------------------------------------------------------
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; cells are already formatted strings."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    """``0.8836`` -> ``88.4%``; ``None`` (a diverged run's NaN) -> ``n/a``."""
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def step_count(value: int | None, missing: str = "not reached") -> str:
+    """``24000`` -> ``24,000``; ``None`` -> ``missing``."""
+    return missing if value is None else f"{value:,}"
+
+
+def seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"

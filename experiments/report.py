@@ -1,0 +1,173 @@
+"""Renders docs/RESULTS.md from the experiments' ``results.json`` files.
+
+The prose lives in ``experiments/RESULTS.template.md``; every number in the document comes from
+a placeholder filled here from the JSON the scripts wrote, so the document cannot drift from
+the measurements:
+
+* ``{{exp1_mnist_mlp.sweep_table}}``: a Markdown snippet from that script's ``report(results)``;
+* ``{{exp1_mnist_mlp.runtime}}``, ``{{exp1_mnist_mlp.budget}}``: the run's wall time and budget;
+* ``{{runtime_table}}``, ``{{environment}}``: all scripts' runtimes; the machine;
+* ``{{figure:exp1_mnist_mlp/fashion_mnist_figure1a_accuracy.png}}``: the image, copied next to
+  the rendered document (``docs/results/``) and linked from it.
+
+An experiment that has not been run renders as a note saying which command produces it.
+
+    .venv/bin/python experiments/report.py                    # -> experiments/results/RESULTS.md
+    .venv/bin/python experiments/report.py --update-docs      # -> docs/RESULTS.md + docs/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+EXPERIMENTS = (
+    "exp1_mnist_mlp",
+    "exp2_learning_rates",
+    "exp3_sigmoid_cnn",
+    "exp4_gradients",
+    "exp5_layer_vs_keras",
+)
+TEMPLATE = Path(__file__).with_name("RESULTS.template.md")
+RESULTS_ROOT = REPO_ROOT / "experiments" / "results"
+DOCS = REPO_ROOT / "docs"
+PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+
+
+def load_results(results_root: Path) -> dict[str, dict]:
+    """``name -> results.json`` for every experiment that has been run under ``results_root``."""
+    found = {}
+    for name in EXPERIMENTS:
+        path = results_root / name / "results.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def _format_seconds(value: float) -> str:
+    minutes, rest = divmod(round(value), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+def build_context(results: dict[str, dict]) -> dict[str, str]:
+    """Every placeholder's text except figures: each script's ``report()`` plus run facts."""
+    context = {}
+    for name, data in results.items():
+        module = importlib.import_module(f"experiments.{name}")
+        for key, text in module.report(data).items():
+            context[f"{name}.{key}"] = text
+        context[f"{name}.runtime"] = _format_seconds(data["runtime_seconds"])
+        context[f"{name}.budget"] = data["budget"]
+    rows = [
+        f"| `experiments/{name}.py` | {results[name]['budget']} | "
+        f"{_format_seconds(results[name]['runtime_seconds'])} |"
+        for name in EXPERIMENTS
+        if name in results
+    ]
+    if rows:
+        total = sum(results[name]["runtime_seconds"] for name in results)
+        rows.append(f"| all | | {_format_seconds(total)} |")
+    context["runtime_table"] = "\n".join(["| script | budget | runtime |", "|---|---|---|", *rows])
+    if results:
+        env = next(iter(results.values()))["environment"]
+        gpus = "no GPU" if env["gpus"] == 0 else f"{env['gpus']} GPU(s)"
+        context["environment"] = (
+            f"{env['cpu_count']}-core CPU ({env['machine']}), {gpus}; Python {env['python']}, "
+            f"TensorFlow {env['tensorflow']}, Keras {env['keras']}"
+        )
+    return context
+
+
+def render(
+    template: str,
+    results: dict[str, dict],
+    results_root: Path,
+    figures_dir: Path,
+    figures_link: str,
+) -> str:
+    """Fills ``template``'s placeholders; copies the referenced figures into ``figures_dir``.
+
+    Args:
+        template: the Markdown template.
+        results: ``load_results(results_root)``.
+        results_root: where the experiments wrote their folders.
+        figures_dir: where the figures are copied (created when needed).
+        figures_link: how the rendered document links to ``figures_dir`` (relative path).
+
+    Raises:
+        ValueError: a placeholder names something no run of that experiment produces.
+    """
+    context = build_context(results)
+
+    def replace(match: re.Match) -> str:
+        key = match.group(1)
+        if key.startswith("figure:"):
+            relative = key.removeprefix("figure:")
+            experiment = relative.split("/", 1)[0]
+            source = results_root / relative
+            if experiment not in results:
+                return _not_run(experiment)
+            if not source.is_file():
+                raise ValueError(f"Template figure {relative!r} was not written by {experiment}.")
+            figures_dir.mkdir(parents=True, exist_ok=True)
+            target = figures_dir / relative.replace("/", "_")
+            shutil.copyfile(source, target)
+            return f"![{Path(relative).stem.replace('_', ' ')}]({figures_link}/{target.name})"
+        if key in context:
+            return context[key]
+        experiment = key.split(".", 1)[0]
+        if experiment in EXPERIMENTS and experiment not in results:
+            return _not_run(experiment)
+        raise ValueError(
+            f"Template placeholder {{{{{key}}}}} is unknown; known: {sorted(context)} and "
+            "figure:<experiment>/<file>.png."
+        )
+
+    return PLACEHOLDER.sub(replace, template)
+
+
+def _not_run(experiment: str) -> str:
+    return f"_(not run yet: `.venv/bin/python experiments/{experiment}.py`)_"
+
+
+def write_report(results_root: Path, update_docs: bool) -> Path:
+    """Renders the template; into ``results_root`` or, with ``update_docs``, into docs/."""
+    results = load_results(results_root)
+    if update_docs:
+        output, figures_dir, link = DOCS / "RESULTS.md", DOCS / "results", "results"
+    else:
+        output, figures_dir, link = results_root / "RESULTS.md", results_root / "figures", "figures"
+    text = render(TEMPLATE.read_text(), results, results_root, figures_dir, link)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results-root", type=Path, default=RESULTS_ROOT)
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="write docs/RESULTS.md and copy the figures to docs/results/",
+    )
+    args = parser.parse_args(argv)
+    try:
+        output = write_report(args.results_root, args.update_docs)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
