@@ -89,13 +89,13 @@ class TrainConfig:
     augment: bool = False
     shuffle_buffer: int = 10_000
     # Optimization.
-    epochs: int = 12
+    epochs: int = 5
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     lr_schedule: str = "cosine"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.5
     lr_decay_rate: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
@@ -542,7 +542,11 @@ def save_config(config: TrainConfig, run_dir: str | os.PathLike) -> str:
         "# bnzoo training run: the resolved configuration.\n"
         f"# Repeat or resume it with: python train.py --config {path}\n"
     )
-    atomic_write_text(path, header + yaml.safe_dump(config.to_dict(), sort_keys=False))
+    values = config.to_dict()
+    # `--overwrite` is an action on the folder, not a property of the run: saved, it would make
+    # `--config runs/<run>/config.yaml` silently wipe the run it is meant to repeat.
+    values.pop("overwrite")
+    atomic_write_text(path, header + yaml.safe_dump(values, sort_keys=False))
     return path
 
 

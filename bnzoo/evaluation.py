@@ -120,7 +120,20 @@ def evaluate_classifier(
             outputs = outputs["logits"]
         return outputs
 
-    batches = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if dataset.element_spec[0].shape[:2].is_fully_defined():
+        batches = dataset.batch(batch_size)
+    else:
+        # Images of varying size (an image folder) cannot share a batch tensor; the serving
+        # signature takes them as they come, so batch images of equal size together. The
+        # metrics do not depend on the order.
+        def size_key(image, label):
+            shape = tf.shape(image, out_type=tf.int64)
+            return shape[0] * 1_000_000 + shape[1]
+
+        batches = dataset.group_by_window(
+            size_key, lambda key, window: window.batch(batch_size), window_size=batch_size
+        )
+    batches = batches.prefetch(tf.data.AUTOTUNE)
     all_logits, all_labels = [], []
     seconds = 0.0
     warmed_up = False

@@ -838,10 +838,9 @@ def _run(
         )
         if progress_bar is None:
             progress_bar = sys.stdout.isatty()
-        callbacks: list[keras.callbacks.Callback] = [
-            TensorBoardScalars(paths.logs),
-            checkpoint,
-        ]
+        # The checkpoint commits first, so TensorBoard never shows an epoch that a kill then
+        # made the rerun train again (a kill in between costs that epoch's TensorBoard point).
+        callbacks: list[keras.callbacks.Callback] = [checkpoint, TensorBoardScalars(paths.logs)]
         if not progress_bar:
             callbacks.append(EpochSummary(config.epochs, log))
         model.fit(

@@ -162,6 +162,12 @@ def test_saved_config_repeats_the_run(tmp_path):
     assert parse_train_args(["--config", path]) == original
 
 
+def test_saved_config_never_says_overwrite(tmp_path):
+    save_config(TrainConfig(overwrite=True), tmp_path)
+    assert "overwrite" not in yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert load_config(tmp_path).overwrite is False
+
+
 def test_default_output_dir_names_date_model_and_dataset():
     config = TrainConfig(model="bn_inception", dataset="image_folder:/data/My Flowers/")
     assert default_output_dir(config, today=datetime.date(2025, 3, 1)) == os.path.join(

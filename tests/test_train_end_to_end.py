@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -179,6 +180,32 @@ def test_rerunning_a_finished_run_says_it_is_complete(run_dir, capsys):
 
 
 @pytest.mark.slow
+def test_rerun_recreates_final_artifacts_lost_after_the_last_epoch(run_dir, tmp_path, capsys):
+    """A kill during export: all epochs are checkpointed but saved_model/ and metrics.json are
+    missing. The rerun trains nothing and re-creates them from checkpoints/last.keras."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(os.path.join(copy, "saved_model"))
+    os.remove(os.path.join(copy, "metrics.json"))
+    status, out, err = train_cli([*TINY, "--output-dir", copy], capsys)
+    assert status == 0, err
+    assert "resuming" in out and not [
+        line for line in out.splitlines() if line.startswith("epoch ")
+    ]
+    with (
+        open(os.path.join(copy, "metrics.json")) as stream,
+        open(os.path.join(run_dir, "metrics.json")) as original,
+    ):
+        recreated, recorded = json.load(stream), json.load(original)
+    assert recreated["confusion_matrix"] == recorded["confusion_matrix"]
+    with (
+        open(os.path.join(copy, "history.csv")) as stream,
+        open(os.path.join(run_dir, "history.csv")) as original,
+    ):
+        assert stream.read() == original.read()
+
+
+@pytest.mark.slow
 def test_a_different_run_in_the_folder_is_refused_in_one_line(run_dir, capsys):
     status, _, err = train_cli([*TINY, "--epochs", "2", "--output-dir", run_dir], capsys)
     assert status == 1
@@ -274,3 +301,56 @@ def test_evaluate_script_error_is_one_line_on_stderr_in_a_real_process(tmp_path)
         f"evaluate.py: error: {tmp_path / 'notes.txt'} is not a model: expected a .keras file "
         "(a zip archive), a SavedModel folder or a bnzoo run folder"
     ]
+
+
+def write_image_folder(root, sizes):
+    """Three classes of RGB PNGs told apart by their dominant colour, at the given sizes."""
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    for name, colour in colours.items():
+        os.makedirs(os.path.join(root, name))
+        for index, (height, width) in enumerate(sizes):
+            noise = rng.integers(-25, 25, (height, width, 3))
+            image = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+            tf.io.write_file(os.path.join(root, name, f"{index}.png"), tf.io.encode_png(image))
+    return root
+
+
+@pytest.mark.slow
+def test_image_folder_of_varying_sizes_trains_exports_and_serves_any_size(tmp_path, capsys):
+    sizes = [(20, 24), (24, 20), (22, 22), (26, 30)] * 3
+    folder = write_image_folder(str(tmp_path / "images"), sizes)
+    base = [
+        "--dataset",
+        f"image_folder:{folder}",
+        "--train-split",
+        "train[:24]",
+        "--val-split",
+        "none",
+        "--test-split",
+        "train[24:]",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--model-arg",
+        "widths=[4,8]",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
+    status, _, err = train_cli(base, capsys)
+    assert status == 1 and "vary in size; pass --image-size" in err
+    assert not os.path.exists(tmp_path / "run")
+
+    status, out, err = train_cli([*base, "--image-size", "16"], capsys)
+    assert status == 0, err
+    with open(tmp_path / "run" / "metrics.json") as stream:
+        metrics = json.load(stream)
+    assert metrics["num_examples"] == 12
+    assert metrics["class_names"] == ["blue", "green", "red"]
+
+    serve = tf.saved_model.load(str(tmp_path / "run" / "saved_model")).signatures["serving_default"]
+    assert serve.structured_input_signature[1]["images"].shape.as_list() == [None, None, None, 3]
+    for height, width in ((20, 24), (40, 17)):
+        outputs = serve(images=tf.zeros((2, height, width, 3), tf.uint8))
+        assert outputs["probabilities"].shape == (2, 3)
