@@ -237,6 +237,15 @@ def run(config: dict, output_dir: Path) -> dict:
     datasets = {"fashion_mnist": config["manual_dir"]}
     skipped = {}
     if config["mnist_dir"]:
+        # Asked for explicitly: a wrong folder fails now, before minutes of Fashion-MNIST runs.
+        try:
+            harness.load_split(
+                "mnist", config["test_split"], None, config["data_dir"], config["mnist_dir"]
+            )
+        except (FileNotFoundError, ValueError) as error:
+            # bnzoo.data names its own option; this script's is --mnist-dir.
+            message = str(error).replace("--manual-dir", "--mnist-dir")
+            raise type(error)(message) from error
         datasets["mnist"] = config["mnist_dir"]
     else:
         skipped["mnist"] = (

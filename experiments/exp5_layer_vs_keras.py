@@ -94,7 +94,7 @@ def compare_initial_weights(first, second) -> bool:
             continue
         other = second.get_layer(layer.name)
         for a, b in zip(layer.weights, other.weights, strict=True):
-            if not np.array_equal(np.asarray(a), np.asarray(b)):
+            if not np.array_equal(a.numpy(), b.numpy()):
                 return False
     return True
 

@@ -441,7 +441,7 @@ def _loss_fn(labels, logits):
 
 
 def _weights_finite(model: keras.Model) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(w)))) for w in model.trainable_weights)
+    return all(bool(np.all(np.isfinite(w.numpy()))) for w in model.trainable_weights)
 
 
 def evaluate(model: keras.Model, data: ArraySplit, batch_size: int = 1000) -> tuple[float, float]:

@@ -1,0 +1,327 @@
+"""The paper's experiments (experiments/): each runs end to end on a tiny budget and writes its
+config, a strictly finite JSON of its measurements and real PNG plots; the harness they share
+trains, probes and records what it claims to.
+
+The five scripts run once per test session (a module fixture) on their ``smoke`` budget; the
+tests then read what they wrote.
+"""
+
+import json
+import math
+import struct
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from experiments import (
+    exp1_mnist_mlp,
+    exp2_learning_rates,
+    exp3_sigmoid_cnn,
+    exp4_gradients,
+    exp5_layer_vs_keras,
+    harness,
+    report,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+SCRIPTS = {
+    "exp1_mnist_mlp": exp1_mnist_mlp,
+    "exp2_learning_rates": exp2_learning_rates,
+    "exp3_sigmoid_cnn": exp3_sigmoid_cnn,
+    "exp4_gradients": exp4_gradients,
+    "exp5_layer_vs_keras": exp5_layer_vs_keras,
+}
+
+EXPECTED_PLOTS = {
+    "exp1_mnist_mlp": [
+        "fashion_mnist_figure1a_accuracy.png",
+        "fashion_mnist_figure1bc_sigmoid_input.png",
+    ],
+    "exp2_learning_rates": ["plain_cnn_accuracy.png", "bn_inception_accuracy.png"],
+    "exp3_sigmoid_cnn": ["sigmoid_cnn_accuracy.png"],
+    "exp4_gradients": ["gradient_norms.png", "preactivation_histograms.png"],
+    "exp5_layer_vs_keras": ["plain_cnn_layer_vs_keras.png", "paper_mlp_layer_vs_keras.png"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    """Every experiment run once on its smoke budget, into one results root."""
+    root = tmp_path_factory.mktemp("experiments")
+    for name, script in SCRIPTS.items():
+        assert script.main(["--budget", "smoke", "--output-dir", str(root / name)]) == 0, name
+    return root
+
+
+def _strict_json(path):
+    """Parses ``path``, failing on NaN / Infinity, which Python's json would otherwise accept."""
+
+    def reject(constant):
+        raise AssertionError(f"{path} holds the non-finite number {constant}")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def _numbers(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _numbers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _numbers(value)
+    elif isinstance(node, int | float) and not isinstance(node, bool):
+        yield node
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG file"
+    # The IHDR chunk comes first: width and height are its first two big-endian integers.
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_experiment_writes_config_finite_results_and_real_png_plots(smoke_root, name):
+    folder = smoke_root / name
+    config = _strict_json(folder / "config.json")
+    assert config["budget"] == "smoke" and config["seed"] == 0 and config["experiment"] == name
+
+    results = _strict_json(folder / "results.json")
+    assert results["experiment"] == name and results["budget"] == "smoke"
+    assert results["runtime_seconds"] > 0
+    assert results["environment"]["tensorflow"] == tf.__version__
+    numbers = list(_numbers(results))
+    assert len(numbers) > 20
+    assert all(math.isfinite(n) for n in numbers)
+
+    import matplotlib.image
+
+    for plot in EXPECTED_PLOTS[name]:
+        path = folder / plot
+        width, height = _png_size(path)
+        pixels = matplotlib.image.imread(path)
+        assert pixels.shape[:2] == (height, width) and pixels.shape[2] in (3, 4)
+        assert width > 300 and height > 200
+        # A plot has lines and text, not one flat colour.
+        assert len(np.unique(pixels[::3, ::3].reshape(-1, pixels.shape[2]), axis=0)) > 50
+
+
+def test_exp1_records_ordered_percentiles_of_the_last_sigmoid_input_at_every_evaluation(smoke_root):
+    results = _strict_json(smoke_root / "exp1_mnist_mlp" / "results.json")
+    data = results["datasets"]["fashion_mnist"]
+    assert data["probe_layer"] == "hidden_3_preactivation"
+    for run in data["runs"].values():
+        assert run["steps"] == [0, 20, 40]
+        probes = run["probes"]["sigmoid_input"]
+        assert len(probes) == len(run["steps"])
+        for point in probes:
+            p15, p50, p85 = point["unit"]
+            assert p15 <= p50 <= p85
+    # The target is the no-BN run's best accuracy, which that run first reaches at its best step.
+    baseline = data["runs"]["without_bn"]
+    assert data["target_accuracy"] == baseline["summary"]["best_eval_accuracy"]
+    assert data["steps_to_target"]["without_bn"] == baseline["summary"]["best_eval_step"]
+    assert "--mnist-dir" in results["skipped"]["mnist"]
+    assert [row["learning_rate"] for row in results["learning_rate_sweep"]] == [0.1]
+
+
+def test_exp2_target_is_the_no_bn_baseline_best_and_every_variant_has_a_row(smoke_root):
+    results = _strict_json(smoke_root / "exp2_learning_rates" / "results.json")
+    config = _strict_json(smoke_root / "exp2_learning_rates" / "config.json")
+    for name, data in results["models"].items():
+        baseline = data["runs"]["no_bn_x1"]
+        assert data["target_accuracy"] == max(baseline["eval_accuracy"])
+        assert [row["key"] for row in data["rows"]] == [
+            harness.variant_key(v["normalization"], v["multiplier"])
+            for v in config[f"{name}_variants"]
+        ]
+        for row in data["rows"]:
+            assert row["learning_rate"] == pytest.approx(
+                0.01 * float(row["key"].rsplit("_x", 1)[1])
+            )
+    assert results["models"]["bn_inception"]["input_shape"] == [32, 32, 1]
+
+
+def test_exp4_gradient_norms_cover_every_layer_at_every_evaluation(smoke_root):
+    results = _strict_json(smoke_root / "exp4_gradients" / "results.json")
+    layers = results["kernel_layers"]
+    assert layers == ["hidden_1_dense", "hidden_2_dense", "hidden_3_dense", "predictions"]
+    for run in results["runs"].values():
+        norms = run["probes"]["gradient_norms"]
+        assert len(norms) == len(run["steps"])
+        assert all(point[layer] > 0 for point in norms for layer in layers)
+        ratios = run["first_to_last_hidden_gradient_ratio"]
+        assert ratios[0] == pytest.approx(norms[0]["hidden_1_dense"] / norms[0]["hidden_3_dense"])
+        derivatives = run["probes"]["sigmoid_inputs"][0]["mean_sigmoid_derivative"]
+        assert all(0 < d <= 0.25 for d in derivatives)  # sigmoid' never exceeds 1/4
+
+
+def test_exp5_both_layers_start_identical_and_agree_on_the_first_step(smoke_root):
+    results = _strict_json(smoke_root / "exp5_layer_vs_keras" / "results.json")
+    for data in results["networks"].values():
+        assert data["identical_initial_weights_from_seed"]
+        first = {key: run["step_losses"][0] for key, run in data["runs"].items()}
+        # Same weights, same batch, the same algorithm: float32 rounding apart, the same loss.
+        assert first["bnzoo"] == pytest.approx(first["keras"], rel=1e-5)
+        assert data["timing"]["bnzoo"]["steady_state_epoch_seconds"] > 0
+
+
+def test_report_fills_every_placeholder_from_the_json(smoke_root, tmp_path):
+    results = report.load_results(smoke_root)
+    assert set(results) == set(SCRIPTS)
+    text = report.render(
+        report.TEMPLATE.read_text(), results, smoke_root, tmp_path / "figures", "figures"
+    )
+    assert "{{" not in text and "not run yet" not in text
+    copied = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert "exp4_gradients_gradient_norms.png" in copied
+    sweep = report.build_context(results)["exp1_mnist_mlp.sweep_table"]
+    assert sweep.splitlines()[2].startswith("| 0.1 |")
+
+
+def test_report_marks_experiments_that_have_not_run(tmp_path):
+    text = report.render(
+        "{{exp3_sigmoid_cnn.table}}\n{{figure:exp4_gradients/gradient_norms.png}}",
+        {},
+        tmp_path,
+        tmp_path / "figures",
+        "figures",
+    )
+    assert text.count("not run yet") == 2 and "experiments/exp3_sigmoid_cnn.py" in text
+
+
+def test_report_rejects_unknown_placeholders(smoke_root, tmp_path):
+    results = report.load_results(smoke_root)
+    with pytest.raises(ValueError, match="exp1_mnist_mlp.no_such_table"):
+        report.render("{{exp1_mnist_mlp.no_such_table}}", results, smoke_root, tmp_path, ".")
+
+
+def test_script_turns_a_bad_option_into_one_line_and_exit_status_2(tmp_path, capsys):
+    status = exp3_sigmoid_cnn.main(["--steps", "0", "--output-dir", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.count("\n") == 1 and "--steps" in error and "0" in error
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness
+# ---------------------------------------------------------------------------------------------
+
+
+def test_batch_sampler_draws_each_example_once_per_epoch_and_repeats_with_its_seed():
+    sampler = harness.BatchSampler(num_examples=10, batch_size=3, seed=7)
+    batches = sampler.take(6)  # two epochs of three full batches; one example per epoch dropped
+    for epoch in (batches[:3], batches[3:]):
+        assert len(np.unique(epoch)) == 9
+    assert not np.array_equal(batches[:3], batches[3:])  # reshuffled each epoch
+    np.testing.assert_array_equal(batches, harness.BatchSampler(10, 3, seed=7).take(6))
+
+
+def test_steps_to_reach_is_the_first_evaluation_at_or_above_the_target():
+    steps, accuracy = [0, 100, 200, 300], [0.1, 0.5, 0.8, 0.7]
+    assert harness.steps_to_reach(steps, accuracy, 0.8) == 200
+    assert harness.steps_to_reach(steps, accuracy, 0.75) == 200
+    assert harness.steps_to_reach(steps, accuracy, 0.81) is None
+
+
+def test_write_json_stores_non_finite_numbers_as_null(tmp_path):
+    path = tmp_path / "out.json"
+    harness.write_json(path, {"loss": float("nan"), "values": [1.5, float("inf")], "step": 3})
+    assert _strict_json(path) == {"loss": None, "values": [1.5, None], "step": 3}
+
+
+def _tiny_data(count=64, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(count, 4, 4, 1)).astype("float32")
+    labels = rng.integers(0, 3, count).astype("int32")
+    return harness.ArraySplit(images, labels, None)
+
+
+def test_trainer_stops_at_the_first_evaluation_after_the_weights_overflow():
+    tiny = _tiny_data()
+    # Inputs of 1e20 and a learning rate of 1e20 push the first update past float32's 3.4e38:
+    # the weights become inf and every later loss NaN, the way a too-high learning rate ends.
+    data = harness.ArraySplit(tiny.images * 1e20, tiny.labels, None)
+    inputs = keras.Input((4, 4, 1))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    run = harness.train(
+        model,
+        data,
+        data,
+        optimizer=harness.sgd(1e20),
+        steps=20,
+        batch_size=8,
+        eval_every=5,
+        seed=0,
+    )
+    assert run.diverged_at_step == 5
+    assert run.steps == [0, 5]  # stopped instead of training 15 more steps
+
+
+def test_trainer_is_resumable_and_evaluates_at_every_chunk_boundary():
+    data = _tiny_data()
+    inputs = keras.Input((4, 4, 1))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    trainer = harness.Trainer(
+        model,
+        data,
+        data,
+        optimizer=harness.sgd(0.1),
+        batch_size=8,
+        eval_every=4,
+        seed=0,
+        record_step_losses=True,
+    )
+    trainer.train(6)
+    run = trainer.train(3)
+    assert run.steps == [0, 4, 6, 9]
+    assert len(run.step_losses) == 9 and len(run.chunk_seconds) == 3
+    loss, accuracy = harness.evaluate(model, data)
+    assert run.eval_loss[-1] == pytest.approx(loss) and run.eval_accuracy[-1] == accuracy
+
+
+def _bn_sigmoid_model():
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4, 4, 1))
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(5, use_bias=False, name="dense")(x)
+    x = keras.layers.BatchNormalization(momentum=0.5, name="bn")(x)
+    x = keras.layers.Activation("sigmoid")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x))
+
+
+def test_gradient_probe_equals_gradient_tape_and_leaves_moving_statistics_alone():
+    data = _tiny_data(32)
+    model = _bn_sigmoid_model()
+    probe = harness.gradient_norms_probe(model, data.images, data.labels, ["dense", "logits"])
+    moving_before = [v.numpy() for v in model.non_trainable_variables]
+    norms = probe(model)
+    for before, variable in zip(moving_before, model.non_trainable_variables, strict=True):
+        np.testing.assert_array_equal(before, variable.numpy())
+
+    with tf.GradientTape() as tape:
+        logits = model(data.images, training=True)
+        loss = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(data.labels, logits, from_logits=True)
+        )
+    kernels = [model.get_layer("dense").kernel, model.get_layer("logits").kernel]
+    expected = [float(tf.norm(g)) for g in tape.gradient(loss, kernels)]
+    assert [norms["dense"], norms["logits"]] == pytest.approx(expected, rel=1e-5)
+
+
+def test_percentile_probe_sees_the_batch_normalized_sigmoid_input_in_training_mode():
+    data = _tiny_data(200)
+    model = _bn_sigmoid_model()
+    probe = harness.activation_percentiles_probe(model, "bn", data.images, (15, 50, 85), unit=2)
+    measured = probe(model)
+
+    # NumPy reference of Algorithm 1 with the batch's statistics (gamma 1, beta 0 at init).
+    wu = data.images.reshape(200, -1) @ np.asarray(model.get_layer("dense").kernel)
+    normalized = (wu - wu.mean(0)) / np.sqrt(wu.var(0) + model.get_layer("bn").epsilon)
+    expected = np.percentile(normalized, (15, 50, 85), axis=0)
+    np.testing.assert_allclose(measured["unit"], expected[:, 2], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(measured["mean_over_units"], expected.mean(1), atol=1e-5)
