@@ -47,6 +47,13 @@ RESERVED_MODEL_ARGS = {
     "bn_epsilon": "use --bn-epsilon",
 }
 
+#: Per-optimizer defaults for `--lr` and `--weight-decay`. SGD runs at the high rate BN allows;
+#: Adam's normalized steps want ~1e-3. Keras' weight decay is decoupled (`w -= lr * wd * w`), so
+#: its strength scales with the rate: 5e-4 at lr 0.1 and 0.05 at lr 1e-3 both shrink kernels by
+#: 5e-5 per step. Plain Adam gets none, AdamW is Adam with it.
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}
+
 #: Fields that say *where* things are rather than *what* the run is: changing them does not make
 #: a different run, so they are left out of the run folder's identity check.
 LOCATION_FIELDS = ("data_dir", "manual_dir", "output_dir", "overwrite")
@@ -92,12 +99,12 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 128
     optimizer: str = "sgd"
-    lr: float = 0.1
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
     momentum: float = 0.9
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.5
     lr_decay_rate: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
     label_smoothing: float = 0.0
     # Run.
     mixed_precision: bool = False
@@ -107,6 +114,11 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        # Resolved here, so that config.yaml records the numbers the run actually used.
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.optimizer)
+        if self.weight_decay is None:
+            self.weight_decay = DEFAULT_WEIGHT_DECAY.get(self.optimizer)
         if self.image_size is not None:
             self.image_size = tuple(int(size) for size in self.image_size)
         self.model_args = dict(self.model_args)
@@ -120,11 +132,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
+        if self.lr is None or not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"--momentum must be in [0, 1), got {self.momentum!r}")
-        if not 0 <= self.weight_decay < 1:
+        if self.weight_decay is None or not 0 <= self.weight_decay < 1:
             raise ValueError(f"--weight-decay must be in [0, 1), got {self.weight_decay!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
@@ -382,11 +394,28 @@ def build_train_parser() -> ArgumentParser:
     )
 
     group = parser.add_argument_group("optimization")
-    group.add_argument("--epochs", type=positive_int, default=defaults.epochs)
-    group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    group.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
     group.add_argument(
-        "--lr", type=float, default=defaults.lr, help="peak learning rate (after warmup)"
+        "--epochs", type=positive_int, default=defaults.epochs, help="passes over --train-split"
+    )
+    group.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=defaults.batch_size,
+        help="examples per step; the last partial batch is dropped",
+    )
+    group.add_argument(
+        "--optimizer",
+        default=defaults.optimizer,
+        choices=OPTIMIZERS,
+        help="sgd with --momentum, adam, or adamw (decoupled weight decay)",
+    )
+    group.add_argument(
+        "--lr",
+        type=_none_or(float),
+        default=None,
+        help="peak learning rate, reached after the warmup (none = "
+        + ", ".join(f"{rate:g} for {name}" for name, rate in DEFAULT_LR.items())
+        + ")",
     )
     group.add_argument(
         "--momentum", type=float, default=defaults.momentum, help="SGD momentum (sgd only)"
@@ -411,11 +440,18 @@ def build_train_parser() -> ArgumentParser:
     )
     group.add_argument(
         "--weight-decay",
-        type=float,
-        default=defaults.weight_decay,
-        help="decoupled weight decay on kernels (not on biases or BN's gamma and beta)",
+        type=_none_or(float),
+        default=None,
+        help="decoupled weight decay on kernels, not on biases or BN's gamma and beta (none = "
+        + ", ".join(f"{decay:g} for {name}" for name, decay in DEFAULT_WEIGHT_DECAY.items())
+        + ")",
     )
-    group.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    group.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=defaults.label_smoothing,
+        help="mix this much of the uniform distribution into the one-hot training targets",
+    )
 
     group = parser.add_argument_group("run")
     group.add_argument(

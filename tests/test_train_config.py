@@ -41,6 +41,16 @@ def test_defaults_train_plain_cnn_with_batch_norm_on_fashion_mnist():
     )
 
 
+@pytest.mark.parametrize(
+    "optimizer, lr, weight_decay", [("sgd", 0.1, 5e-4), ("adam", 1e-3, 0.0), ("adamw", 1e-3, 0.05)]
+)
+def test_learning_rate_and_weight_decay_default_per_optimizer(optimizer, lr, weight_decay):
+    config = parse_train_args(["--optimizer", optimizer])
+    assert (config.lr, config.weight_decay) == (lr, weight_decay)
+    explicit = parse_train_args(["--optimizer", optimizer, "--lr", "0.5", "--weight-decay", "0"])
+    assert (explicit.lr, explicit.weight_decay) == (0.5, 0.0)
+
+
 def test_command_line_flags_override_the_config_file(tmp_path):
     path = write_yaml(
         tmp_path / "run.yaml",
