@@ -60,8 +60,9 @@ def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path)
             assert process.poll() is None, open(tmp_path / "first.log").read()[-3000:]
             assert time.monotonic() < deadline, "the first epoch never finished"
             time.sleep(0.05)
-        # Into the second epoch, then kill without warning.
-        time.sleep(0.5)
+        # A moment into the second epoch (its 48 steps take longer than this), then kill
+        # without warning.
+        time.sleep(0.1)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
     finally:
@@ -70,10 +71,11 @@ def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path)
         log.close()
     killed_at = committed_epoch(paths)
     assert 1 <= killed_at < EPOCHS, "the kill came too late to test resuming"
+    # history.csv is rewritten from the committed rows right after each commit, so at the kill
+    # it holds every committed epoch or lags one behind; never a partial or duplicate row.
     with open(paths.history, newline="") as stream:
-        assert [int(row["epoch"]) for row in csv.DictReader(stream)] == list(
-            range(1, killed_at + 1)
-        )
+        epochs_in_csv = [int(row["epoch"]) for row in csv.DictReader(stream)]
+    assert epochs_in_csv in (list(range(1, killed_at + 1)), list(range(1, killed_at)))
 
     rerun = subprocess.run(
         command(output_dir), capture_output=True, text=True, timeout=600, cwd=ROOT
