@@ -256,8 +256,13 @@ def model_input(
         image = keras.Input(shape=input_shape, name=name)
         return image, image
     if not keras.backend.is_keras_tensor(input_tensor):
-        image = keras.Input(tensor=input_tensor, shape=input_shape, name=name)
-        return image, image
+        # Keras 3 builds functional models on symbolic tensors only; a concrete array here is
+        # almost always data passed where the model's input was meant.
+        raise ValueError(
+            f"input_tensor must be a Keras tensor (keras.Input(...) or a layer's output); "
+            f"received a {type(input_tensor).__name__}. To run the model on data, build it "
+            "first and call model(data) or model.predict(data)."
+        )
     return input_tensor, keras.utils.get_source_inputs(input_tensor)
 
 

@@ -144,6 +144,8 @@ def test_input_tensor_builds_the_model_on_an_existing_graph():
     model = models.plain_cnn(input_tensor=scaled, widths=(4, 8), classes=3)
     assert model.inputs[0] is raw
     assert model.output.shape == (None, 3)
+    with pytest.raises(ValueError, match="input_tensor must be a Keras tensor"):
+        models.plain_cnn(input_tensor=np.zeros((2, 12, 12, 1), "float32"))
 
 
 def test_feature_extraction_without_top():
