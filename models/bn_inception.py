@@ -52,7 +52,8 @@ from models.registry import register_model
 
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
 # Five stride-2 stages (stem conv, two stem pools, 3c, 4e) take 32×32 to 1×1 at 5b; smaller
-# inputs would leave the later stages pooling over padding only.
+# inputs reach 1×1 before 4e, whose stride-2 branches would then see mostly padding. TF-slim's
+# inception_v2 states the same bound.
 MIN_INPUT_SIZE = 32
 
 

@@ -94,17 +94,23 @@ def register_model(
         )
         existing = _REGISTRY.get(spec.name)
         if existing is not None and (
-            existing.builder is not builder or dict(existing.default_kwargs) != default_kwargs
+            _qualified_name(existing.builder) != _qualified_name(builder)
+            or dict(existing.default_kwargs) != default_kwargs
         ):
             raise ValueError(
                 f"A model named {spec.name!r} is already registered (to "
-                f"{existing.builder.__module__}.{existing.builder.__qualname__}). Register "
-                "yours under another name."
+                f"{_qualified_name(existing.builder)}). Register yours under another name."
             )
         _REGISTRY[spec.name] = spec
         return builder
 
     return decorator
+
+
+def _qualified_name(builder: Callable[..., Any]) -> str:
+    # By name rather than identity, so that reloading a builder's module (a notebook's
+    # importlib.reload) re-registers it instead of failing.
+    return f"{builder.__module__}.{builder.__qualname__}"
 
 
 def _first_docstring_line(builder: Callable[..., Any]) -> str:

@@ -129,3 +129,13 @@ def test_command_line_reports_an_unknown_name_in_one_line(capsys):
     assert models_cli.main(["bn_incepton"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Did you mean: bn_inception" in error
+
+
+def test_reloading_a_builder_module_re_registers_it(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    # sys.modules, because the package attribute `models.paper_mlp` is the builder function.
+    reloaded = importlib.reload(sys.modules["models.paper_mlp"])
+    assert models.get_model_spec("paper_mlp").builder is reloaded.paper_mlp
