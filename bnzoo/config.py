@@ -630,7 +630,8 @@ def check_run_folder(run_dir: str | os.PathLike, config: TrainConfig) -> str:
     if config.overwrite:
         return "new"
     if not os.path.exists(os.path.join(run_dir, CONFIG_FILENAME)):
-        if os.listdir(run_dir):
+        # `.lock` is the lock file of bnzoo.training; alone, it means a run killed at birth.
+        if [name for name in os.listdir(run_dir) if name != ".lock"]:
             raise ValueError(
                 f"--output-dir {run_dir} is not empty and holds no bnzoo run (no "
                 f"{CONFIG_FILENAME}); choose another --output-dir or pass --overwrite"

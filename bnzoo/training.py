@@ -30,6 +30,7 @@ counter, so it continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -167,6 +168,36 @@ def remove_temporary_files(paths: RunPaths) -> None:
                     shutil.rmtree(target, ignore_errors=True)
                 else:
                     os.remove(target)
+
+
+LOCK_FILENAME = ".lock"
+
+
+@contextlib.contextmanager
+def locked_run_folder(paths: RunPaths):
+    """Hold an exclusive lock on the run folder while training in it.
+
+    Two processes training into one folder would overwrite each other's checkpoints and delete
+    each other's temporary files. `flock` locks belong to the open file, so the kernel releases
+    them when the process dies, SIGKILL included: a killed run never leaves a stale lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        yield
+        return
+    with open(os.path.join(paths.run_dir, LOCK_FILENAME), "a") as stream:
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{paths.run_dir} is in use by another train.py process; wait for it to finish "
+                "or choose another --output-dir"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(stream, fcntl.LOCK_UN)
 
 
 def remove_run_artifacts(paths: RunPaths) -> None:
@@ -737,8 +768,9 @@ def _run(
     log: Log,
     progress_bar: bool | None,
 ) -> RunResult:
+    import tensorflow as tf
+
     import models
-    from bnzoo import evaluation, export, plotting
     from bnzoo.data import load_dataset, make_pipeline
 
     policy = configure_runtime(config)
@@ -747,11 +779,11 @@ def _run(
     # 1. Everything a user can get wrong, before any file is written.
     spec = models.get_model_spec(config.model)
     train_ds, train_info = load_dataset(config.dataset, split=config.train_split, **data_kwargs)
-    val_ds = val_info = test_ds = test_info = None
+    val_ds = val_info = test_ds = None
     if config.val_split:
         val_ds, val_info = load_dataset(config.dataset, split=config.val_split, **data_kwargs)
     if config.test_split:
-        test_ds, test_info = load_dataset(config.dataset, split=config.test_split, **data_kwargs)
+        test_ds, _ = load_dataset(config.dataset, split=config.test_split, **data_kwargs)
     if train_info.num_examples < config.batch_size:
         raise ValueError(
             f"--train-split {config.train_split} has {train_info.num_examples} examples, fewer "
@@ -768,100 +800,125 @@ def _run(
     optimizer = build_optimizer(config, model, steps_per_epoch)
     model.compile(optimizer=optimizer, loss=build_loss(config), metrics=build_metrics())
 
-    # 2. The run folder.
-    if mode == "new":
-        if os.path.isdir(paths.run_dir):
+    # 2. The run folder, locked against a second train.py before anything in it is touched.
+    os.makedirs(paths.run_dir, exist_ok=True)
+    with locked_run_folder(paths):
+        if mode == "new":
             remove_run_artifacts(paths)
+            # config.yaml first: a kill right after it leaves a folder that resumes.
+            save_config(config, paths.run_dir)
+        else:
+            remove_temporary_files(paths)
+            # Read again under the lock: a process that held it may have committed since.
+            state = read_checkpoint_state(paths.last_checkpoint)
         os.makedirs(paths.checkpoints, exist_ok=True)
-        save_config(config, paths.run_dir)
-    else:
-        remove_temporary_files(paths)
-        os.makedirs(paths.checkpoints, exist_ok=True)
 
-    initial_epoch = 0
-    if state is not None:
-        # The optimizer's variables must exist before load_weights can fill them.
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(paths.last_checkpoint)
-        initial_epoch = state["epoch"]
-        _repair_best_checkpoint(paths, state)
-    else:
-        state = {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}
-    write_history_csv(paths.history, state["history"])
+        initial_epoch = 0
+        if state is not None:
+            # The optimizer's variables must exist before load_weights can fill them.
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(paths.last_checkpoint)
+            initial_epoch = state["epoch"]
+            _repair_best_checkpoint(paths, state)
+        else:
+            state = {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}
+        write_history_csv(paths.history, state["history"])
 
-    shape_note = "x".join(map(str, train_info.image_shape))
-    if image_size:
-        shape_note += f" -> {height}x{width}"
-    if initial_epoch:
-        log(f"resuming {paths.run_dir} after epoch {initial_epoch} of {config.epochs}")
-    else:
-        log(f"run folder: {paths.run_dir}")
-    import tensorflow as tf
+        shape_note = "x".join(map(str, train_info.image_shape))
+        if image_size:
+            shape_note += f" -> {height}x{width}"
+        if initial_epoch:
+            log(f"resuming {paths.run_dir} after epoch {initial_epoch} of {config.epochs}")
+        else:
+            log(f"run folder: {paths.run_dir}")
+        device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        log(
+            f"training {config.model} ({model.count_params():,} parameters, normalization "
+            f"{config.normalization}, {policy}, {device}) on {config.dataset} {config.train_split} "
+            f"({train_info.num_examples} examples, {shape_note}): {config.epochs} epochs of "
+            f"{steps_per_epoch} steps"
+        )
 
-    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-    log(
-        f"training {config.model} ({model.count_params():,} parameters, normalization "
-        f"{config.normalization}, {policy}, {device}) on {config.dataset} {config.train_split} "
-        f"({train_info.num_examples} examples, {shape_note}): {config.epochs} epochs of "
-        f"{steps_per_epoch} steps"
-    )
+        # 3. Train the remaining epochs.
+        if initial_epoch < config.epochs:
+            # Normalize every split with the training split's statistics.
+            def same_normalization(info):
+                return dataclasses.replace(info, mean=train_info.mean, std=train_info.std)
 
-    # 3. Train the remaining epochs.
-    if initial_epoch < config.epochs:
-        # Normalize every split with the training split's statistics.
-        def same_normalization(info):
-            return dataclasses.replace(info, mean=train_info.mean, std=train_info.std)
-
-        train_batches = make_pipeline(
-            train_ds,
-            train_info,
-            batch_size=config.batch_size,
-            training=True,
-            image_size=image_size,
-            augment=config.augment,
-            shuffle_buffer=config.shuffle_buffer,
-            # A resumed run must not replay the first epochs' shuffling order.
-            seed=config.seed + initial_epoch,
-            drop_remainder=True,
-        ).map(_one_hot(train_info.num_classes))
-        val_batches = None
-        if val_ds is not None:
-            val_batches = make_pipeline(
-                val_ds,
-                same_normalization(val_info),
+            train_batches = make_pipeline(
+                train_ds,
+                train_info,
                 batch_size=config.batch_size,
-                training=False,
+                training=True,
                 image_size=image_size,
+                augment=config.augment,
+                shuffle_buffer=config.shuffle_buffer,
+                # A resumed run must not replay the first epochs' shuffling order.
+                seed=config.seed + initial_epoch,
+                drop_remainder=True,
             ).map(_one_hot(train_info.num_classes))
-        checkpoint = RunCheckpoint(
-            paths, state, monitor="val_accuracy" if val_batches is not None else "accuracy"
-        )
-        if progress_bar is None:
-            progress_bar = sys.stdout.isatty()
-        # The checkpoint commits first, so TensorBoard never shows an epoch that a kill then
-        # made the rerun train again (a kill in between costs that epoch's TensorBoard point).
-        callbacks: list[keras.callbacks.Callback] = [checkpoint, TensorBoardScalars(paths.logs)]
-        if not progress_bar:
-            callbacks.append(EpochSummary(config.epochs, log))
-        model.fit(
-            train_batches,
-            validation_data=val_batches,
-            epochs=config.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
-            callbacks=callbacks,
-            verbose=1 if progress_bar else 0,
-            shuffle=False,  # make_pipeline shuffles, with a real buffer
-        )
-        if checkpoint.diverged_epoch is not None:
-            raise ValueError(
-                f"training diverged: the loss was not finite in epoch {checkpoint.diverged_epoch}"
-                f"; lower --lr (now {config.lr}) or add --warmup-epochs. The run folder keeps "
-                f"the last finite epoch ({checkpoint.state['epoch']})"
+            val_batches = None
+            if val_ds is not None:
+                val_batches = make_pipeline(
+                    val_ds,
+                    same_normalization(val_info),
+                    batch_size=config.batch_size,
+                    training=False,
+                    image_size=image_size,
+                ).map(_one_hot(train_info.num_classes))
+            checkpoint = RunCheckpoint(
+                paths, state, monitor="val_accuracy" if val_batches is not None else "accuracy"
             )
-        state = checkpoint.state
+            if progress_bar is None:
+                progress_bar = sys.stdout.isatty()
+            # The checkpoint commits first, so TensorBoard never shows an epoch that a kill then
+            # made the rerun train again (a kill in between costs that epoch's TensorBoard point).
+            callbacks: list[keras.callbacks.Callback] = [checkpoint, TensorBoardScalars(paths.logs)]
+            if not progress_bar:
+                callbacks.append(EpochSummary(config.epochs, log))
+            model.fit(
+                train_batches,
+                validation_data=val_batches,
+                epochs=config.epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch,
+                callbacks=callbacks,
+                verbose=1 if progress_bar else 0,
+                shuffle=False,  # make_pipeline shuffles, with a real buffer
+            )
+            if checkpoint.diverged_epoch is not None:
+                raise ValueError(
+                    "training diverged: the loss was not finite in epoch "
+                    f"{checkpoint.diverged_epoch}; lower --lr (now {config.lr}) or add "
+                    "--warmup-epochs. The run folder keeps the last finite epoch "
+                    f"({checkpoint.state['epoch']})"
+                )
+            state = checkpoint.state
 
-    # 4. Final artifacts, each written atomically; rerunning redoes all of them.
+        # 4. Final artifacts, each written atomically; rerunning redoes all of them.
+        metrics = write_final_artifacts(
+            model, paths, config, train_info, image_size, test_ds, state["history"], log
+        )
+        return RunResult(paths.run_dir, state["epoch"], initial_epoch, False, metrics)
+
+
+def write_final_artifacts(
+    model: keras.Model,
+    paths: RunPaths,
+    config: TrainConfig,
+    train_info,
+    image_size: tuple[int, int] | None,
+    test_ds,
+    history: list[dict[str, Any]],
+    log: Log = _print,
+) -> dict[str, Any] | None:
+    """model.keras, saved_model/, metrics.json (when there is a test split) and the curves.
+
+    The test split is evaluated through the serving function that the SavedModel wraps, so
+    metrics.json describes exactly what the export serves. Returns the test metrics.
+    """
+    from bnzoo import evaluation, export, plotting
+
     serving_kwargs = {
         "image_shape": tuple(train_info.image_shape),
         "mean": tuple(train_info.mean),
@@ -883,9 +940,8 @@ def _run(
     )
     metrics = None
     if test_ds is not None:
-        classifier = export.serving_function(final_model, **serving_kwargs)
         metrics = evaluation.evaluate_classifier(
-            classifier,
+            export.serving_function(final_model, **serving_kwargs),
             test_ds,
             class_names=train_info.class_names,
             batch_size=max(config.batch_size, 256),
@@ -898,11 +954,12 @@ def _run(
         evaluation.save_metrics_json(metrics, paths.metrics)
         log(
             f"test accuracy {metrics['accuracy']:.2%}, top-5 {metrics['top5_accuracy']:.2%}, "
-            f"loss {metrics['loss']:.4f} on {metrics['num_examples']} examples -> {paths.metrics}"
+            f"loss {metrics['loss']:.4f} on {metrics['num_examples']} examples "
+            f"-> {paths.metrics}"
         )
     try:
-        plotting.plot_training_curves(state["history"], paths.curves)
+        plotting.plot_training_curves(history, paths.curves)
     except ImportError as error:
         log(f"skipping {paths.curves}: {error}")
     log(f"saved {paths.model} and {paths.saved_model}")
-    return RunResult(paths.run_dir, state["epoch"], initial_epoch, False, metrics)
+    return metrics

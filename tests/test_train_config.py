@@ -208,6 +208,11 @@ def test_run_folder_holding_a_different_run_is_refused_unless_overwrite(tmp_path
     assert check_run_folder(tmp_path, different) == "new"
 
 
+def test_folder_holding_only_a_lock_file_is_a_run_killed_at_birth(tmp_path):
+    (tmp_path / ".lock").write_text("")
+    assert check_run_folder(tmp_path, TrainConfig()) == "new"
+
+
 def test_non_empty_folder_without_a_run_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds no bnzoo run"):

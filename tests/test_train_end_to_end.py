@@ -206,6 +206,21 @@ def test_rerun_recreates_final_artifacts_lost_after_the_last_epoch(run_dir, tmp_
 
 
 @pytest.mark.slow
+def test_a_run_folder_in_use_by_another_process_is_refused(run_dir, tmp_path, capsys):
+    import fcntl
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    os.remove(os.path.join(copy, "metrics.json"))  # unfinished, so train.py wants to work on it
+    with open(os.path.join(copy, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train.py holds it
+        status, _, err = train_cli([*TINY, "--output-dir", copy], capsys)
+    assert status == 1
+    assert "is in use by another train.py process" in err and err.count("\n") == 1
+    assert not os.path.exists(os.path.join(copy, "metrics.json"))
+
+
+@pytest.mark.slow
 def test_a_different_run_in_the_folder_is_refused_in_one_line(run_dir, capsys):
     status, _, err = train_cli([*TINY, "--epochs", "2", "--output-dir", run_dir], capsys)
     assert status == 1
