@@ -743,7 +743,8 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
         metrics = _read_json(paths.metrics) if config.test_split else None
         summary = f"; test accuracy {metrics['accuracy']:.2%}" if metrics else ""
         log(
-            f"{paths.run_dir} is already complete ({state['epoch']} epochs{summary}); "
+            f"{paths.run_dir} is already complete ({state['epoch']} "
+            f"epoch{'' if state['epoch'] == 1 else 's'}{summary}); "
             "pass --overwrite to train it again"
         )
         return RunResult(paths.run_dir, state["epoch"], state["epoch"], True, metrics)

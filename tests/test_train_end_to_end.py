@@ -175,7 +175,7 @@ def test_rerunning_a_finished_run_says_it_is_complete(run_dir, capsys):
     before = os.path.getmtime(os.path.join(run_dir, "model.keras"))
     status, out, _ = train_cli([*TINY, "--output-dir", run_dir], capsys)
     assert status == 0
-    assert "is already complete (1 epochs; test accuracy" in out
+    assert "is already complete (1 epoch; test accuracy" in out
     assert os.path.getmtime(os.path.join(run_dir, "model.keras")) == before
 
 
