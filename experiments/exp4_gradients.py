@@ -87,13 +87,20 @@ def histogram_values(model, layer: int, images: np.ndarray) -> dict:
     """The chosen layer's ``Wu`` (before BN) and sigmoid input (after BN), in training mode."""
     names = [f"hidden_{layer}_dense", f"hidden_{layer}_preactivation"]
     before, sigmoid_input = harness.layer_values(model, names, images, training=True)
-    return {"before_bn": before.ravel(), "sigmoid_input": sigmoid_input.ravel()}
+    return {"before_bn": before, "sigmoid_input": sigmoid_input}
 
 
 def moments(values: np.ndarray) -> dict:
+    """Statistics of a layer's values ``[examples, units]``.
+
+    ``within_unit_std`` (the mean over units of the standard deviation over examples) is the
+    part of the spread that depends on the input image: the signal the layer passes on. The
+    overall ``std`` also counts differences between units that are constant across images.
+    """
     return {
         "mean": float(values.mean()),
         "std": float(values.std()),
+        "within_unit_std": float(values.std(axis=0).mean()),
         "saturated_fraction": float(np.mean(np.abs(values) > 4.0)),
         "mean_sigmoid_derivative": float(sigmoid_derivative(values).mean()),
     }
@@ -211,7 +218,8 @@ def plot_histograms(histograms: dict, layer: int, path: Path) -> None:
     for row, when in enumerate(("initialization", "trained")):
         for column, (key, name, title) in enumerate(panels):
             axis = axes[row, column]
-            values = histograms[key][when][name]
+            layer_values = histograms[key][when][name]
+            values = layer_values.ravel()
             low, high = np.percentile(values, [0.5, 99.5])
             low, high = min(low, -4.5), max(high, 4.5)
             axis.hist(values, bins=80, range=(low, high), density=True, color="C0", alpha=0.8)
@@ -220,11 +228,12 @@ def plot_histograms(histograms: dict, layer: int, path: Path) -> None:
             axis.plot(grid, curve * scale, "k--", linewidth=1, label="sigmoid'(x), scaled")
             axis.set_xlim(low, high)
             axis.set_title(f"{title}, {when}", fontsize=9)
-            stats = moments(values)
+            stats = moments(layer_values)
             axis.text(
                 0.02,
                 0.95,
                 f"mean {stats['mean']:.2f}, std {stats['std']:.2f}\n"
+                f"std within a unit {stats['within_unit_std']:.2f}\n"
                 f"|x|>4: {100 * stats['saturated_fraction']:.1f}%",
                 transform=axis.transAxes,
                 fontsize=8,
@@ -299,6 +308,7 @@ def report(results: dict) -> dict[str, str]:
                         "Wu (before BN)" if name == "before_bn" else "sigmoid input",
                         f"{stats['mean']:+.2f}",
                         f"{stats['std']:.2f}",
+                        f"{stats['within_unit_std']:.2f}",
                         f"{stats['mean_sigmoid_derivative']:.3f}",
                         harness.percent(stats["saturated_fraction"]),
                     ]
@@ -310,6 +320,7 @@ def report(results: dict) -> dict[str, str]:
             f"{results['histogram_layer']} values",
             "mean",
             "std",
+            "std across images, per unit",
             "mean sigmoid'",
             "abs > 4",
         ],

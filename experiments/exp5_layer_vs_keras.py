@@ -40,7 +40,7 @@ PRESETS = {
             "plain_cnn": {
                 "model": {"widths": [16, 32, 64], "depth": 1, "dropout_rate": 0.0},
                 "batch_size": 128,
-                "learning_rate": 0.05,
+                "learning_rate": 0.02,
                 "momentum": 0.9,
                 "eval_every": 117,  # 4 evaluation points per 468-step epoch
             },

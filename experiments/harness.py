@@ -25,6 +25,7 @@ Design choices, and why:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -369,18 +370,25 @@ class TrainingRun:
 
     Attributes:
         steps: the step count at each evaluation point (0 = at initialization).
-        eval_accuracy / eval_loss: on the fixed evaluation subset, at each evaluation point.
+        eval_accuracy / eval_loss: on the fixed evaluation subset, at each evaluation point;
+            a BN network infers with the population statistics of Algorithm 2
+            (``PopulationStatistics``), recomputed at each point.
+        eval_accuracy_moving_averages: the same accuracy with BN's moving averages, what
+            ``model.predict`` would give (BN networks only).
         train_loss: mean training loss over the steps since the previous evaluation point (at
             step 0, where no step was taken, the eval loss).
         step_losses: every step's training loss (only when ``record_step_losses``).
         chunk_seconds: wall time of each chunk of training steps (the first includes tracing).
         probes: name -> list of values, one per evaluation point.
         diverged_at_step: first evaluation point whose loss or weights were not finite.
-        final_test_accuracy / final_test_loss: on the full test split after training.
+        final_test_accuracy / final_test_loss: on the full test split after training
+            (population statistics); ``final_test_accuracy_moving_averages`` with the moving
+            averages.
     """
 
     steps: list[int] = dataclasses.field(default_factory=list)
     eval_accuracy: list[float] = dataclasses.field(default_factory=list)
+    eval_accuracy_moving_averages: list[float] = dataclasses.field(default_factory=list)
     eval_loss: list[float] = dataclasses.field(default_factory=list)
     train_loss: list[float] = dataclasses.field(default_factory=list)
     step_losses: list[float] = dataclasses.field(default_factory=list)
@@ -389,6 +397,7 @@ class TrainingRun:
     diverged_at_step: int | None = None
     final_test_accuracy: float | None = None
     final_test_loss: float | None = None
+    final_test_accuracy_moving_averages: float | None = None
 
     @property
     def best_accuracy(self) -> float:
@@ -414,6 +423,7 @@ class TrainingRun:
             "final_eval_accuracy": self.eval_accuracy[-1],
             "final_test_accuracy": self.final_test_accuracy,
             "final_test_loss": self.final_test_loss,
+            "final_test_accuracy_moving_averages": self.final_test_accuracy_moving_averages,
             "diverged_at_step": self.diverged_at_step,
             "steps_trained": self.steps[-1],
             "train_seconds": self.train_seconds,
@@ -461,6 +471,103 @@ def evaluate(model: keras.Model, data: ArraySplit, batch_size: int = 1000) -> tu
     return float(np.mean(np.concatenate(losses))), correct / data.num_examples
 
 
+def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The model's BN layers, bnzoo's or Keras' (anything with moving statistics)."""
+    return [
+        layer
+        for layer in model.layers
+        if hasattr(layer, "moving_mean") and hasattr(layer, "moving_variance")
+    ]
+
+
+def _unbiased_moments(outputs) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """Per-channel mean and ``m / (m - 1)``-corrected variance of each channels-last tensor."""
+    if not isinstance(outputs, list | tuple):
+        outputs = [outputs]
+    moments = []
+    for values in outputs:
+        values = tf.cast(values, tf.float32)
+        mean, variance = tf.nn.moments(values, axes=list(range(len(values.shape) - 1)))
+        count = tf.cast(tf.reduce_prod(tf.shape(values)[:-1]), tf.float32)
+        moments.append((mean, variance * count / (count - 1.0)))
+    return moments
+
+
+class PopulationStatistics:
+    """The paper's inference statistics (Algorithm 2, steps 8-11) for every BN layer of a model.
+
+    With the weights frozen, the training mini-batches of ``images`` go through the network in
+    training mode; each BN layer's population mean is the average of its batch means, and its
+    population variance the average of its batch variances times ``m / (m - 1)``, ``m`` being
+    the number of values per channel in a batch. ``applied()`` evaluates with these in place of
+    the moving averages, and restores the moving averages afterwards.
+
+    Why: the moving averages (what ``model.predict`` uses) trail the weights. Early in training
+    at a high learning rate they can be far off: a sigmoid CNN whose training-mode accuracy is
+    78% scored 26% with its moving averages in this project's runs. Evaluating with Algorithm 2's
+    statistics measures the network the paper defines; the moving-average accuracy is recorded
+    alongside it.
+
+    Args:
+        model: a functional model whose BN layers normalize the last axis.
+        images: training images the statistics are estimated on (a fixed subset).
+        batch_size: the training batch size, the ``m`` of Algorithm 2.
+
+    Raises:
+        ValueError: a BN layer normalizes another axis than the last.
+    """
+
+    def __init__(self, model: keras.Model, images: np.ndarray, batch_size: int):
+        self.layers = batch_norm_layers(model)
+        for layer in self.layers:
+            axis = getattr(layer, "axis", -1)
+            rank = len(layer.input.shape)
+            if axis not in (-1, rank - 1):
+                raise ValueError(
+                    f"BN layer {layer.name!r} normalizes axis {axis}; population statistics "
+                    "are computed for channels-last BN (axis=-1) only."
+                )
+        self._images = images
+        self._batch_size = min(batch_size, images.shape[0])
+        self._moments = None
+        if self.layers:
+            tap = keras.Model(model.inputs, [layer.input for layer in self.layers])
+            self._moments = tf.function(lambda x: _unbiased_moments(_forward(tap, x, True)))
+
+    def compute(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(mean, variance)`` per BN layer, from the current weights."""
+        batch_moments = [
+            self._moments(tf.constant(self._images[start : start + self._batch_size]))
+            for start in range(0, self._images.shape[0] - self._batch_size + 1, self._batch_size)
+        ]
+        return [
+            (
+                np.mean([np.asarray(moments[i][0]) for moments in batch_moments], axis=0),
+                np.mean([np.asarray(moments[i][1]) for moments in batch_moments], axis=0),
+            )
+            for i in range(len(self.layers))
+        ]
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Within the block, every BN layer infers with the population statistics."""
+        if not self.layers:
+            yield
+            return
+        saved = [
+            (layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in self.layers
+        ]
+        try:
+            for layer, (mean, variance) in zip(self.layers, self.compute(), strict=True):
+                layer.moving_mean.assign(mean.astype(np.float32))
+                layer.moving_variance.assign(variance.astype(np.float32))
+            yield
+        finally:
+            for layer, (mean, variance) in zip(self.layers, saved, strict=True):
+                layer.moving_mean.assign(mean)
+                layer.moving_variance.assign(variance)
+
+
 class Trainer:
     """Trains one model in chunks of compiled steps, evaluating between chunks; resumable.
 
@@ -481,6 +588,8 @@ class Trainer:
         seed: seed of the batch order.
         probes: name -> ``probe(model) -> dict``, recorded at each evaluation point.
         record_step_losses: keep every step's loss, not only the chunk means.
+        population_examples: training examples (a fixed subset) over which BN's inference
+            statistics are recomputed at each evaluation point (``PopulationStatistics``).
         log_prefix: printed before each progress line.
     """
 
@@ -496,6 +605,7 @@ class Trainer:
         seed: int,
         probes: Mapping[str, Probe] | None = None,
         record_step_losses: bool = False,
+        population_examples: int = 1920,
         log_prefix: str = "",
     ):
         if eval_every < 1:
@@ -512,6 +622,9 @@ class Trainer:
         self._images = tf.constant(train_data.images)
         self._labels = tf.constant(train_data.labels)
         self._train_chunk = self._compile(model, optimizer)
+        self.population = PopulationStatistics(
+            model, train_data.subset(population_examples, seed).images, batch_size
+        )
 
     @staticmethod
     def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer):
@@ -544,7 +657,11 @@ class Trainer:
 
     def _record(self, chunk_losses: np.ndarray | None) -> None:
         run = self.run
-        eval_loss, eval_accuracy = evaluate(self.model, self.eval_data)
+        if self.population.layers:
+            _, moving_average_accuracy = evaluate(self.model, self.eval_data)
+            run.eval_accuracy_moving_averages.append(moving_average_accuracy)
+        with self.population.applied():
+            eval_loss, eval_accuracy = evaluate(self.model, self.eval_data)
         run.steps.append(self.step)
         run.eval_loss.append(eval_loss)
         run.eval_accuracy.append(eval_accuracy)
@@ -591,7 +708,10 @@ class Trainer:
 
     def test(self, test_data: ArraySplit) -> TrainingRun:
         """Evaluates the trained model on the full ``test_data`` and records it in the run."""
-        self.run.final_test_loss, self.run.final_test_accuracy = evaluate(self.model, test_data)
+        if self.population.layers:
+            _, self.run.final_test_accuracy_moving_averages = evaluate(self.model, test_data)
+        with self.population.applied():
+            self.run.final_test_loss, self.run.final_test_accuracy = evaluate(self.model, test_data)
         return self.run
 
 

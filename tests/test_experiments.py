@@ -325,3 +325,34 @@ def test_percentile_probe_sees_the_batch_normalized_sigmoid_input_in_training_mo
     expected = np.percentile(normalized, (15, 50, 85), axis=0)
     np.testing.assert_allclose(measured["unit"], expected[:, 2], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(measured["mean_over_units"], expected.mean(1), atol=1e-5)
+
+
+def test_population_statistics_follow_algorithm_2_and_restore_the_moving_averages():
+    data = _tiny_data(96)
+    model = _bn_sigmoid_model()
+    bn = model.get_layer("bn")
+    population = harness.PopulationStatistics(model, data.images, batch_size=32)
+
+    # Algorithm 2, step 10: average the batch means, and the batch variances times m / (m - 1).
+    wu = data.images.reshape(3, 32, -1) @ model.get_layer("dense").kernel.numpy()
+    expected_mean = wu.mean(axis=1).mean(axis=0)
+    expected_variance = wu.var(axis=1, ddof=1).mean(axis=0)
+    with population.applied():
+        np.testing.assert_allclose(bn.moving_mean.numpy(), expected_mean, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), expected_variance, rtol=1e-4)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(5))
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), np.ones(5))
+
+
+def test_trainer_evaluates_bn_networks_with_population_statistics_and_records_moving_averages():
+    data = _tiny_data(96)
+    model = _bn_sigmoid_model()
+    trainer = harness.Trainer(
+        model, data, data, optimizer=harness.sgd(0.5), batch_size=32, eval_every=3, seed=0
+    )
+    run = trainer.train(3)
+    assert len(run.eval_accuracy_moving_averages) == len(run.eval_accuracy) == 2
+    # Evaluated by hand: with population statistics in place, and with the moving averages.
+    with trainer.population.applied():
+        assert harness.evaluate(model, data)[1] == run.eval_accuracy[-1]
+    assert harness.evaluate(model, data)[1] == run.eval_accuracy_moving_averages[-1]
