@@ -152,7 +152,7 @@ def test_training_and_inference_follow_algorithms_1_and_2(
     layer.build(shape)
     layer.set_weights(reference.keras_weights())
 
-    for _ in range(3):
+    for _ in range(2):
         x = (rng.normal(size=shape) * 2.0 + 3.0).astype("float32")
         y = layer(x, training=True)
         np.testing.assert_allclose(value(y), reference.train_step(x), rtol=1e-4, atol=1e-5)
