@@ -158,7 +158,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     ndim = data[3]
     header_size = 4 + 4 * ndim
     if len(data) < header_size:
-        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes for {ndim} dims).")
+        raise ValueError(
+            f"{path}: corrupt or truncated IDX header (magic number {data[:4].hex()} declares "
+            f"{ndim} dimensions, but the file holds only {len(data)} bytes); download it again."
+        )
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     actual = len(data) - header_size
