@@ -101,7 +101,7 @@ def geometric_mean(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=25, help="timed calls per function")
+    parser.add_argument("--rounds", type=int, default=51, help="timed calls per function")
     args = parser.parse_args(argv)
 
     print(

@@ -95,8 +95,9 @@ class BatchNormalization(keras.layers.Layer):
             average by a cumulative average of every batch statistic seen (PyTorch's
             `momentum=None`): after n training steps the moving statistics are the mean of the n
             batch statistics, which is how to re-estimate them exactly over a dataset after
-            training (reset them, then run the data through in training mode with a frozen
-            optimizer). The step counter is stored in an extra weight, appended last.
+            training: set the step counter `num_batches_tracked` (an extra weight, appended
+            after Keras' ones) to 0, then run the data through in training mode without an
+            optimizer step.
         epsilon: Small float added to the variance so that the division is defined for a
             constant channel.
         center: If `True`, add the learned offset `beta`.

@@ -240,6 +240,20 @@ def test_cumulative_mode_averages_every_batch_statistic(fused):
 
 
 @pytest.mark.multi_backend
+def test_resetting_the_step_counter_re_estimates_statistics_from_new_batches():
+    rng = np.random.default_rng(12)
+    layer = BatchNormalization(momentum=None)
+    for _ in range(3):
+        layer(rng.normal(loc=-5.0, size=(8, 2)).astype("float32"), training=True)
+    layer.num_batches_tracked.assign(0)
+    new_batches = [rng.normal(loc=5.0, size=(8, 2)).astype("float32") for _ in range(2)]
+    for x in new_batches:
+        layer(x, training=True)
+    expected = np.mean([x.mean(axis=0) for x in new_batches], axis=0)
+    np.testing.assert_allclose(value(layer.moving_mean), expected, rtol=1e-5)
+
+
+@pytest.mark.multi_backend
 def test_ghost_batches_normalize_each_virtual_batch_as_tf_keras():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(12, 3, 4)).astype("float32") * 3.0 + 1.0

@@ -117,6 +117,12 @@ def test_inference_uses_the_fused_kernel_even_when_training_cannot(kwargs):
     assert len(fused_ops(layer, (4, 3, 3, 5), False, with_mask=not kwargs)) == 1
 
 
+def test_synchronized_bn_outside_a_strategy_keeps_the_fused_kernel():
+    layer = BatchNormalization(synchronized=True)
+    layer.build((4, 3, 3, 5))
+    assert len(fused_ops(layer, (4, 3, 3, 5), True)) == 1  # one replica: nothing to synchronize
+
+
 def test_fused_true_raises_when_the_input_rules_the_kernel_out():
     layer = BatchNormalization(fused=True, dtype="float64")
     with pytest.raises(ValueError, match=r"fused=True .* the input dtype is float64"):
