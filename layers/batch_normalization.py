@@ -646,8 +646,9 @@ class BatchNormalization(keras.layers.Layer):
     def _batch_moments(self, x, reduction_axes, weights):
         """Per-channel mean, biased variance and number of values (Algorithm 1, steps 1-2).
 
-        The variance is the mean of squared deviations from the mean (two passes), never the
-        cancellation-prone E[x^2] - E[x]^2, so it is exact for large offsets and >= 0.
+        The variance is the mean of squared deviations from the mean (two passes), never
+        E[x^2] - E[x]^2, which cancels catastrophically for inputs with a large offset: it stays
+        accurate there and can never be negative.
         """
         replica_context = _multi_replica_context() if self.synchronized else None
         if weights is None:
