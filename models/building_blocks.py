@@ -19,6 +19,8 @@ from typing import Any
 
 import keras
 
+from layers import BatchNormalization
+
 NORMALIZATIONS = ("batch_norm", "keras", None)
 POOLINGS = (None, "avg", "max")
 
@@ -69,15 +71,6 @@ def normalization_layer(
         return None
     if normalization == "keras":
         return keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)
-    try:
-        # Imported here, not at module level: `layers` is developed alongside `models`, and
-        # `import models` (the registry, `python -m models`) must work whatever state it is in.
-        from layers import BatchNormalization
-    except ImportError as error:
-        raise ImportError(
-            "normalization='batch_norm' needs bnzoo's layers.BatchNormalization, which could not "
-            f"be imported ({error}). Use normalization='keras' for Keras' own layer."
-        ) from error
     return BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)
 
 
