@@ -280,6 +280,9 @@ def report(results: dict) -> dict[str, str]:
                     f"{harness.percent(summary['best_eval_accuracy'])} "
                     f"(step {summary['best_eval_step']:,})",
                     harness.percent(summary["final_test_accuracy"], 2),
+                    harness.percent(summary["final_test_accuracy_moving_averages"], 2)
+                    if key == "with_bn"
+                    else "",
                     harness.step_count(data["steps_to_target"][key]),
                     harness.seconds(summary["train_seconds"]),
                 ]
@@ -289,6 +292,7 @@ def report(results: dict) -> dict[str, str]:
                 "network",
                 "best accuracy, 2k test subset (step)",
                 "final accuracy, full test set",
+                "same, BN moving averages",
                 f"steps to {harness.percent(data['target_accuracy'])} (no-BN best)",
                 "training time",
             ],

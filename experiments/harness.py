@@ -225,6 +225,8 @@ def environment() -> dict:
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        # Other processes' load slows every timing; it is recorded so timings can be judged.
+        "load_average_1_5_15_min": list(os.getloadavg()),
     }
 
 

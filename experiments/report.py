@@ -66,16 +66,26 @@ def build_context(results: dict[str, dict]) -> dict[str, str]:
             context[f"{name}.{key}"] = text
         context[f"{name}.runtime"] = _format_seconds(data["runtime_seconds"])
         context[f"{name}.budget"] = data["budget"]
-    rows = [
-        f"| `experiments/{name}.py` | {results[name]['budget']} | "
-        f"{_format_seconds(results[name]['runtime_seconds'])} |"
-        for name in EXPERIMENTS
-        if name in results
-    ]
+    rows = []
+    for name in EXPERIMENTS:
+        if name in results:
+            data = results[name]
+            load = data["environment"].get("load_average_1_5_15_min")
+            load_text = " / ".join(f"{v:.1f}" for v in load) if load else "not recorded"
+            rows.append(
+                f"| `experiments/{name}.py` | {data['budget']} | "
+                f"{_format_seconds(data['runtime_seconds'])} | {load_text} |"
+            )
     if rows:
         total = sum(results[name]["runtime_seconds"] for name in results)
-        rows.append(f"| all | | {_format_seconds(total)} |")
-    context["runtime_table"] = "\n".join(["| script | budget | runtime |", "|---|---|---|", *rows])
+        rows.append(f"| all | | {_format_seconds(total)} | |")
+    context["runtime_table"] = "\n".join(
+        [
+            "| script | budget | runtime | load average at the end (1 / 5 / 15 min) |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
     if results:
         env = next(iter(results.values()))["environment"]
         gpus = "no GPU" if env["gpus"] == 0 else f"{env['gpus']} GPU(s)"
