@@ -237,7 +237,7 @@ def plot_comparison(name: str, runs: dict, timing: dict, eval_examples: int, pat
 
     difference = np.abs(np.asarray(runs["bnzoo"].step_losses) - runs["keras"].step_losses)
     axes[0, 1].semilogy(np.arange(1, difference.size + 1), np.maximum(difference, 1e-9))
-    axes[0, 1].set_title("|loss(bnzoo) - loss(Keras)| per step")
+    axes[0, 1].set_title("|loss(bnzoo) - loss(Keras)| per step (0 drawn at 1e-9)")
     axes[0, 1].set_xlabel("training steps")
 
     keys = list(timing)

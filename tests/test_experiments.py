@@ -356,3 +356,26 @@ def test_trainer_evaluates_bn_networks_with_population_statistics_and_records_mo
     with trainer.population.applied():
         assert harness.evaluate(model, data)[1] == run.eval_accuracy[-1]
     assert harness.evaluate(model, data)[1] == run.eval_accuracy_moving_averages[-1]
+
+
+def test_a_saved_config_repeats_the_run_and_flags_still_override_it(smoke_root):
+    saved = smoke_root / "exp4_gradients" / "config.json"
+    parser = harness.build_parser("exp4_gradients", "")
+    repeated = harness.resolve_config(
+        parser.parse_args(["--config", str(saved)]), exp4_gradients.PRESETS, "exp4_gradients"
+    )
+    assert repeated == _strict_json(saved)
+    overridden = harness.resolve_config(
+        parser.parse_args(["--config", str(saved), "--steps", "7", "--seed", "3"]),
+        exp4_gradients.PRESETS,
+        "exp4_gradients",
+    )
+    assert overridden["steps"] == 7 and overridden["seed"] == 3
+    assert overridden["hidden_layers"] == repeated["hidden_layers"] == 3  # the smoke preset's
+
+
+def test_a_config_of_another_experiment_is_refused(smoke_root):
+    parser = harness.build_parser("exp3_sigmoid_cnn", "")
+    args = parser.parse_args(["--config", str(smoke_root / "exp4_gradients" / "config.json")])
+    with pytest.raises(ValueError, match="exp4_gradients"):
+        harness.resolve_config(args, exp3_sigmoid_cnn.PRESETS, "exp3_sigmoid_cnn")
