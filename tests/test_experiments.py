@@ -379,3 +379,17 @@ def test_a_config_of_another_experiment_is_refused(smoke_root):
     args = parser.parse_args(["--config", str(smoke_root / "exp4_gradients" / "config.json")])
     with pytest.raises(ValueError, match="exp4_gradients"):
         harness.resolve_config(args, exp3_sigmoid_cnn.PRESETS, "exp3_sigmoid_cnn")
+
+
+def test_run_all_runs_each_script_in_its_own_process_with_the_shared_options(tmp_path):
+    from experiments import run_all
+
+    args = run_all.build_parser().parse_args(
+        ["--budget", "smoke", "--output-root", str(tmp_path), "--mnist-dir", "/data/mnist"]
+    )
+    exp1 = run_all.command("exp1_mnist_mlp", args)
+    exp4 = run_all.command("exp4_gradients", args)
+    assert exp1[1].endswith("experiments/exp1_mnist_mlp.py")
+    assert exp1[exp1.index("--output-dir") + 1] == str(tmp_path / "exp1_mnist_mlp")
+    assert exp1[exp1.index("--budget") + 1] == "smoke" and "--mnist-dir" in exp1
+    assert "--mnist-dir" not in exp4  # only experiment 1 knows MNIST
