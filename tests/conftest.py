@@ -50,3 +50,16 @@ def _isolate_keras_state():
     keras.utils.clear_session()
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture
+def fuse_small_tensors(monkeypatch):
+    """Let `fused=None` take TensorFlow's fused kernel for the tiny tensors tests use.
+
+    In production `fused=None` keeps inputs under 100,000 values on the keras.ops path, where
+    the kernel's fixed cost makes it slower; the layer's tests need `fused=None` to exercise the
+    kernel itself on small, exactly checkable inputs.
+    """
+    from layers import batch_normalization
+
+    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 0)

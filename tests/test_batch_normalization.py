@@ -12,6 +12,9 @@ import pytest
 
 from layers import BatchNormalization
 
+# fused=None must reach the fused kernel on these small inputs (see conftest.fuse_small_tensors).
+pytestmark = pytest.mark.usefixtures("fuse_small_tensors")
+
 BACKEND = keras.backend.backend()
 # `fused=None` takes TensorFlow's fused kernel where possible, `fused=False` the keras.ops path;
 # on JAX both are the keras.ops path, so it runs once.

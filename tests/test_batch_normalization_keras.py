@@ -13,6 +13,9 @@ import pytest
 
 from layers import BatchNormalization
 
+# fused=None must reach the fused kernel on these small inputs (see conftest.fuse_small_tensors).
+pytestmark = pytest.mark.usefixtures("fuse_small_tensors")
+
 BACKEND = keras.backend.backend()
 FUSED = [None, False] if BACKEND == "tensorflow" else [None]
 

@@ -11,6 +11,9 @@ import pytest
 
 from layers import BatchNormalization
 
+# fused=None must reach the fused kernel on these small inputs (see conftest.fuse_small_tensors).
+pytestmark = pytest.mark.usefixtures("fuse_small_tensors")
+
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
 
@@ -305,3 +308,26 @@ def test_fit_under_mirrored_strategy_with_synchronized_bn_uses_the_global_batch(
     bn = model.layers[0]
     np.testing.assert_allclose(value(bn.moving_mean), x.mean(0), rtol=1e-5)
     np.testing.assert_allclose(value(bn.moving_variance), x.var(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,fused_ops_expected",
+    [
+        ((60, 100), 0),  # the paper's MLP: 6,000 values, the kernel's fixed cost dominates
+        ((60, 8, 8, 16), 0),  # 61,440 values
+        ((128, 4, 4, 64), 1),  # 131,072 values: the kernel wins
+        ((None, 100), 1),  # size unknown while tracing: take the kernel
+    ],
+)
+def test_fused_none_keeps_small_static_inputs_on_the_keras_ops_path(
+    monkeypatch, shape, fused_ops_expected
+):
+    from layers import batch_normalization
+
+    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 100_000)
+    layer = BatchNormalization()
+    layer.build(shape)
+    assert len(fused_ops(layer, shape, True)) == fused_ops_expected
+    forced = BatchNormalization(fused=True)
+    forced.build(shape)
+    assert len(fused_ops(forced, shape, True)) == 1
