@@ -1,4 +1,4 @@
-"""bnzoo's library code beyond layers and models: data pipelines, training runs, export, CLI helpers.
+"""bnzoo's library code beyond layers and models: data, training runs, export, CLI helpers.
 
 `train.py` and `evaluate.py` stay thin; everything they do is a function here that tests call too.
 """
