@@ -58,6 +58,12 @@ def import_tensorflow_quietly() -> None:
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
         os.close(devnull)
+    # TFDS reports through absl's Python logger at WARNING, e.g. "Variant folder ... has no
+    # dataset_info.json" while it probes a dataset that is not prepared yet; the CLI says what
+    # matters itself, in one line.
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
