@@ -63,3 +63,46 @@ def fuse_small_tensors(monkeypatch):
     from layers import batch_normalization
 
     monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 0)
+
+
+_TENSORFLOW_ONLY_SERVING = """
+import sys
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+images = tf.io.parse_tensor(tf.io.read_file(sys.argv[2]), tf.uint8)
+tf.io.write_file(sys.argv[3], tf.io.serialize_tensor(serve(images=images)["logits"]))
+project = [m for m in sys.modules if m.split(".")[0] in ("bnzoo", "layers", "models")]
+assert not project, project
+"""
+
+
+@pytest.fixture
+def serve_with_tensorflow_only(tmp_path):
+    """Runs a SavedModel's serving signature in a subprocess that imports only TensorFlow.
+
+    The subprocess starts outside the repository with an empty PYTHONPATH, so bnzoo's packages
+    are not even importable: this is serving code as users write it. Returns a function
+    `serve(saved_model_path, uint8_images) -> logits` (NumPy).
+    """
+    import subprocess
+    import sys
+
+    import numpy as np
+    import tensorflow as tf
+
+    def serve(saved_model_path, images):
+        inputs, outputs = str(tmp_path / "images.pb"), str(tmp_path / "logits.pb")
+        tf.io.write_file(inputs, tf.io.serialize_tensor(tf.constant(np.asarray(images))))
+        command = [sys.executable, "-c", _TENSORFLOW_ONLY_SERVING, str(saved_model_path)]
+        result = subprocess.run(
+            [*command, inputs, outputs],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return tf.io.parse_tensor(tf.io.read_file(outputs), tf.float32).numpy()
+
+    return serve

@@ -3,8 +3,6 @@ without bnzoo, and strict about what it accepts."""
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -86,31 +84,10 @@ def test_any_batch_size_is_served(exported, batch):
     )
 
 
-def test_loads_in_a_process_that_imports_only_tensorflow(exported, tmp_path):
+def test_loads_in_a_process_that_imports_only_tensorflow(exported, serve_with_tensorflow_only):
     """No bnzoo, no Keras custom objects: the subprocess cannot even import the project."""
     path, images, expected_logits = exported
-    inputs, outputs = str(tmp_path / "images.pb"), str(tmp_path / "logits.pb")
-    tf.io.write_file(inputs, tf.io.serialize_tensor(tf.constant(images)))
-    script = (
-        "import sys\n"
-        "import tensorflow as tf\n"
-        "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
-        "images = tf.io.parse_tensor(tf.io.read_file(sys.argv[2]), tf.uint8)\n"
-        "tf.io.write_file(sys.argv[3], tf.io.serialize_tensor(serve(images=images)['logits']))\n"
-        "project = [m for m in sys.modules if m.split('.')[0] in ('bnzoo', 'layers', 'models')]\n"
-        "assert not project, project\n"
-    )
-    environment = {**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(
-        [sys.executable, "-c", script, path, inputs, outputs],
-        cwd=tmp_path,  # not the repository: its packages are not importable from here
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    logits = tf.io.parse_tensor(tf.io.read_file(outputs), tf.float32).numpy()
+    logits = serve_with_tensorflow_only(path, images)
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
 
 

@@ -122,7 +122,9 @@ def test_saved_model_and_keras_model_evaluate_to_the_run_metrics(run_dir):
 
 
 @pytest.mark.slow
-def test_saved_model_in_a_tensorflow_only_process_predicts_like_the_keras_model(run_dir, tmp_path):
+def test_saved_model_in_a_tensorflow_only_process_predicts_like_the_keras_model(
+    run_dir, serve_with_tensorflow_only
+):
     import layers  # noqa: F401  (bnzoo's BN layer, for loading model.keras here)
 
     test_ds, info = load_dataset("fashion_mnist", split="test[:64]")
@@ -132,25 +134,7 @@ def test_saved_model_in_a_tensorflow_only_process_predicts_like_the_keras_model(
         model(preprocess_images(images, mean=info.mean, std=info.std), training=False)
     )
 
-    inputs, outputs = str(tmp_path / "images.pb"), str(tmp_path / "probabilities.pb")
-    tf.io.write_file(inputs, tf.io.serialize_tensor(tf.constant(images)))
-    script = (
-        "import sys\n"
-        "import tensorflow as tf\n"
-        "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
-        "out = serve(images=tf.io.parse_tensor(tf.io.read_file(sys.argv[2]), tf.uint8))\n"
-        "tf.io.write_file(sys.argv[3], tf.io.serialize_tensor(out['logits']))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script, os.path.join(run_dir, "saved_model"), inputs, outputs],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    served = tf.io.parse_tensor(tf.io.read_file(outputs), tf.float32).numpy()
+    served = serve_with_tensorflow_only(os.path.join(run_dir, "saved_model"), images)
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
 
 
