@@ -105,8 +105,12 @@ def build_model(
 
 def inference_copy(model: keras.Model) -> keras.Model:
     """An uncompiled copy of `model` with the same weights, for `model.keras`: loading it needs
-    bnzoo's layers but not the training code's optimizer and schedule."""
-    copy = keras.models.clone_model(model)
+    bnzoo's layers but not the training code's optimizer and schedule.
+
+    Built from the model's config rather than with `keras.models.clone_model`, which (Keras 3.15)
+    also compiles the clone when the original is compiled, and would save its optimizer.
+    """
+    copy = model.__class__.from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy
 
