@@ -79,7 +79,10 @@ class BatchNormalization(keras.layers.Layer):
 
     The layer is a superset of `keras.layers.BatchNormalization` (Keras 3.15): same arguments,
     defaults and weights in the same order (gamma, beta, moving_mean, moving_variance, then the
-    renorm weights), so `ours.set_weights(keras_bn.get_weights())` reproduces Keras' outputs.
+    renorm weights), so `ours.set_weights(keras_bn.get_weights())` reproduces Keras' outputs,
+    and Keras' own test file for its layer passes against this class (tests run it on
+    TensorFlow and JAX). After training, `layers.recompute_population_statistics` replaces the
+    moving statistics by the paper's population statistics (Algorithm 2).
 
     On the TensorFlow backend, training and inference run on TensorFlow's fused kernel
     (`FusedBatchNormV3`) whenever it computes exactly the same function: one channel axis that is
@@ -101,10 +104,11 @@ class BatchNormalization(keras.layers.Layer):
         momentum: Momentum of the moving averages, in `[0, 1]`. `None` replaces the exponential
             average by a cumulative average of every batch statistic seen (PyTorch's
             `momentum=None`): after n training steps the moving statistics are the mean of the n
-            batch statistics, which is how to re-estimate them exactly over a dataset after
-            training: set the step counter `num_batches_tracked` (an extra weight, appended
-            after Keras' ones) to 0, then run the data through in training mode without an
-            optimizer step.
+            batch statistics, the first replacing the initial values. The step counter
+            `num_batches_tracked` (an extra int32 weight with one count per channel, appended
+            after Keras' weights) counts, per channel, the steps that had data for it; set it
+            to zeros to restart the average. To re-estimate the statistics of a trained model
+            over a dataset, whatever its momentum, use `layers.recompute_population_statistics`.
         epsilon: Small float added to the variance so that the division is defined for a
             constant channel.
         center: If `True`, add the learned offset `beta`.
@@ -137,7 +141,8 @@ class BatchNormalization(keras.layers.Layer):
             `(virtual_batch_size, batch_size / virtual_batch_size, ...)`, so ghost batch `j`
             holds examples `j, j + G, j + 2G, ...` with `G` the number of ghost batches, and the
             moving statistics are updated once per step with the average of the ghost batches'
-            statistics. Must divide the batch size.
+            statistics, each weighted by its number of unmasked values (a plain average without
+            a mask; an all-masked ghost batch counts for nothing). Must divide the batch size.
         unbiased_moving_variance: If `True`, the moving variance accumulates `m / (m - 1)` times
             each batch variance, `m` being the number of values per channel: the unbiased
             population variance of the paper's Algorithm 2 (step 10). Training outputs are
@@ -147,7 +152,8 @@ class BatchNormalization(keras.layers.Layer):
             function and the input is not so small (under 100,000 values, when the size is
             known while tracing) that the kernel's fixed cost makes it slower; `True` demands
             it (a `ValueError` names the reason when it cannot be used), `False` always runs
-            the backend-agnostic `keras.ops` implementation.
+            the backend-agnostic `keras.ops` implementation. A layer saved with `fused=True`
+            loads on another backend with `fused=None`: the choice of kernel is TensorFlow's.
         **kwargs: Base layer keyword arguments, e.g. `name` and `dtype`.
 
     Call arguments:
@@ -158,9 +164,13 @@ class BatchNormalization(keras.layers.Layer):
             follows the enclosing call (e.g. `model(x, training=True)`, `fit()`), and defaults
             to inference. A layer with `trainable=False` always runs in inference mode and never
             updates its statistics (Keras' fine-tuning rule).
-        mask: Optional boolean tensor with the input's shape without the channel axes (Keras'
-            convention: `(batch, time)` for `(batch, time, channels)`), or broadcastable to
-            the input. Masked positions are left out of the batch statistics in training.
+        mask: Optional boolean tensor. Keras' convention, as its layer reads it: a mask of
+            rank `ndim - 1` has the input's shape without its last axis, whatever `axis` is
+            (what `keras.layers.Masking` or an Embedding's `mask_zero` propagate: `(batch,
+            time)` for `(batch, time, features)`). A mask of rank `ndim` broadcasts to the
+            input; with several channel axes, a mask of rank `ndim - len(axis)` has the input's
+            shape without them. Masked values are left out of the batch statistics in training
+            (even NaN or inf ones); every position is normalized.
 
     Example:
 

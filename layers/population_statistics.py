@@ -12,6 +12,7 @@ Algorithm 2 replaces them by population statistics estimated with the trained ne
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -138,12 +139,13 @@ def recompute_population_statistics(
     if not bn_layers:
         return 0
     strategy = _multi_replica_strategy()
-    with _Collector(bn_layers) as collector:
+    compiled = _compiled_pass(model, bn_layers, strategy)
+    pooled = _Pooled(bn_layers)
+    with compiled.collector:
         if strategy is not None:
-            batch_sums = _distributed_pass(model, collector, strategy, data, steps, batch_size)
+            batch_sums = compiled.run(_as_dataset(data, steps, batch_size))
         else:
-            batch_sums = _local_pass(model, collector, _batches(data, steps, batch_size))
-        pooled = _Pooled(bn_layers)
+            batch_sums = compiled.run(_batches(data, steps, batch_size))
         for sums in batch_sums:
             pooled.add(sums)
     if pooled.batches == 0:
@@ -362,32 +364,80 @@ def _check_finite(data: Any, steps: int | None) -> None:
 # The compiled passes, one per backend
 
 
-def _local_pass(model, collector: _Collector, batches: Iterator[Any]) -> Iterator[list]:
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
+# The compiled pass of each model, kept so that repeated calls (every epoch, every evaluation
+# point of an experiment) trace once. Weak keys: the pass refers to its model only weakly, so a
+# model that is no longer used is freed with its pass.
+_PASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-        forward = tf.function(lambda x: collector.forward(model, x), reduce_retracing=True)
+
+def _compiled_pass(model, bn_layers: list, strategy) -> _CompiledPass:
+    key = (
+        tuple(id(layer) for layer in bn_layers),
+        tuple(id(variable) for variable in model.variables),
+        id(strategy),
+    )
+    compiled = _PASSES.get(model)
+    if compiled is None or compiled.key != key:
+        compiled = _CompiledPass(model, bn_layers, strategy, key)
+        _PASSES[model] = compiled
+    return compiled
+
+
+class _CompiledPass:
+    """The compiled forward pass that returns each BN layer's sums for one batch.
+
+    Backend-specific, one branch each: `tf.function` (with `strategy.run` under a multi-replica
+    strategy), `jax.jit` with the variables as arguments (as Keras' own JAX trainer does, rather
+    than baking them into the program as constants), eager elsewhere.
+    """
+
+    def __init__(self, model, bn_layers: list, strategy, key: tuple):
+        self.key = key
+        self.collector = _Collector(bn_layers)
+        model_ref = weakref.ref(model)
+        collector = self.collector
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            if strategy is None:
+                self._forward = tf.function(
+                    lambda x: collector.forward(model_ref(), x), reduce_retracing=True
+                )
+            else:
+
+                def replica_forward(x):
+                    return collector.forward(model_ref(), x)
+
+                def distributed_forward(x):
+                    per_replica = strategy.run(replica_forward, args=(x,))
+                    return tf.nest.map_structure(
+                        lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None),
+                        per_replica,
+                    )
+
+                self._forward = tf.function(distributed_forward)
+            self._strategy = strategy
+        elif backend == "jax":
+            import jax
+
+            variables = list(model.variables)
+
+            def stateless_forward(values, x):
+                mapping = list(zip(variables, values, strict=True))
+                return collector.forward(model_ref(), x, state_mapping=mapping)
+
+            jitted = jax.jit(stateless_forward)
+            self._forward = lambda x: jitted([v.value for v in variables], x)
+        else:  # PyTorch, NumPy: eager
+            self._forward = lambda x: collector.forward(model_ref(), x)
+
+    def run(self, batches) -> Iterator[list]:
+        """The sums of each batch (a tf.data.Dataset under a strategy, else an iterator)."""
+        if getattr(self, "_strategy", None) is not None:
+            batches = self._strategy.experimental_distribute_dataset(batches)
         for x in batches:
-            yield forward(x)
-    elif backend == "jax":
-        import jax
-
-        # Variables enter the compiled function as arguments, as Keras' own JAX trainer does,
-        # rather than being baked into the program as constants.
-        variables = list(model.variables)
-
-        def stateless_forward(values, x):
-            mapping = list(zip(variables, values, strict=True))
-            return collector.forward(model, x, state_mapping=mapping)
-
-        forward = jax.jit(stateless_forward)
-        values = [variable.value for variable in variables]
-        for x in batches:
-            yield forward(values, x)
-    else:  # PyTorch, NumPy: eager
-        for x in batches:
-            yield collector.forward(model, x)
+            yield self._forward(x)
 
 
 def _multi_replica_strategy():
@@ -408,26 +458,6 @@ def _multi_replica_strategy():
             "batches over the replicas itself."
         )
     return strategy
-
-
-def _distributed_pass(model, collector, strategy, data, steps, batch_size) -> Iterator[list]:
-    import tensorflow as tf
-
-    dataset = _as_dataset(data, steps, batch_size)
-    distributed = strategy.experimental_distribute_dataset(dataset)
-
-    def replica_forward(x):
-        return collector.forward(model, x)
-
-    @tf.function
-    def forward(x):
-        per_replica = strategy.run(replica_forward, args=(x,))
-        return tf.nest.map_structure(
-            lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), per_replica
-        )
-
-    for x in distributed:
-        yield forward(x)
 
 
 def _as_dataset(data: Any, steps: int | None, batch_size: int | None):

@@ -374,3 +374,19 @@ def test_mirrored_strategy_pools_replicas_and_synchronized_layers_use_the_global
         mean, variance = algorithm_2(per_batch)
         np.testing.assert_allclose(value(layer.moving_mean), mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(value(layer.moving_variance), variance, rtol=1e-4)
+
+
+@pytest.mark.multi_backend
+def test_repeated_calls_follow_the_current_weights():
+    # The compiled pass is kept between calls: it must read the weights, not remember them.
+    rng = np.random.default_rng(9)
+    model, inner = conv_mlp("ours", rng)
+    batches = [rng.normal(size=(8, 4, 4, 2)).astype("float32") for _ in range(2)]
+    recompute_population_statistics(model, batches)
+    randomize_affine(model, rng)  # bn_conv's new gamma and beta change what bn_dense sees
+    inner.get_layer("dense").kernel.assign(rng.normal(size=(48, 4)))
+    recompute_population_statistics(model, batches)
+    mean, variance = algorithm_2(reference_conv_mlp(inner, batches)["bn_dense"])
+    layer = inner.get_layer("bn_dense")
+    np.testing.assert_allclose(value(layer.moving_mean), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(value(layer.moving_variance), variance, rtol=1e-4)
