@@ -156,6 +156,9 @@ def resolve_config(
                 f"--config {args.config} is the config of {config.get('experiment')!r}, not of "
                 f"{name!r}; pass experiments/results/{name}/config.json."
             )
+        # Repeating a run writes a new folder (--output-dir, else the default), never over the
+        # run it repeats; a published config's folder may not even exist here.
+        config.pop("output_dir", None)
     else:
         config = {"budget": args.budget or "full", **presets[args.budget or "full"]}
     for key, value in vars(args).items():

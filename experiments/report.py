@@ -101,7 +101,38 @@ def build_context(results: dict[str, dict]) -> dict[str, str]:
             f"{env['cpu_count']}-core CPU ({env['machine']}), {gpus}; Python {env['python']}, "
             f"TensorFlow {env['tensorflow']}, Keras {env['keras']}"
         )
+        context["timing_conditions"] = timing_conditions(results)
     return context
+
+
+# Above this many runnable jobs per core (the load average over the cores) the scripts competed
+# for the CPU, and their wall times say more about the machine's load than about the code.
+CONTENTION_LOAD_PER_CORE = 1.25
+
+
+def timing_conditions(results: dict[str, dict]) -> str:
+    """One sentence on the CPU load the wall times were measured under, from the JSON."""
+    loads = [
+        max(data["environment"]["load_average_1_5_15_min"])
+        for data in results.values()
+        if data["environment"].get("load_average_1_5_15_min")
+    ]
+    if not loads:
+        return "The load on the machine was not recorded, so the times may include other jobs'."
+    cores = next(iter(results.values()))["environment"]["cpu_count"]
+    peak = max(loads)
+    if peak / cores > CONTENTION_LOAD_PER_CORE:
+        return (
+            f"**The times below were measured under contention**: other jobs shared the machine "
+            f"(load average up to {peak:.1f} on {cores} cores, last column), so every wall time "
+            "in this document (runtimes, the training-time columns, experiment 5's epoch times) "
+            "is an upper bound, and ratios of times are noisy; accuracies and losses do not "
+            "depend on the load."
+        )
+    return (
+        f"The machine was quiet while they ran (load average at most {peak:.1f} on {cores} "
+        "cores), so the times are representative of it."
+    )
 
 
 def figures(template: str) -> list[str]:
@@ -178,8 +209,20 @@ def publish(results_root: Path, published_root: Path, template: str) -> list[str
         target.mkdir(parents=True)
         for file in files:
             shutil.copyfile(source / file, target / file)
+        _relative_output_dir(target / "config.json")
         published.append(name)
     return published
+
+
+def _relative_output_dir(config_path: Path) -> None:
+    """A published config names its run folder relative to the repository, not this machine."""
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    output_dir = Path(config.get("output_dir") or ".")
+    if output_dir.is_absolute() and output_dir.is_relative_to(REPO_ROOT):
+        config["output_dir"] = str(output_dir.relative_to(REPO_ROOT))
+        config_path.write_text(json.dumps(config, indent=1) + "\n")
 
 
 def write_report(results_root: Path, update_docs: bool) -> Path:

@@ -398,7 +398,12 @@ def test_a_saved_config_repeats_the_run_and_flags_still_override_it(smoke_root):
     repeated = harness.resolve_config(
         parser.parse_args(["--config", str(saved)]), exp4_gradients.PRESETS, "exp4_gradients"
     )
-    assert repeated == _strict_json(saved)
+    saved_config = _strict_json(saved)
+    assert {k: v for k, v in repeated.items() if k != "output_dir"} == {
+        k: v for k, v in saved_config.items() if k != "output_dir"
+    }
+    # A repeat writes its own folder, never over the run it repeats.
+    assert repeated["output_dir"] == str(harness.RESULTS_ROOT / "exp4_gradients")
     overridden = harness.resolve_config(
         parser.parse_args(["--config", str(saved), "--steps", "7", "--seed", "3"]),
         exp4_gradients.PRESETS,
@@ -406,6 +411,17 @@ def test_a_saved_config_repeats_the_run_and_flags_still_override_it(smoke_root):
     )
     assert overridden["steps"] == 7 and overridden["seed"] == 3
     assert overridden["hidden_layers"] == repeated["hidden_layers"] == 3  # the smoke preset's
+
+
+def test_the_published_configs_repeat_the_published_runs():
+    for name, script in SCRIPTS.items():
+        saved = report.PUBLISHED_ROOT / name / "config.json"
+        parser = harness.build_parser(name, "")
+        repeated = harness.resolve_config(
+            parser.parse_args(["--config", str(saved)]), script.PRESETS, name
+        )
+        assert repeated["budget"] == "full" and repeated["experiment"] == name
+        assert repeated["output_dir"] == str(harness.RESULTS_ROOT / name)
 
 
 def test_a_config_of_another_experiment_is_refused(smoke_root):
