@@ -260,8 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = models.list_models(args.name)
             if not names:
                 raise ValueError(
-                    f"no model matches {args.name!r}; registered: "
-                    f"{', '.join(models.list_models())}"
+                    f"no model matches {args.name!r}; registered: {', '.join(models.list_models())}"
                 )
             text = list_table(names, arguments)
         else:

@@ -140,8 +140,6 @@ FEATURE_LAYERS = {
 }
 
 
-
-
 def inception_module(x: Any, module: InceptionModule, depth: Any, conv: Any, padding: str) -> Any:
     """Figure 5's Inception module: four branches concatenated along channels.
 
@@ -530,4 +528,6 @@ pretrained.register_weights(
     description="TF-slim inception_v2_2016_08_28 checkpoint (1001 classes, 0 = background)",
 )
 pretrained.register_converter(bn_inception, "pytorch", bn_inception_weights.from_caffe_state_dict)
-pretrained.register_converter(bn_inception, "tf_checkpoint", bn_inception_weights.from_slim_checkpoint)
+pretrained.register_converter(
+    bn_inception, "tf_checkpoint", bn_inception_weights.from_slim_checkpoint
+)

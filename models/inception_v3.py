@@ -236,9 +236,7 @@ def inception_v3(
     x = _mixed_35(x, "mixed2", 64, conv, depth)
 
     # mixed3: 35 → 17 with stride-2 valid convolutions beside a max pool.
-    branch3x3 = conv(
-        x, depth(384), 3, strides=2, padding="valid", name="mixed3_branch3x3"
-    )
+    branch3x3 = conv(x, depth(384), 3, strides=2, padding="valid", name="mixed3_branch3x3")
     branch3x3dbl = conv(x, depth(64), 1, name="mixed3_branch3x3dbl_1")
     branch3x3dbl = conv(branch3x3dbl, depth(96), 3, name="mixed3_branch3x3dbl_2")
     branch3x3dbl = conv(

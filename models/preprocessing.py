@@ -3,10 +3,11 @@
 Pretrained weights only compute what they were trained to compute on inputs prepared the way
 their training prepared them. Each weight set names one mode:
 
-| mode | input it expects, from RGB values in [0, 255] | used by |
-|---|---|---|
-| `"caffe"` | channels reversed to BGR, minus the per-channel mean (B 104, G 117, R 128) | BN-Inception (Caffe release, Cadene's `pretrainedmodels`) |
-| `"inception"` | `x / 127.5 - 1`, in [-1, 1] | Inception-v3 (keras.applications), TF-slim |
+- `"caffe"`: channels reversed to BGR, minus the per-channel mean (B 104, G 117, R 128); the
+  BN-Inception Caffe release (Cadene's `pretrainedmodels`).
+- `"inception"`: `x / 127.5 - 1`, in [-1, 1]; Inception-v3 (keras.applications) and TF-slim.
+
+(Both from RGB values in [0, 255].)
 
 `preprocess_input(images, mode)` applies a mode to a batch outside the model;
 `ImagePreprocessing(mode)` is the same as a Keras layer, which the builders put in front of the

@@ -100,7 +100,10 @@ def register_weights(builder: Callable[..., Any], **fields: Any) -> WeightSet:
     """Declare a weight set for `builder` (keyword arguments: the `WeightSet` fields)."""
     weight_set = WeightSet(
         builder=_qualified_name(builder),
-        **{**fields, "builder_arguments": types.MappingProxyType(dict(fields["builder_arguments"]))},
+        **{
+            **fields,
+            "builder_arguments": types.MappingProxyType(dict(fields["builder_arguments"])),
+        },
     )
     _WEIGHTS[:] = [
         w for w in _WEIGHTS if (w.model, w.tag) != (weight_set.model, weight_set.tag)
@@ -143,15 +146,19 @@ def matching_weights(
         w
         for w in _WEIGHTS
         if w.builder == name
-        and not _mismatches({k: v for k, v in w.builder_arguments.items() if k not in ignore}, arguments)
+        and not _mismatches(
+            {k: v for k, v in w.builder_arguments.items() if k not in ignore}, arguments
+        )
     ]
 
 
 def _mismatches(required: Mapping[str, Any], arguments: Mapping[str, Any]) -> list[str]:
+    # Only the arguments a builder reports as its architecture are compared; other entries of
+    # `builder_arguments` only shape the model a conversion builds (e.g. `min_depth`).
     return [
         f"{key}={arguments.get(key)!r} (the weights need {value!r})"
         for key, value in required.items()
-        if not _same(arguments.get(key), value)
+        if key in arguments and not _same(arguments.get(key), value)
     ]
 
 
@@ -217,7 +224,9 @@ def resolve_weights(
         candidates = [w for w in _WEIGHTS if w.builder == name and w.tag == path]
         matches = [w for w in candidates if not _mismatches(w.builder_arguments, arguments)]
         if not matches:
-            closest = min(candidates, key=lambda w: len(_mismatches(w.builder_arguments, arguments)))
+            closest = min(
+                candidates, key=lambda w: len(_mismatches(w.builder_arguments, arguments))
+            )
             raise ValueError(
                 f"weights={path!r} do not fit the arguments given to {model_name}: "
                 f"{'; '.join(_mismatches(closest.builder_arguments, arguments))}. Build it with "
@@ -438,10 +447,14 @@ def fetch_weights(weight_set: WeightSet, *, include_top: bool = True) -> tuple[s
                 "keras",
             )
         return (
-            download(weight_set.url, weight_set.file_name, weight_set.file_hash, weight_set=weight_set),
+            download(
+                weight_set.url, weight_set.file_name, weight_set.file_hash, weight_set=weight_set
+            ),
             "keras",
         )
-    converted = os.path.join(cache_dir(), "bnzoo", f"{weight_set.model}_{weight_set.tag}.weights.h5")
+    converted = os.path.join(
+        cache_dir(), "bnzoo", f"{weight_set.model}_{weight_set.tag}.weights.h5"
+    )
     if os.path.isfile(converted):
         return converted, "keras"
     source = download(

@@ -115,7 +115,9 @@ def make(snapshot: str, output: str, width_divisor: int, seed: int, batch: int, 
 
     os.makedirs(output, exist_ok=True)
     state = {k: v for k, v in network.state_dict().items() if "num_batches_tracked" not in k}
-    torch.save(state, os.path.join(output, "bn_inception.pth"), _use_new_zipfile_serialization=False)
+    torch.save(
+        state, os.path.join(output, "bn_inception.pth"), _use_new_zipfile_serialization=False
+    )
     torch.save(state, os.path.join(output, "bn_inception_zip.pth"))
     np.save(os.path.join(output, "images.npy"), images)
     np.save(os.path.join(output, "logits.npy"), logits.numpy())
@@ -142,9 +144,10 @@ def compare(output: str, width_divisor: int) -> None:
         )
         logits = np.asarray(model(images.astype(np.float32), training=False), np.float64)
         difference = np.abs(logits - expected)
+        scale = np.abs(expected).max()
         print(
             f"{file}: max |difference| {difference.max():.3g}, logits up to "
-            f"{np.abs(expected).max():.3g} (relative {difference.max() / np.abs(expected).max():.3g}), "
+            f"{scale:.3g} (relative {difference.max() / scale:.3g}), "
             f"same top-1: {bool((logits.argmax(1) == expected.argmax(1)).all())}"
         )
 
