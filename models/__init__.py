@@ -105,3 +105,11 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+# The trainer's learning-rate schedule lives inside the optimizer of every checkpoint it writes;
+# importing it registers it with Keras, so `import layers, models` is enough to load any `.keras`
+# file bnzoo writes (model.keras, checkpoints/last.keras, checkpoints/best.keras). It imports
+# Keras, so it is skipped only while `python -m models` locates its `__main__` (sys.argv[0] is
+# "-m" then): the command line parses its arguments before importing TensorFlow.
+if sys.argv[:1] != ["-m"]:
+    import bnzoo.optimization  # noqa: E402, F401
