@@ -131,6 +131,13 @@ class RunPaths:
     def curves(self) -> str:
         return os.path.join(self.run_dir, "training_curves.png")
 
+    @property
+    def tflite_models(self) -> list[str]:
+        """Written by `python -m bnzoo.export` from model.keras, not by `train`."""
+        from bnzoo.export.tflite import FLOAT_FILENAME, INT8_FILENAME
+
+        return [os.path.join(self.run_dir, name) for name in (FLOAT_FILENAME, INT8_FILENAME)]
+
     def artifacts(self) -> list[str]:
         """Everything `train` writes; `--overwrite` removes exactly these, nothing else."""
         return [
@@ -142,6 +149,7 @@ class RunPaths:
             self.saved_model,
             self.metrics,
             self.curves,
+            *self.tflite_models,
         ]
 
     def final_artifacts(self, config: TrainConfig) -> list[str]:
@@ -927,6 +935,10 @@ def write_final_artifacts(
         "image_size": image_size,
     }
     final_model = inference_copy(model)
+    for path in paths.tflite_models:  # converted from the model.keras about to be replaced
+        if os.path.exists(path):
+            os.remove(path)
+            log(f"removed {path}, made from the previous model: rerun python -m bnzoo.export")
     save_model_atomically(final_model, paths.model)
     export.export_serving_model(
         final_model,

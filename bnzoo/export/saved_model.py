@@ -22,9 +22,10 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
+if TYPE_CHECKING:
+    import keras
 
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "images"
@@ -83,11 +84,11 @@ def serving_function(
         images = tf.ensure_shape(images, [None, *image_shape])
         # Convolution kernels (oneDNN, XNNPACK) and jax2tf's shape polymorphism (dimensions are
         # >= 1) cannot take an empty batch. A black image stands in for it and is sliced off
-        # again; for any other batch the padding is zero rows, so the graph the model sees
-        # (and Grappler's Conv2D+BN+ReLU fusion) is unchanged, with no control flow around it.
+        # the outputs; any other batch gets zero extra rows, so the model's graph (and
+        # Grappler's Conv2D+BN+ReLU fusion) is unchanged, with no control flow around it.
         batch = tf.shape(images)[0]
         empty = tf.cast(tf.equal(batch, 0), tf.int32)
-        images = tf.pad(images, [[0, empty], [0, 0], [0, 0], [0, 0]])
+        images = tf.concat([images, _black_images(images, empty)], axis=0)
         inputs = preprocess_images(images, mean=mean, std=std, image_size=image_size)
         # Under a mixed-precision policy the logits are float16/bfloat16; serving returns float32.
         logits = tf.cast(logits_of(inputs), tf.float32)[:batch]
@@ -100,6 +101,17 @@ def serving_function(
     serve = tf.function(serve, autograph=False)
     serve.get_concrete_function(tf.TensorSpec([None, *image_shape], tf.uint8, name=INPUT_NAME))
     return serve
+
+
+def _black_images(images, count):
+    """`count` (0 or 1) black images shaped like `images`, as a constant sliced to `count` when
+    the image size is known: TFLite's int8 calibration corrupts memory on the BROADCAST_TO that
+    a dynamically shaped `tf.zeros` becomes (TensorFlow 2.21), and has no uint8 Pad."""
+    import tensorflow as tf
+
+    if images.shape[1:].is_fully_defined():
+        return tf.zeros([1, *images.shape[1:]], images.dtype)[:count]
+    return tf.zeros(tf.concat([[count], tf.shape(images)[1:]], axis=0), images.dtype)
 
 
 def _check_image_shape(image_shape: Sequence[int | None]) -> tuple[int | None, ...]:
@@ -116,6 +128,8 @@ def _check_image_shape(image_shape: Sequence[int | None]) -> tuple[int | None, .
 
 def _inference_function(model: keras.Model) -> Callable:
     """`inputs -> logits` as TensorFlow code, whatever the backend trained `model`."""
+    import keras
+
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return lambda inputs: model(inputs, training=False)
@@ -201,6 +215,7 @@ def export_serving_model(
     layer = keras.layers.TFSMLayer("saved_model", call_endpoint="serving_default")
     ```
     """
+    import keras
     import tensorflow as tf
 
     path = os.fspath(path)
