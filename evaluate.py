@@ -46,9 +46,10 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import_tensorflow_quietly()
     from bnzoo import evaluation
 
+    evaluation.locate_model(args.path)  # a path that is not a model fails before TensorFlow loads
+    import_tensorflow_quietly()
     metrics = evaluation.evaluate_path(
         args.path,
         dataset=args.dataset,

@@ -2,6 +2,7 @@
 quantized throughout and close to float32, `python -m bnzoo.export` on a run folder, and
 `evaluate.py` scoring `.tflite` files like every other artifact."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -14,10 +15,15 @@ import pytest
 from test_export import MEAN, MODEL_SIZE, RAW_SHAPE, STD, make_model
 
 from bnzoo import evaluation
+from bnzoo.cli import run_cli
 from bnzoo.data import load_dataset, preprocess_images
 from bnzoo.export import tflite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = [
+    *("--train-split", "train[:512]", "--val-split", "none", "--test-split", "test[:256]"),
+    *("--epochs", "1", "--batch-size", "64", "--model-arg", "widths=[8,16]"),
+]
 PREPROCESSING = {"image_shape": RAW_SHAPE, "mean": MEAN, "std": STD, "image_size": MODEL_SIZE}
 
 
@@ -179,20 +185,19 @@ def run_script(args, **kwargs):
     )
 
 
+def train_in_process(argv):
+    spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "train.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return run_cli(script.main, argv, prog="train.py")
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny finished run exported to TFLite by the command line, from a shell whose
     KERAS_BACKEND is jax (the export runs on TensorFlow whatever the training backend)."""
     path = str(tmp_path_factory.mktemp("tflite_run") / "run")
-    train = run_script(
-        [
-            "train.py",
-            *("--train-split", "train[:512]", "--val-split", "none"),
-            *("--test-split", "test[:256]", "--epochs", "1", "--batch-size", "64"),
-            *("--model-arg", "widths=[8,16]", "--output-dir", path),
-        ]
-    )
-    assert train.returncode == 0, train.stderr[-2000:]
+    assert train_in_process([*TINY_RUN, "--output-dir", path]) == 0
     export = run_script(
         ["-m", "bnzoo.export", path, "--calibration-images", "128"], env={"KERAS_BACKEND": "jax"}
     )
@@ -242,20 +247,13 @@ def test_a_tflite_file_copied_out_of_its_run_knows_its_dataset(run_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_retraining_a_run_removes_tflite_models_of_the_previous_model(run_dir, tmp_path):
+def test_retraining_a_run_removes_tflite_models_of_the_previous_model(run_dir, tmp_path, capsys):
     copy = str(tmp_path / "copy")
     shutil.copytree(run_dir, copy)
     os.remove(os.path.join(copy, "metrics.json"))  # the final artifacts are written again
-    rerun = run_script(
-        [
-            "train.py",
-            *("--train-split", "train[:512]", "--val-split", "none"),
-            *("--test-split", "test[:256]", "--epochs", "1", "--batch-size", "64"),
-            *("--model-arg", "widths=[8,16]", "--output-dir", copy),
-        ]
-    )
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "removed" in rerun.stdout and "rerun python -m bnzoo.export" in rerun.stdout
+    assert train_in_process([*TINY_RUN, "--output-dir", copy]) == 0
+    out = capsys.readouterr().out
+    assert "removed" in out and "rerun python -m bnzoo.export" in out
     assert not os.path.exists(os.path.join(copy, "model.tflite"))
     assert not os.path.exists(os.path.join(copy, "model_int8.tflite"))
 

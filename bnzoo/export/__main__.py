@@ -49,12 +49,13 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from bnzoo.export import tflite
+
+    tflite.read_run(args.run_dir)  # a wrong folder is refused before TensorFlow loads
     # The converter reads TensorFlow graphs, and model.keras loads on any backend: this process
     # is TensorFlow's whatever KERAS_BACKEND the shell exports for training.
     os.environ["KERAS_BACKEND"] = "tensorflow"
     import_tensorflow_quietly()
-    from bnzoo.export import tflite
-
     tflite.export_run(
         args.run_dir,
         int8=args.int8,

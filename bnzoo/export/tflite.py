@@ -414,6 +414,29 @@ def calibration_batches(
         yield images.numpy()
 
 
+def read_run(run_dir: str | os.PathLike):
+    """A finished run's `TrainConfig` and its SavedModel's metadata (without TensorFlow, so the
+    command line refuses a wrong folder at once).
+
+    Raises:
+        FileNotFoundError / ValueError: not a run folder, or a run without a trained model yet.
+    """
+    from bnzoo.config import load_config
+    from bnzoo.export.saved_model import read_export_metadata
+
+    run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir} does not exist; give a bnzoo run folder")
+    config = load_config(run_dir)
+    exported = read_export_metadata(os.path.join(run_dir, "saved_model"))
+    if not os.path.isfile(os.path.join(run_dir, "model.keras")) or not exported:
+        raise ValueError(
+            f"run folder {run_dir} has no trained model yet (model.keras and saved_model/): "
+            "rerun its train.py command to finish it"
+        )
+    return config, exported
+
+
 def export_run(
     run_dir: str | os.PathLike,
     *,
@@ -438,24 +461,14 @@ def export_run(
     import keras
 
     import layers  # noqa: F401  (registers bnzoo's layers for loading model.keras)
-    from bnzoo.config import load_config
     from bnzoo.data import load_dataset
-    from bnzoo.export.saved_model import read_export_metadata
     from bnzoo.training import RunPaths, locked_run_folder
 
     if calibration_images < 1:
         raise ValueError(f"--calibration-images must be positive, got {calibration_images}")
     run_dir = os.fspath(run_dir)
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"{run_dir} does not exist; give a bnzoo run folder")
-    config = load_config(run_dir)
+    config, exported = read_run(run_dir)
     model_path = os.path.join(run_dir, "model.keras")
-    exported = read_export_metadata(os.path.join(run_dir, "saved_model"))
-    if not os.path.isfile(model_path) or not exported:
-        raise ValueError(
-            f"run folder {run_dir} has no trained model yet (model.keras and saved_model/): "
-            "rerun its train.py command to finish it"
-        )
     preprocessing = exported["preprocessing"]
     kwargs = {
         "image_shape": exported["input"]["shape"][1:],
