@@ -161,10 +161,6 @@ def float32_copy(model: keras.Model) -> keras.Model:
     whose layers compute in float32 converts to a plain float32 graph, which int8 quantization
     then calibrates.
     """
-    import keras
-
-    if all(layer.dtype_policy.name == "float32" for layer in model._flatten_layers()):
-        return model
 
     def to_float32(value):
         if isinstance(value, dict):
@@ -175,7 +171,11 @@ def float32_copy(model: keras.Model) -> keras.Model:
             return [to_float32(item) for item in value]
         return value
 
-    copy = keras.Model.from_config(to_float32(model.get_config()))
+    config = model.get_config()
+    float32_config = to_float32(config)
+    if float32_config == config:
+        return model
+    copy = type(model).from_config(float32_config)
     copy.set_weights(model.get_weights())
     return copy
 
