@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from bnzoo import evaluation
 from bnzoo.data import load_dataset, preprocess_images
-from bnzoo.training import RunPaths
+from bnzoo.run_folder import RunPaths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")

@@ -462,7 +462,7 @@ def export_run(
 
     import layers  # noqa: F401  (registers bnzoo's layers for loading model.keras)
     from bnzoo.data import load_dataset
-    from bnzoo.training import RunPaths, locked_run_folder
+    from bnzoo.run_folder import RunPaths, locked_run_folder
 
     if calibration_images < 1:
         raise ValueError(f"--calibration-images must be positive, got {calibration_images}")
