@@ -11,9 +11,12 @@ neither bnzoo nor Keras custom objects::
 
     import tensorflow as tf
 
-    serve = tf.saved_model.load("runs/<run>/saved_model").serving_default
-    outputs = serve(images)  # uint8 [batch, 28, 28, 1]: a NumPy array or a tensor
+    loaded = tf.saved_model.load("runs/<run>/saved_model")
+    outputs = loaded.serving_default(images)  # uint8 [batch, 28, 28, 1], NumPy or tensor
     outputs["probabilities"], outputs["logits"], outputs["classes"]
+
+Keep `loaded` referenced while serving: the function does not own the variables, and they are
+freed with the object (`tf.saved_model.load(path).serving_default` alone fails when called).
 """
 
 from __future__ import annotations
