@@ -19,7 +19,8 @@ Design choices, and why:
   seed see exactly the same mini-batches (needed to compare two BN implementations step by step).
 * **BN networks are evaluated with the paper's inference statistics** (Algorithm 2: population
   mean and variance over training mini-batches, weights frozen), recomputed at every evaluation
-  point; the moving averages' accuracy is recorded next to it (``PopulationStatistics``).
+  point (``layers.recompute_population_statistics``); the moving averages' accuracy is recorded
+  next to it (``PopulationStatistics``).
 * **Probes** are callables evaluated at every evaluation point (percentiles of a sigmoid input,
   per-layer gradient norms). Gradient probes use ``Model.stateless_call`` so that looking at a
   model in training mode does not move its BN moving averages.
@@ -65,6 +66,7 @@ tf.get_logger().setLevel("ERROR")
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from layers import recompute_population_statistics  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Command line and configuration
@@ -154,6 +156,9 @@ def resolve_config(
                 f"--config {args.config} is the config of {config.get('experiment')!r}, not of "
                 f"{name!r}; pass experiments/results/{name}/config.json."
             )
+        # Repeating a run writes a new folder (--output-dir, else the default), never over the
+        # run it repeats; a published config's folder may not even exist here.
+        config.pop("output_dir", None)
     else:
         config = {"budget": args.budget or "full", **presets[args.budget or "full"]}
     for key, value in vars(args).items():
@@ -515,32 +520,19 @@ def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The model's BN layers, bnzoo's or Keras' (anything with moving statistics)."""
     return [
         layer
-        for layer in model.layers
+        for layer in model._flatten_layers(include_self=False)
         if hasattr(layer, "moving_mean") and hasattr(layer, "moving_variance")
     ]
 
 
-def _unbiased_moments(outputs) -> list[tuple[tf.Tensor, tf.Tensor]]:
-    """Per-channel mean and ``m / (m - 1)``-corrected variance of each channels-last tensor."""
-    if not isinstance(outputs, list | tuple):
-        outputs = [outputs]
-    moments = []
-    for values in outputs:
-        values = tf.cast(values, tf.float32)
-        mean, variance = tf.nn.moments(values, axes=list(range(len(values.shape) - 1)))
-        count = tf.cast(tf.reduce_prod(tf.shape(values)[:-1]), tf.float32)
-        moments.append((mean, variance * count / (count - 1.0)))
-    return moments
-
-
 class PopulationStatistics:
-    """The paper's inference statistics (Algorithm 2, steps 8-11) for every BN layer of a model.
+    """Evaluation with the paper's inference statistics (Algorithm 2), then back to training.
 
-    With the weights frozen, the training mini-batches of ``images`` go through the network in
-    training mode; each BN layer's population mean is the average of its batch means, and its
-    population variance the average of its batch variances times ``m / (m - 1)``, ``m`` being
-    the number of values per channel in a batch. ``applied()`` evaluates with these in place of
-    the moving averages, and restores the moving averages afterwards.
+    ``applied()`` replaces every BN layer's moving statistics by Algorithm 2's population
+    statistics over the training mini-batches of ``images`` with the current weights
+    (``layers.recompute_population_statistics``: the mean of the batch means and ``m / (m - 1)``
+    times the mean of the batch variances), and puts the moving averages back afterwards, so
+    that training continues exactly as if nothing had been evaluated.
 
     Why: the moving averages (what ``model.predict`` uses) trail the weights, and in short runs
     at high learning rates they can be far off: exp3's sigmoid CNN with BN scores 85% on the
@@ -549,44 +541,17 @@ class PopulationStatistics:
     moving-average accuracy is recorded alongside it.
 
     Args:
-        model: a functional model whose BN layers normalize the last axis.
-        images: training images the statistics are estimated on (a fixed subset).
-        batch_size: the training batch size, the ``m`` of Algorithm 2.
-
-    Raises:
-        ValueError: a BN layer normalizes another axis than the last.
+        model: the model (any BN layers: bnzoo's or Keras', any axis, nested).
+        images: training images the statistics are estimated on (a fixed subset); only whole
+            batches are used, so every batch has Algorithm 2's size ``m``.
+        batch_size: the training batch size.
     """
 
     def __init__(self, model: keras.Model, images: np.ndarray, batch_size: int):
+        self.model = model
         self.layers = batch_norm_layers(model)
-        for layer in self.layers:
-            axis = getattr(layer, "axis", -1)
-            rank = len(layer.input.shape)
-            if axis not in (-1, rank - 1):
-                raise ValueError(
-                    f"BN layer {layer.name!r} normalizes axis {axis}; population statistics "
-                    "are computed for channels-last BN (axis=-1) only."
-                )
-        self._images = images
         self._batch_size = min(batch_size, images.shape[0])
-        self._moments = None
-        if self.layers:
-            tap = keras.Model(model.inputs, [layer.input for layer in self.layers])
-            self._moments = tf.function(lambda x: _unbiased_moments(_forward(tap, x, True)))
-
-    def compute(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(mean, variance)`` per BN layer, from the current weights."""
-        batch_moments = [
-            self._moments(tf.constant(self._images[start : start + self._batch_size]))
-            for start in range(0, self._images.shape[0] - self._batch_size + 1, self._batch_size)
-        ]
-        return [
-            (
-                np.mean([np.asarray(moments[i][0]) for moments in batch_moments], axis=0),
-                np.mean([np.asarray(moments[i][1]) for moments in batch_moments], axis=0),
-            )
-            for i in range(len(self.layers))
-        ]
+        self._images = images[: images.shape[0] // self._batch_size * self._batch_size]
 
     @contextlib.contextmanager
     def applied(self):
@@ -594,18 +559,15 @@ class PopulationStatistics:
         if not self.layers:
             yield
             return
-        saved = [
-            (layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in self.layers
-        ]
+        # Moving statistics, renorm's moving stddev, momentum=None's counter: all BN state.
+        variables = [v for layer in self.layers for v in layer.non_trainable_variables]
+        saved = [v.numpy() for v in variables]
         try:
-            for layer, (mean, variance) in zip(self.layers, self.compute(), strict=True):
-                layer.moving_mean.assign(mean.astype(np.float32))
-                layer.moving_variance.assign(variance.astype(np.float32))
+            recompute_population_statistics(self.model, self._images, batch_size=self._batch_size)
             yield
         finally:
-            for layer, (mean, variance) in zip(self.layers, saved, strict=True):
-                layer.moving_mean.assign(mean)
-                layer.moving_variance.assign(variance)
+            for variable, value in zip(variables, saved, strict=True):
+                variable.assign(value)
 
 
 class Trainer:

@@ -7,13 +7,19 @@ the measurements:
 * ``{{exp1_mnist_mlp.sweep_table}}``: a Markdown snippet from that script's ``report(results)``;
 * ``{{exp1_mnist_mlp.runtime}}``, ``{{exp1_mnist_mlp.budget}}``: the run's wall time and budget;
 * ``{{runtime_table}}``, ``{{environment}}``: all scripts' runtimes; the machine;
-* ``{{figure:exp1_mnist_mlp/fashion_mnist_figure1a_accuracy.png}}``: the image, copied next to
-  the rendered document (``docs/results/``) and linked from it.
+* ``{{figure:exp1_mnist_mlp/fashion_mnist_figure1a_accuracy.png}}``: a link to that plot.
 
 An experiment that has not been run renders as a note saying which command produces it.
 
+The published numbers are in the repository: ``--update-docs`` copies each experiment's
+``results.json``, ``config.json`` and the plots the document shows into
+``docs/results/<experiment>/`` (the layout of ``experiments/results/``, which is git-ignored),
+then renders docs/RESULTS.md from that copy alone, so anyone can check every table against the
+committed JSON (``tests/test_experiments.py`` does) or re-render it after editing the template.
+
     .venv/bin/python experiments/report.py                    # -> experiments/results/RESULTS.md
-    .venv/bin/python experiments/report.py --update-docs      # -> docs/RESULTS.md + docs/results/
+    .venv/bin/python experiments/report.py --update-docs      # -> docs/results/, docs/RESULTS.md
+    .venv/bin/python experiments/report.py --update-docs --results-root docs/results  # re-render
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ EXPERIMENTS = (
 TEMPLATE = Path(__file__).with_name("RESULTS.template.md")
 RESULTS_ROOT = REPO_ROOT / "experiments" / "results"
 DOCS = REPO_ROOT / "docs"
+PUBLISHED_ROOT = DOCS / "results"
+PUBLISHED_FILES = ("results.json", "config.json")
 PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
 
 
@@ -93,27 +101,58 @@ def build_context(results: dict[str, dict]) -> dict[str, str]:
             f"{env['cpu_count']}-core CPU ({env['machine']}), {gpus}; Python {env['python']}, "
             f"TensorFlow {env['tensorflow']}, Keras {env['keras']}"
         )
+        context["timing_conditions"] = timing_conditions(results)
     return context
 
 
-def render(
-    template: str,
-    results: dict[str, dict],
-    results_root: Path,
-    figures_dir: Path,
-    figures_link: str,
-) -> str:
-    """Fills ``template``'s placeholders; copies the referenced figures into ``figures_dir``.
+# Above this many runnable jobs per core (the load average over the cores) the scripts competed
+# for the CPU, and their wall times say more about the machine's load than about the code.
+CONTENTION_LOAD_PER_CORE = 1.25
+
+
+def timing_conditions(results: dict[str, dict]) -> str:
+    """One sentence on the CPU load the wall times were measured under, from the JSON."""
+    loads = [
+        max(data["environment"]["load_average_1_5_15_min"])
+        for data in results.values()
+        if data["environment"].get("load_average_1_5_15_min")
+    ]
+    if not loads:
+        return "The load on the machine was not recorded, so the times may include other jobs'."
+    cores = next(iter(results.values()))["environment"]["cpu_count"]
+    peak = max(loads)
+    if peak / cores > CONTENTION_LOAD_PER_CORE:
+        return (
+            f"**The times below were measured under contention**: other jobs shared the machine "
+            f"(load average up to {peak:.1f} on {cores} cores, last column), so every wall time "
+            "in this document (runtimes, the training-time columns, experiment 5's epoch times) "
+            "is an upper bound, and ratios of times are noisy; accuracies and losses do not "
+            "depend on the load."
+        )
+    return (
+        f"The machine was quiet while they ran (load average at most {peak:.1f} on {cores} "
+        "cores), so the times are representative of it."
+    )
+
+
+def figures(template: str) -> list[str]:
+    """The plots ``template`` shows, as ``<experiment>/<file>.png``."""
+    keys = (match.group(1) for match in PLACEHOLDER.finditer(template))
+    return [key.removeprefix("figure:") for key in keys if key.startswith("figure:")]
+
+
+def render(template: str, results: dict[str, dict], figures_root: Path, figures_link: str) -> str:
+    """Fills ``template``'s placeholders.
 
     Args:
         template: the Markdown template.
-        results: ``load_results(results_root)``.
-        results_root: where the experiments wrote their folders.
-        figures_dir: where the figures are copied (created when needed).
-        figures_link: how the rendered document links to ``figures_dir`` (relative path).
+        results: ``load_results(...)``: experiment name -> its results.json.
+        figures_root: the folder holding ``<experiment>/<plot>.png``.
+        figures_link: how the rendered document links to ``figures_root`` (relative path).
 
     Raises:
-        ValueError: a placeholder names something no run of that experiment produces.
+        ValueError: a placeholder names something no run of that experiment produces, or a
+            plot of an experiment that ran is missing from ``figures_root``.
     """
     context = build_context(results)
 
@@ -122,15 +161,14 @@ def render(
         if key.startswith("figure:"):
             relative = key.removeprefix("figure:")
             experiment = relative.split("/", 1)[0]
-            source = results_root / relative
             if experiment not in results:
                 return _not_run(experiment)
-            if not source.is_file():
-                raise ValueError(f"Template figure {relative!r} was not written by {experiment}.")
-            figures_dir.mkdir(parents=True, exist_ok=True)
-            target = figures_dir / relative.replace("/", "_")
-            shutil.copyfile(source, target)
-            return f"![{Path(relative).stem.replace('_', ' ')}]({figures_link}/{target.name})"
+            if not (figures_root / relative).is_file():
+                raise ValueError(
+                    f"Template figure {relative!r} is not in {figures_root}: run {experiment} "
+                    "again (its plots are written next to its results.json)."
+                )
+            return f"![{Path(relative).stem.replace('_', ' ')}]({figures_link}/{relative})"
         if key in context:
             return context[key]
         experiment = key.split(".", 1)[0]
@@ -148,14 +186,58 @@ def _not_run(experiment: str) -> str:
     return f"_(not run yet: `.venv/bin/python experiments/{experiment}.py`)_"
 
 
+def publish(results_root: Path, published_root: Path, template: str) -> list[str]:
+    """Copies each run's JSON and the plots ``template`` shows into ``published_root``.
+
+    Each experiment run under ``results_root`` replaces its whole folder in ``published_root``
+    (so no stale plot survives); experiments not run there keep their published folder.
+    Returns the experiments published.
+    """
+    if results_root.resolve() == published_root.resolve():
+        return []
+    shown = figures(template)
+    published = []
+    for name in load_results(results_root):
+        source, target = results_root / name, published_root / name
+        files = [f for f in PUBLISHED_FILES if (source / f).is_file()]
+        files += [f.split("/", 1)[1] for f in shown if f.startswith(f"{name}/")]
+        missing = [f for f in files if not (source / f).is_file()]
+        if missing:
+            raise ValueError(f"{source} lacks {missing}: run {name} again.")
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for file in files:
+            shutil.copyfile(source / file, target / file)
+        _relative_output_dir(target / "config.json")
+        published.append(name)
+    return published
+
+
+def _relative_output_dir(config_path: Path) -> None:
+    """A published config names its run folder relative to the repository, not this machine."""
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    output_dir = Path(config.get("output_dir") or ".")
+    if output_dir.is_absolute() and output_dir.is_relative_to(REPO_ROOT):
+        config["output_dir"] = str(output_dir.relative_to(REPO_ROOT))
+        config_path.write_text(json.dumps(config, indent=1) + "\n")
+
+
 def write_report(results_root: Path, update_docs: bool) -> Path:
-    """Renders the template; into ``results_root`` or, with ``update_docs``, into docs/."""
-    results = load_results(results_root)
+    """Renders the template: into ``results_root``, or with ``update_docs`` into docs/.
+
+    With ``update_docs`` the runs under ``results_root`` are published first, and the document
+    is rendered from everything published, so a partial run updates its own sections only.
+    """
+    template = TEMPLATE.read_text()
     if update_docs:
-        output, figures_dir, link = DOCS / "RESULTS.md", DOCS / "results", "results"
+        publish(results_root, PUBLISHED_ROOT, template)
+        root, output, link = PUBLISHED_ROOT, DOCS / "RESULTS.md", "results"
     else:
-        output, figures_dir, link = results_root / "RESULTS.md", results_root / "figures", "figures"
-    text = render(TEMPLATE.read_text(), results, results_root, figures_dir, link)
+        root, output, link = results_root, results_root / "RESULTS.md", "."
+    text = render(template, load_results(root), root, link)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     return output
@@ -167,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update-docs",
         action="store_true",
-        help="write docs/RESULTS.md and copy the figures to docs/results/",
+        help="copy the runs' JSON and plots to docs/results/ and render docs/RESULTS.md from it",
     )
     args = parser.parse_args(argv)
     try:

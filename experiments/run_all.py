@@ -8,7 +8,7 @@ compiled functions, memory) cannot slow or change the next, and its runtime is i
     .venv/bin/python experiments/run_all.py                       # full budget, ~25 minutes
     .venv/bin/python experiments/run_all.py --budget smoke        # every script in seconds
     .venv/bin/python experiments/run_all.py --only exp3_sigmoid_cnn exp4_gradients
-    .venv/bin/python experiments/run_all.py --update-docs         # also docs/RESULTS.md
+    .venv/bin/python experiments/run_all.py --update-docs         # also docs/results/, RESULTS.md
 
 Without ``--update-docs`` the document is written to ``<output-root>/RESULTS.md``, so a local
 run does not overwrite the committed docs/RESULTS.md.
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--update-docs",
         action="store_true",
-        help="write docs/RESULTS.md and docs/results/*.png instead of <output-root>/RESULTS.md",
+        help="publish the runs to docs/results/ (JSON and plots) and render docs/RESULTS.md "
+        "from it, instead of <output-root>/RESULTS.md",
     )
     return parser
 

@@ -32,6 +32,10 @@ def pytest_configure(config):
         "markers", "multi_backend: also run on the JAX backend (KERAS_BACKEND=jax)"
     )
     config.addinivalue_line("markers", "slow: end-to-end tests that train or export models")
+    # Keras' own test files (run against our layer) use this marker of Keras' conftest.
+    config.addinivalue_line(
+        "markers", "requires_trainable_backend: Keras' marker; every backend here trains"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,6 +54,14 @@ def _isolate_keras_state():
     keras.utils.clear_session()
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """A MirroredStrategy over the two logical CPUs, one for the whole session: strategies
+    created one after another in a process reuse collective instance keys, and TensorFlow then
+    mismatches their all-reduces."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
 @pytest.fixture

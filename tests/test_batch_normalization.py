@@ -239,7 +239,7 @@ def test_cumulative_mode_averages_every_batch_statistic(fused):
         "moving_variance",
         "num_batches_tracked",
     ]
-    assert int(value(layer.num_batches_tracked)) == 4
+    np.testing.assert_array_equal(value(layer.num_batches_tracked), [4, 4, 4])  # per channel
 
 
 @pytest.mark.multi_backend
@@ -248,7 +248,7 @@ def test_resetting_the_step_counter_re_estimates_statistics_from_new_batches():
     layer = BatchNormalization(momentum=None)
     for _ in range(3):
         layer(rng.normal(loc=-5.0, size=(8, 2)).astype("float32"), training=True)
-    layer.num_batches_tracked.assign(0)
+    layer.num_batches_tracked.assign(np.zeros(2, "int32"))
     new_batches = [rng.normal(loc=5.0, size=(8, 2)).astype("float32") for _ in range(2)]
     for x in new_batches:
         layer(x, training=True)
@@ -290,7 +290,8 @@ def test_mask_excludes_masked_positions_from_statistics(axis):
     x = rng.normal(size=(3, 5, 4) if axis == -1 else (3, 4, 5)).astype("float32")
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
     layer = BatchNormalization(axis=axis, momentum=0.0, epsilon=1e-3)
-    y = value(layer(x, training=True, mask=mask))
+    # Channels-first time steps are masked by a mask that broadcasts over the channel axis.
+    y = value(layer(x, training=True, mask=mask if axis == -1 else mask[:, None, :]))
 
     channels_last = x if axis == -1 else np.moveaxis(x, 1, -1)
     valid = channels_last[mask].astype(np.float64)  # (number of unmasked steps, channels)
@@ -301,6 +302,107 @@ def test_mask_excludes_masked_positions_from_statistics(axis):
     expected = (channels_last - mean) / np.sqrt(variance + 1e-3)
     expected = expected if axis == -1 else np.moveaxis(expected, -1, 1)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("shape", [(4, 3, 5), (4, 3, 5, 2)])
+def test_mask_of_rank_n_minus_1_is_the_input_shape_without_its_last_axis(shape):
+    # What keras.layers.Masking propagates, whatever the BN axis: Keras' layer reads it so.
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=shape).astype("float32")
+    mask = rng.uniform(size=shape[:-1]) > 0.3
+    ours = BatchNormalization(axis=1, momentum=0.0)
+    theirs = keras.layers.BatchNormalization(axis=1, momentum=0.0)
+    np.testing.assert_allclose(
+        value(ours(x, training=True, mask=mask)),
+        value(theirs(x, training=True, mask=mask)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(value(ours.moving_mean), value(theirs.moving_mean), atol=1e-5)
+    np.testing.assert_allclose(
+        value(ours.moving_variance), value(theirs.moving_variance), rtol=1e-4
+    )
+
+
+@pytest.mark.multi_backend
+def test_mask_without_the_channel_axes_for_several_channel_axes():
+    x = np.random.default_rng(14).normal(size=(6, 3, 2)).astype("float32")
+    mask = np.array([1, 1, 0, 1, 0, 1], bool)  # (batch,): the input shape without axes 1 and 2
+    layer = BatchNormalization(axis=[1, 2], momentum=0.0)
+    layer(x, training=True, mask=mask)
+    np.testing.assert_allclose(value(layer.moving_mean), x[mask].mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_nan_or_inf_at_a_masked_position_does_not_reach_the_statistics(poison):
+    rng = np.random.default_rng(15)
+    x = rng.normal(size=(3, 4, 2)).astype("float32")
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], bool)
+    x[0, 3] = poison  # masked: e.g. padding that was never written
+    layer = BatchNormalization(momentum=0.0, epsilon=1e-3)
+    y = value(layer(x, training=True, mask=mask))
+    valid = x[mask].astype(np.float64)
+    mean, variance = valid.mean(0), valid.var(0)
+    np.testing.assert_allclose(value(layer.moving_mean), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value(layer.moving_variance), variance, rtol=1e-5)
+    np.testing.assert_allclose(y[mask], (valid - mean) / np.sqrt(variance + 1e-3), rtol=1e-4)
+
+
+@pytest.mark.multi_backend
+def test_ghost_batch_without_unmasked_values_counts_for_nothing():
+    rng = np.random.default_rng(16)
+    x = rng.normal(loc=3.0, size=(4, 5, 2)).astype("float32")
+    mask = np.ones((4, 5), bool)
+    mask[1::2] = False  # ghost batch 1 of 2 (examples 1 and 3) is all masked
+    layer = BatchNormalization(virtual_batch_size=2, momentum=0.0)
+    layer(x, training=True, mask=mask)
+    ghost = x[0::2].reshape(-1, 2).astype(np.float64)  # the only ghost batch with values
+    np.testing.assert_allclose(value(layer.moving_mean), ghost.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(value(layer.moving_variance), ghost.var(0), rtol=1e-5)
+
+
+@pytest.mark.multi_backend
+def test_cumulative_mode_counts_batches_per_channel():
+    # Channel 1 has no unmasked value in the first step: its average must start at the
+    # second step's statistic, not blend it with the initial value.
+    x1, x2 = np.array([[1.0, 50.0], [3.0, 70.0]], "float32"), np.array([[5.0, 8.0], [7.0, 4.0]])
+    layer = BatchNormalization(momentum=None)
+    layer(x1, training=True, mask=np.array([[True, False], [True, False]]))
+    layer(x2.astype("float32"), training=True)
+    np.testing.assert_allclose(value(layer.moving_mean), [(2.0 + 6.0) / 2, 6.0])
+    np.testing.assert_allclose(value(layer.moving_variance), [1.0, 4.0])
+    np.testing.assert_array_equal(value(layer.num_batches_tracked), [2, 1])
+
+
+@pytest.mark.multi_backend
+def test_keras_weight_list_loads_into_the_cumulative_mode():
+    keras_bn = keras.layers.BatchNormalization()
+    keras_bn.build((None, 3))
+    weights = [np.full(3, v, "float32") for v in (2.0, 0.5, -1.0, 4.0)]
+    keras_bn.set_weights(weights)
+    ours = BatchNormalization(momentum=None)
+    ours.build((None, 3))
+    ours.set_weights(keras_bn.get_weights())  # 4 arrays into 5 weights
+    for variable, expected in zip(ours.weights[:4], weights, strict=True):
+        np.testing.assert_array_equal(value(variable), expected)
+    np.testing.assert_array_equal(value(ours.num_batches_tracked), [0, 0, 0])
+    x = np.array([[1.0, 2.0, 3.0]], "float32")
+    np.testing.assert_allclose(value(ours(x)), value(keras_bn(x)), rtol=1e-6)
+    with pytest.raises(ValueError, match="weight 'moving_mean' has shape"):
+        ours.set_weights(weights[:2] + [np.zeros(2, "float32"), weights[3]])
+
+
+@pytest.mark.multi_backend
+def test_numpy_integer_axes_are_accepted_as_keras_does():
+    layer = BatchNormalization(axis=np.int64(1))
+    assert layer.axis == 1 and type(layer.axis) is int
+    assert BatchNormalization(axis=[np.int32(1), np.int64(-1)]).axis == [1, -1]
+    y = layer(np.ones((2, 3, 4), "float32"), training=True)
+    assert tuple(y.shape) == (2, 3, 4) and tuple(layer.moving_mean.shape) == (3,)
+    with pytest.raises(ValueError, match=r"axis=1.5"):
+        BatchNormalization(axis=1.5)
 
 
 @pytest.mark.multi_backend
@@ -345,6 +447,20 @@ def test_large_offset_keeps_variance_and_outputs_exact(fused):
     np.testing.assert_allclose(value(layer.moving_variance), variance, rtol=1e-3)
     expected = (exact - exact.mean(axis=0)) / np.sqrt(variance + 1e-3)
     np.testing.assert_allclose(y, expected, atol=5e-3)
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("fused", FUSED)
+def test_inference_is_exact_for_inputs_with_a_large_offset(fused):
+    # x * a + (beta - mean * a) would round x * a at the scale of 1e4: errors of 7e-3.
+    rng = np.random.default_rng(17)
+    layer = BatchNormalization(fused=fused, epsilon=1e-3)
+    layer.build((None, 4))
+    mean, variance = np.full(4, 1e4), np.array([1.0, 0.5, 2.0, 0.25])
+    layer.set_weights([np.full(4, 1.5), np.full(4, 0.2), mean, variance])
+    x = (1e4 + rng.normal(size=(64, 4))).astype("float32")
+    expected = 1.5 * (x.astype(np.float64) - mean) / np.sqrt(variance + 1e-3) + 0.2
+    np.testing.assert_allclose(value(layer(x)), expected, atol=2e-6)
 
 
 @pytest.mark.multi_backend
@@ -466,7 +582,7 @@ BAD_CONSTRUCTOR_ARGUMENTS = [
     ({"axis": "channels"}, "axis='channels'"),
     ({"epsilon": -1.0}, "epsilon=-1.0"),
     ({"virtual_batch_size": 0}, "virtual_batch_size=0"),
-    ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "bad": 2}}, "unknown keys"),
+    ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "bad": 2}}, "Received invalid keys.*'bad'"),
     ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, "rmax=1.0 < rmin=2.0"),
     ({"fused": "yes"}, "fused='yes'"),
     ({"fused": True, "renorm": True}, "renorm=True"),

@@ -207,6 +207,49 @@ def test_keras_file_round_trip_keeps_outputs_and_statistics(tmp_path):
     assert restored.layers[1].get_config() == model.layers[1].get_config()
 
 
+@pytest.mark.multi_backend
+def test_fused_true_config_loads_on_every_backend():
+    config = BatchNormalization(fused=True if BACKEND == "tensorflow" else None).get_config()
+    config["fused"] = True  # as written by TensorFlow
+    restored = BatchNormalization.from_config(config)
+    # fused picks a TensorFlow kernel: elsewhere it falls back to the automatic choice.
+    assert restored.fused is (True if BACKEND == "tensorflow" else None)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="saves on TensorFlow, loads on JAX")
+def test_keras_file_with_fused_true_saved_on_tensorflow_loads_on_jax(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = np.random.default_rng(5)
+    model = keras.Sequential([keras.Input((4, 4, 3)), BatchNormalization(fused=True)])
+    model(rng.normal(loc=2.0, size=(8, 4, 4, 3)).astype("float32"), training=True)
+    model.save(tmp_path / "model.keras")
+    x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, keras, layers\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "np.save(sys.argv[3], np.asarray(model(np.load(sys.argv[2]))))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "model.keras", "x.npy", "y.npy"],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "KERAS_BACKEND": "jax",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        },
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), value(model(x)), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="SavedModel export is TensorFlow-only")
 def test_savedmodel_export_serves_identical_outputs(tmp_path):
     import tensorflow as tf

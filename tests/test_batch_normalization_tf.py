@@ -199,11 +199,9 @@ def test_input_gradient_matches_numerical_gradient(fused):
     np.testing.assert_allclose(theoretical[0], numerical[0], atol=tolerance)
 
 
-@pytest.fixture(scope="module")
-def strategy():
-    """One MirroredStrategy for the module: strategies created one after another in a process
-    reuse collective instance keys, and TensorFlow then mismatches their all-reduces."""
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+@pytest.fixture
+def strategy(mirrored_strategy):
+    return mirrored_strategy
 
 
 def distributed(strategy, batches):

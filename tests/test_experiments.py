@@ -170,17 +170,52 @@ def test_exp5_both_layers_start_identical_and_agree_on_the_first_step(smoke_root
         assert data["timing"]["bnzoo"]["steady_state_epoch_seconds"] > 0
 
 
-def test_report_fills_every_placeholder_from_the_json(smoke_root, tmp_path):
+def test_report_fills_every_placeholder_from_the_json(smoke_root):
     results = report.load_results(smoke_root)
     assert set(results) == set(SCRIPTS)
-    text = report.render(
-        report.TEMPLATE.read_text(), results, smoke_root, tmp_path / "figures", "figures"
-    )
+    text = report.render(report.TEMPLATE.read_text(), results, smoke_root, "figures")
     assert "{{" not in text and "not run yet" not in text
-    copied = sorted(p.name for p in (tmp_path / "figures").iterdir())
-    assert "exp4_gradients_gradient_norms.png" in copied
+    assert "(figures/exp4_gradients/gradient_norms.png)" in text
     sweep = report.build_context(results)["exp1_mnist_mlp.sweep_table"]
     assert sweep.splitlines()[2].startswith("| 0.1 |")
+
+
+def test_publishing_copies_the_json_and_the_shown_plots_and_renders_from_them(smoke_root, tmp_path):
+    template = report.TEMPLATE.read_text()
+    stale = tmp_path / "exp4_gradients" / "old_plot.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"")
+    assert report.publish(smoke_root, tmp_path, template) == list(SCRIPTS)
+    assert not stale.exists()
+    for name in SCRIPTS:
+        shown = {f.split("/", 1)[1] for f in report.figures(template) if f.startswith(name)}
+        files = {p.name for p in (tmp_path / name).iterdir()}
+        assert files == {"results.json", "config.json"} | shown, name
+        assert _strict_json(tmp_path / name / "results.json") == _strict_json(
+            smoke_root / name / "results.json"
+        )
+    published = report.render(template, report.load_results(tmp_path), tmp_path, "results")
+    original = report.render(template, report.load_results(smoke_root), smoke_root, "results")
+    assert published == original
+
+
+def test_results_md_is_exactly_what_report_renders_from_the_committed_json():
+    # docs/RESULTS.md is generated: its tables must be the committed measurements, so that
+    # anyone can check them, and editing the document by hand is caught.
+    results = report.load_results(report.PUBLISHED_ROOT)
+    assert set(results) == set(report.EXPERIMENTS), "docs/results/ lacks an experiment's JSON"
+    rendered = report.render(report.TEMPLATE.read_text(), results, report.PUBLISHED_ROOT, "results")
+    assert rendered == (report.DOCS / "RESULTS.md").read_text(), (
+        "docs/RESULTS.md differs from what experiments/report.py renders from docs/results/: "
+        "run `python experiments/report.py --update-docs --results-root docs/results`."
+    )
+    shown = set(report.figures(report.TEMPLATE.read_text()))
+    committed = {
+        str(p.relative_to(report.PUBLISHED_ROOT))
+        for p in report.PUBLISHED_ROOT.rglob("*")
+        if p.is_file() and p.name not in report.PUBLISHED_FILES
+    }
+    assert committed == shown, "docs/results/ holds plots the document does not show"
 
 
 def test_report_marks_experiments_that_have_not_run(tmp_path):
@@ -188,16 +223,15 @@ def test_report_marks_experiments_that_have_not_run(tmp_path):
         "{{exp3_sigmoid_cnn.table}}\n{{figure:exp4_gradients/gradient_norms.png}}",
         {},
         tmp_path,
-        tmp_path / "figures",
         "figures",
     )
     assert text.count("not run yet") == 2 and "experiments/exp3_sigmoid_cnn.py" in text
 
 
-def test_report_rejects_unknown_placeholders(smoke_root, tmp_path):
+def test_report_rejects_unknown_placeholders(smoke_root):
     results = report.load_results(smoke_root)
     with pytest.raises(ValueError, match="exp1_mnist_mlp.no_such_table"):
-        report.render("{{exp1_mnist_mlp.no_such_table}}", results, smoke_root, tmp_path, ".")
+        report.render("{{exp1_mnist_mlp.no_such_table}}", results, smoke_root, ".")
 
 
 def test_script_turns_a_bad_option_into_one_line_and_exit_status_2(tmp_path, capsys):
@@ -364,7 +398,12 @@ def test_a_saved_config_repeats_the_run_and_flags_still_override_it(smoke_root):
     repeated = harness.resolve_config(
         parser.parse_args(["--config", str(saved)]), exp4_gradients.PRESETS, "exp4_gradients"
     )
-    assert repeated == _strict_json(saved)
+    saved_config = _strict_json(saved)
+    assert {k: v for k, v in repeated.items() if k != "output_dir"} == {
+        k: v for k, v in saved_config.items() if k != "output_dir"
+    }
+    # A repeat writes its own folder, never over the run it repeats.
+    assert repeated["output_dir"] == str(harness.RESULTS_ROOT / "exp4_gradients")
     overridden = harness.resolve_config(
         parser.parse_args(["--config", str(saved), "--steps", "7", "--seed", "3"]),
         exp4_gradients.PRESETS,
@@ -372,6 +411,17 @@ def test_a_saved_config_repeats_the_run_and_flags_still_override_it(smoke_root):
     )
     assert overridden["steps"] == 7 and overridden["seed"] == 3
     assert overridden["hidden_layers"] == repeated["hidden_layers"] == 3  # the smoke preset's
+
+
+def test_the_published_configs_repeat_the_published_runs():
+    for name, script in SCRIPTS.items():
+        saved = report.PUBLISHED_ROOT / name / "config.json"
+        parser = harness.build_parser(name, "")
+        repeated = harness.resolve_config(
+            parser.parse_args(["--config", str(saved)]), script.PRESETS, name
+        )
+        assert repeated["budget"] == "full" and repeated["experiment"] == name
+        assert repeated["output_dir"] == str(harness.RESULTS_ROOT / name)
 
 
 def test_a_config_of_another_experiment_is_refused(smoke_root):
