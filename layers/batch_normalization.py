@@ -26,7 +26,9 @@ _FUSED_MIN_EPSILON = 1.001e-5
 # project's 2-core CPU, oneDNN) outweighs what it saves: measured fwd+bwd, (60, 100) takes
 # 0.64 ms fused vs 0.34 ms unfused, (60, 8, 8, 16) 0.56 vs 0.44, while (128, 4, 4, 64) takes
 # 0.63 vs 0.80 and (256, 1024) 0.98 vs 1.37. `fused=None` keeps such small tensors, when their
-# size is known while tracing, on the keras.ops path; `fused=True` still forces the kernel.
+# size is known while tracing, on the keras.ops path in training (in inference only inputs the
+# kernel sees reshaped; a convolution's output keeps the kernel so that Grappler folds it into
+# the convolution); `fused=True` still forces the kernel.
 _FUSED_MIN_VALUES = 100_000
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -144,9 +146,11 @@ class BatchNormalization(keras.layers.Layer):
             Keras' biased estimate.
         fused: `None` (default) uses TensorFlow's fused kernel whenever it computes the same
             function and the input is not so small (under 100,000 values, when the size is
-            known while tracing) that the kernel's fixed cost makes it slower; `True` demands
-            it (a `ValueError` names the reason when it cannot be used), `False` always runs
-            the backend-agnostic `keras.ops` implementation.
+            known while tracing) that the kernel's fixed cost makes training slower; in
+            inference 4-D and 5-D inputs take it at any size, so that Grappler folds it into
+            the preceding convolution. `True` demands it (a `ValueError` names the reason when
+            it cannot be used), `False` always runs the backend-agnostic `keras.ops`
+            implementation.
         **kwargs: Base layer keyword arguments, e.g. `name` and `dtype`.
 
     Call arguments:
@@ -541,7 +545,14 @@ class BatchNormalization(keras.layers.Layer):
             )
         if reasons:
             return False
-        return self.fused is not None or not _is_small(inputs.shape)
+        if self.fused is not None or not _is_small(inputs.shape):
+            return True
+        # The size threshold is training's trade-off: the kernel's fixed cost against the
+        # passes it saves forward and backward. In inference a 4-D or 5-D input that reaches
+        # the kernel as it is (a convolution's output) takes the kernel whatever its size:
+        # Grappler folds it and the next ReLU into the convolution (`_FusedConv2D`), where the
+        # keras.ops path leaves a multiply, an add and a ReLU over every value.
+        return not training and self._fused_layout[1] is None
 
     def _broadcast_shape(self, ndim: int, axes: list[int]) -> list[int]:
         shape = [1] * ndim

@@ -331,3 +331,26 @@ def test_fused_none_keeps_small_static_inputs_on_the_keras_ops_path(
     forced = BatchNormalization(fused=True)
     forced.build(shape)
     assert len(fused_ops(forced, shape, True)) == 1
+
+
+@pytest.mark.parametrize(
+    "shape,fused_ops_expected",
+    [
+        ((1, 3, 3, 64), 1),  # a convolution's output served one image at a time
+        ((60, 8, 8, 16), 1),
+        ((2, 2, 2, 2, 8), 1),  # a 3-D convolution's output
+        ((60, 100), 0),  # an MLP's activations: nothing to fold the kernel into
+        ((4, 10, 16), 0),  # viewed as (rows, 1, 1, 16) by a reshape
+    ],
+)
+def test_fused_none_keeps_small_convolution_outputs_on_the_kernel_in_inference(
+    monkeypatch, shape, fused_ops_expected
+):
+    """Grappler can fold an inference FusedBatchNormV3 into the convolution before it."""
+    from layers import batch_normalization
+
+    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 100_000)
+    layer = BatchNormalization()
+    layer.build(shape)
+    assert len(fused_ops(layer, shape, False)) == fused_ops_expected
+    assert len(fused_ops(layer, shape, True)) == 0  # training keeps the size threshold
