@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from bnzoo.atomic_files import atomic_write_text
 from bnzoo.cli import UsageError
 
 NORMALIZATIONS = ("batch_norm", "keras", "none")
@@ -560,17 +561,6 @@ def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
 CONFIG_FILENAME = "config.yaml"
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that a crash leaves either the old file or the new one."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
-
 def save_config(config: TrainConfig, run_dir: str | os.PathLike) -> str:
     """Write the resolved config as `run_dir/config.yaml` (atomically); return its path."""
     path = os.path.join(run_dir, CONFIG_FILENAME)
@@ -609,38 +599,3 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
     ]
-
-
-def check_run_folder(run_dir: str | os.PathLike, config: TrainConfig) -> str:
-    """Decide what to do with `run_dir` for `config`.
-
-    Returns:
-        "new" when the folder is missing or empty (or `config.overwrite` is set: the caller
-        clears it), "resume" when it holds this same run.
-
-    Raises:
-        ValueError: the folder holds a different run, or files that are not a bnzoo run, and
-            `config.overwrite` is not set.
-    """
-    run_dir = os.fspath(run_dir)
-    if not os.path.exists(run_dir):
-        return "new"
-    if not os.path.isdir(run_dir):
-        raise ValueError(f"--output-dir {run_dir} is a file, not a folder; choose another path")
-    if config.overwrite:
-        return "new"
-    if not os.path.exists(os.path.join(run_dir, CONFIG_FILENAME)):
-        # `.lock` is the lock file of bnzoo.training; alone, it means a run killed at birth.
-        if [name for name in os.listdir(run_dir) if name != ".lock"]:
-            raise ValueError(
-                f"--output-dir {run_dir} is not empty and holds no bnzoo run (no "
-                f"{CONFIG_FILENAME}); choose another --output-dir or pass --overwrite"
-            )
-        return "new"
-    differences = config_differences(load_config(run_dir), config)
-    if differences:
-        raise ValueError(
-            f"{run_dir} holds a different run ({'; '.join(differences)}); pass --overwrite to "
-            "replace it or choose another --output-dir"
-        )
-    return "resume"

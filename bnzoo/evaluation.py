@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from bnzoo.config import CONFIG_FILENAME, atomic_write_text, load_config
+from bnzoo.atomic_files import atomic_write_text
+from bnzoo.config import CONFIG_FILENAME, load_config
 
 TOP_K = 5
 

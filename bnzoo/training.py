@@ -1,25 +1,8 @@
-"""Training runs that survive a kill: model/optimizer/schedule/loss from a `TrainConfig`, the run
-folder, checkpoints, resume, and the final artifacts.
+"""A training run from a `TrainConfig`: build the model, train or resume it in its run folder,
+and write the final artifacts.
 
-A run folder (`runs/<date>-<model>-<dataset>/` by default) holds::
-
-    config.yaml            the resolved TrainConfig (bnzoo.config)
-    history.csv            one row per finished epoch, `epoch` counted from 1
-    logs/                  TensorBoard event files (train/ and validation/)
-    checkpoints/last.keras the newest finished epoch: weights, BN moving statistics, optimizer
-                           state and, inside the same archive, the epoch counter and history
-    checkpoints/best.keras the epoch with the best validation accuracy so far
-    model.keras            the trained model (inference copy, no optimizer)
-    saved_model/           the serving SavedModel (bnzoo.export)
-    metrics.json           the test split's metrics (bnzoo.evaluation's schema)
-    training_curves.png    loss, accuracy and learning rate per epoch
-
-Crash safety rests on one rule: every file is written under a temporary name and moved into
-place with `os.replace`, which is atomic on POSIX. `checkpoints/last.keras` is the commit point
-of an epoch; it carries its own epoch counter and history rows (an extra JSON member of the
-`.keras` zip archive, which Keras ignores when loading), so weights and counter can never
-disagree. `history.csv` is rewritten from the committed rows after each commit and on resume,
-so a SIGKILL at any instant loses at most the epoch in progress and never duplicates a row.
+The run folder, its checkpoints and crash safety are `bnzoo.run_folder`'s; the optimizer,
+schedule, loss and metrics `bnzoo.optimization`'s; the per-epoch callbacks `bnzoo.callbacks`'.
 
 Resuming rebuilds the model and optimizer from the config exactly as a fresh run would (so
 settings that Keras does not serialize, such as the weight-decay exclusions, are identical),
@@ -30,49 +13,32 @@ counter, so it continues where it stopped.
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import difflib
 import inspect
-import io
 import json
-import math
 import os
-import shutil
 import sys
-import time
-import zipfile
 from collections.abc import Callable
 from typing import Any
 
 import keras
-from keras import ops
 
-from bnzoo.config import (
-    CONFIG_FILENAME,
-    RESERVED_MODEL_ARGS,
-    TrainConfig,
-    atomic_write_text,
+from bnzoo.atomic_files import save_model_atomically
+from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
+from bnzoo.config import RESERVED_MODEL_ARGS, TrainConfig, default_output_dir, save_config
+from bnzoo.optimization import build_loss, build_metrics, build_optimizer
+from bnzoo.run_folder import (
+    STATE_FORMAT,
+    RunPaths,
     check_run_folder,
-    default_output_dir,
-    save_config,
-)
-
-#: The member of a checkpoint's `.keras` archive that holds the training state.
-STATE_MEMBER = "bnzoo_training_state.json"
-STATE_FORMAT = 1
-
-HISTORY_COLUMNS = (
-    "epoch",
-    "loss",
-    "accuracy",
-    "top5_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "val_top5_accuracy",
-    "learning_rate",
-    "epoch_seconds",
+    is_complete,
+    locked_run_folder,
+    read_checkpoint_state,
+    remove_run_artifacts,
+    remove_temporary_files,
+    repair_best_checkpoint,
+    write_history_csv,
 )
 
 Log = Callable[[str], None]
@@ -80,374 +46,6 @@ Log = Callable[[str], None]
 
 def _print(message: str) -> None:
     print(message, flush=True)
-
-
-# --- The run folder ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPaths:
-    """Where each artifact of a run lives."""
-
-    run_dir: str
-
-    @property
-    def config(self) -> str:
-        return os.path.join(self.run_dir, CONFIG_FILENAME)
-
-    @property
-    def history(self) -> str:
-        return os.path.join(self.run_dir, "history.csv")
-
-    @property
-    def logs(self) -> str:
-        return os.path.join(self.run_dir, "logs")
-
-    @property
-    def checkpoints(self) -> str:
-        return os.path.join(self.run_dir, "checkpoints")
-
-    @property
-    def last_checkpoint(self) -> str:
-        return os.path.join(self.checkpoints, "last.keras")
-
-    @property
-    def best_checkpoint(self) -> str:
-        return os.path.join(self.checkpoints, "best.keras")
-
-    @property
-    def model(self) -> str:
-        return os.path.join(self.run_dir, "model.keras")
-
-    @property
-    def saved_model(self) -> str:
-        return os.path.join(self.run_dir, "saved_model")
-
-    @property
-    def metrics(self) -> str:
-        return os.path.join(self.run_dir, "metrics.json")
-
-    @property
-    def curves(self) -> str:
-        return os.path.join(self.run_dir, "training_curves.png")
-
-    def artifacts(self) -> list[str]:
-        """Everything `train` writes; `--overwrite` removes exactly these, nothing else."""
-        return [
-            self.config,
-            self.history,
-            self.logs,
-            self.checkpoints,
-            self.model,
-            self.saved_model,
-            self.metrics,
-            self.curves,
-        ]
-
-    def final_artifacts(self, config: TrainConfig) -> list[str]:
-        """The artifacts whose presence (with all epochs checkpointed) marks a complete run."""
-        paths = [self.history, self.model, os.path.join(self.saved_model, "saved_model.pb")]
-        if config.test_split:
-            paths.append(self.metrics)
-        return paths
-
-
-def _is_temporary(name: str) -> bool:
-    return ".tmp-" in name or ".old-" in name
-
-
-def remove_temporary_files(paths: RunPaths) -> None:
-    """Delete what a killed process left half-written (never a committed artifact)."""
-    for folder in (paths.run_dir, paths.checkpoints):
-        if not os.path.isdir(folder):
-            continue
-        for name in os.listdir(folder):
-            if _is_temporary(name):
-                target = os.path.join(folder, name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target, ignore_errors=True)
-                else:
-                    os.remove(target)
-
-
-LOCK_FILENAME = ".lock"
-
-
-@contextlib.contextmanager
-def locked_run_folder(paths: RunPaths):
-    """Hold an exclusive lock on the run folder while training in it.
-
-    Two processes training into one folder would overwrite each other's checkpoints and delete
-    each other's temporary files. `flock` locks belong to the open file, so the kernel releases
-    them when the process dies, SIGKILL included: a killed run never leaves a stale lock.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locking
-        yield
-        return
-    with open(os.path.join(paths.run_dir, LOCK_FILENAME), "a") as stream:
-        try:
-            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"{paths.run_dir} is in use by another train.py process; wait for it to finish "
-                "or choose another --output-dir"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(stream, fcntl.LOCK_UN)
-
-
-def remove_run_artifacts(paths: RunPaths) -> None:
-    """`--overwrite`: remove the previous run's artifacts, leaving any other file alone."""
-    remove_temporary_files(paths)
-    for path in paths.artifacts():
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
-def _fsync_directory(path: str) -> None:
-    # Makes the rename itself durable across a power cut; a SIGKILL does not need it.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as stream:
-        os.fsync(stream.fileno())
-
-
-def save_model_atomically(model: keras.Model, path: str) -> None:
-    """`model.save(path)`, through a temporary file and `os.replace`."""
-    tmp = f"{path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
-    model.save(tmp)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_directory(os.path.dirname(path) or ".")
-
-
-# --- Checkpoints ---------------------------------------------------------------------------------
-
-
-def save_checkpoint(model: keras.Model, path: str, state: dict[str, Any]) -> None:
-    """Save the model with its optimizer and `state` (epoch, history, best) as one `.keras` file,
-    atomically: a reader sees the previous checkpoint or this one, never a mix."""
-    tmp = f"{path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as archive:
-        archive.writestr(STATE_MEMBER, json.dumps(state, indent=1))
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_directory(os.path.dirname(path))
-
-
-def read_checkpoint_state(path: str) -> dict[str, Any] | None:
-    """The training state stored in checkpoint `path`, or None when there is no checkpoint."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            state = json.loads(archive.read(STATE_MEMBER))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as error:
-        raise ValueError(
-            f"{path} is not a readable bnzoo checkpoint ({error}); pass --overwrite to start "
-            "the run over"
-        ) from None
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
-    return state
-
-
-def copy_file_atomically(source: str, destination: str) -> None:
-    tmp = f"{destination}.tmp-{os.getpid()}"
-    shutil.copyfile(source, tmp)
-    _fsync_file(tmp)
-    os.replace(tmp, destination)
-
-
-def write_history_csv(path: str, rows: list[dict[str, Any]]) -> None:
-    """Rewrite `history.csv` with exactly `rows` (atomically), one per epoch."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: row.get(key, "") for key in HISTORY_COLUMNS})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def read_history_csv(path: str) -> list[dict[str, float]]:
-    """`history.csv` as a list of rows with floats (`epoch` as int); empty cells are dropped."""
-    with open(path, newline="", encoding="utf-8") as stream:
-        rows = []
-        for raw in csv.DictReader(stream):
-            row: dict[str, float] = {}
-            for key, value in raw.items():
-                if value not in ("", None):
-                    row[key] = int(value) if key == "epoch" else float(value)
-            rows.append(row)
-    return rows
-
-
-# --- Model, optimizer, schedule, loss ------------------------------------------------------------
-
-
-@keras.saving.register_keras_serializable(package="bnzoo")
-class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to a peak learning rate, then constant, exponential or cosine decay.
-
-    Warmup keeps the first steps from blowing up while the freshly initialized network's
-    activations are far from normalized; Batch Normalization then tolerates the high peak rate
-    (Ioffe & Szegedy 2015, section 3.3), and the decay anneals it.
-
-    With `w = warmup_steps`, `t = step - w` and `T = total_steps - w`:
-
-    - warmup (`step < w`): `peak * (step + 1) / w`, so the first step already moves;
-    - constant: `peak`;
-    - exponential: `peak * decay_rate ** (t / steps_per_epoch)`, a factor `decay_rate` per epoch;
-    - cosine: `peak * (1 + cos(pi * min(t, T) / T)) / 2`, reaching 0 at `total_steps`.
-
-    Args:
-        peak_learning_rate: the rate at the end of the warmup.
-        warmup_steps: number of warmup steps (0 for none).
-        total_steps: all training steps; the cosine reaches 0 there.
-        decay: "constant", "exponential" or "cosine".
-        steps_per_epoch: steps per epoch, the unit of `decay_rate`.
-        decay_rate: exponential decay factor per epoch.
-        name: the schedule's name.
-
-    Example:
-
-    ```python
-    schedule = bnzoo.training.WarmupSchedule(0.1, warmup_steps=400, total_steps=5000)
-    optimizer = keras.optimizers.SGD(schedule, momentum=0.9)
-    ```
-    """
-
-    def __init__(
-        self,
-        peak_learning_rate: float,
-        warmup_steps: int,
-        total_steps: int,
-        decay: str = "cosine",
-        steps_per_epoch: int = 1,
-        decay_rate: float = 0.9,
-        name: str = "warmup_schedule",
-    ):
-        if decay not in ("constant", "exponential", "cosine"):
-            raise ValueError(f"decay must be constant, exponential or cosine, got {decay!r}")
-        if not 0 <= warmup_steps < total_steps:
-            raise ValueError(
-                f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}"
-            )
-        self.peak_learning_rate = float(peak_learning_rate)
-        self.warmup_steps = int(warmup_steps)
-        self.total_steps = int(total_steps)
-        self.decay = decay
-        self.steps_per_epoch = int(steps_per_epoch)
-        self.decay_rate = float(decay_rate)
-        self.name = name
-
-    def __call__(self, step):
-        step = ops.cast(step, "float32")
-        peak = ops.cast(self.peak_learning_rate, "float32")
-        warmup = float(max(self.warmup_steps, 1))
-        warmup_rate = peak * ops.minimum((step + 1.0) / warmup, 1.0)
-        t = ops.maximum(step - float(self.warmup_steps), 0.0)
-        if self.decay == "constant":
-            decayed = peak
-        elif self.decay == "exponential":
-            decayed = peak * ops.power(
-                ops.cast(self.decay_rate, "float32"), t / float(self.steps_per_epoch)
-            )
-        else:
-            span = float(self.total_steps - self.warmup_steps)
-            progress = ops.minimum(t, span) / span
-            decayed = 0.5 * peak * (1.0 + ops.cos(math.pi * progress))
-        if self.warmup_steps == 0:
-            return decayed * ops.ones_like(step)
-        return ops.where(step < float(self.warmup_steps), warmup_rate, decayed)
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "peak_learning_rate": self.peak_learning_rate,
-            "warmup_steps": self.warmup_steps,
-            "total_steps": self.total_steps,
-            "decay": self.decay,
-            "steps_per_epoch": self.steps_per_epoch,
-            "decay_rate": self.decay_rate,
-            "name": self.name,
-        }
-
-
-def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupSchedule:
-    """The learning-rate schedule of `config`, in optimizer steps."""
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1)
-    return WarmupSchedule(
-        config.lr,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        decay=config.lr_schedule,
-        steps_per_epoch=steps_per_epoch,
-        decay_rate=config.lr_decay_rate,
-    )
-
-
-def build_optimizer(
-    config: TrainConfig, model: keras.Model, steps_per_epoch: int
-) -> keras.optimizers.Optimizer:
-    """SGD with momentum, Adam or AdamW on `config`'s schedule, with decoupled weight decay.
-
-    Keras applies `weight_decay` decoupled from the gradient for every optimizer
-    (`w -= lr * weight_decay * w`), so `adam` with a weight decay behaves like `adamw`; the two
-    names differ in their defaults only. Decay is applied to kernels, not to biases or to BN's
-    gamma and beta: shrinking gamma only rescales a normalized activation, which the next layer
-    undoes, so decaying it regularizes nothing and fights the normalization.
-    """
-    schedule = build_schedule(config, steps_per_epoch)
-    weight_decay = config.weight_decay or None
-    if config.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(
-            schedule, momentum=config.momentum, weight_decay=weight_decay
-        )
-    elif config.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(schedule, weight_decay=weight_decay)
-    elif config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
-    else:
-        raise ValueError(f"--optimizer must be sgd, adam or adamw, got {config.optimizer!r}")
-    if weight_decay:
-        optimizer.exclude_from_weight_decay(
-            var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
-        )
-    return optimizer
-
-
-def build_loss(config: TrainConfig) -> keras.losses.Loss:
-    """Cross-entropy on logits; labels arrive one-hot so that label smoothing is available
-    (Keras' sparse cross-entropy has no `label_smoothing`)."""
-    return keras.losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=config.label_smoothing
-    )
-
-
-def build_metrics() -> list[keras.metrics.Metric]:
-    return [
-        keras.metrics.CategoricalAccuracy(name="accuracy"),
-        keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"),
-    ]
 
 
 def resolve_image_size(
@@ -507,8 +105,12 @@ def build_model(
 
 def inference_copy(model: keras.Model) -> keras.Model:
     """An uncompiled copy of `model` with the same weights, for `model.keras`: loading it needs
-    bnzoo's layers but not the training code's optimizer and schedule."""
-    copy = keras.models.clone_model(model)
+    bnzoo's layers but not the training code's optimizer and schedule.
+
+    Built from the model's config rather than with `keras.models.clone_model`, which (Keras 3.15)
+    also compiles the clone when the original is compiled, and would save its optimizer.
+    """
+    copy = model.__class__.from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy
 
@@ -532,140 +134,6 @@ def configure_runtime(config: TrainConfig) -> str:
     return policy
 
 
-# --- Callbacks -----------------------------------------------------------------------------------
-
-
-def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
-    return float(ops.convert_to_numpy(optimizer.learning_rate))
-
-
-class RunCheckpoint(keras.callbacks.Callback):
-    """Commits each finished epoch: `checkpoints/last.keras` (with the epoch counter and
-    history inside), then `best.keras` when the monitored metric improved, then `history.csv`.
-
-    The order matters for crash safety: last.keras is the commit; best.keras is a copy of it
-    and is repaired on resume when a kill fell between the two (the state names the best
-    epoch); history.csv is derived from the committed rows.
-
-    An epoch whose loss is not finite is not committed: training stops and `diverged_epoch`
-    says where, so the caller can report it instead of checkpointing NaN weights.
-    """
-
-    def __init__(self, paths: RunPaths, state: dict[str, Any], monitor: str):
-        super().__init__()
-        self.paths = paths
-        self.state = state
-        self.monitor = monitor
-        self.diverged_epoch: int | None = None
-        self._epoch_start = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch_start = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = dict(logs or {})
-        loss = float(logs.get("loss", math.nan))
-        if not math.isfinite(loss):
-            self.diverged_epoch = epoch + 1
-            self.model.stop_training = True
-            return
-        row: dict[str, Any] = {"epoch": epoch + 1}
-        for key in HISTORY_COLUMNS[1:-2]:
-            if key in logs:
-                row[key] = float(logs[key])
-        row["learning_rate"] = current_learning_rate(self.model.optimizer)
-        row["epoch_seconds"] = round(time.perf_counter() - self._epoch_start, 3)
-
-        best = self.state.get("best")
-        value = row.get(self.monitor)
-        improved = value is not None and (best is None or value > best["value"])
-        if improved:
-            best = {"monitor": self.monitor, "value": value, "epoch": epoch + 1}
-        state = {
-            "format": STATE_FORMAT,
-            "epoch": epoch + 1,
-            "history": [*self.state["history"], row],
-            "best": best,
-        }
-        save_checkpoint(self.model, self.paths.last_checkpoint, state)
-        self.state = state
-        if improved:
-            copy_file_atomically(self.paths.last_checkpoint, self.paths.best_checkpoint)
-        write_history_csv(self.paths.history, state["history"])
-
-
-class TensorBoardScalars(keras.callbacks.Callback):
-    """Per-epoch metrics and learning rate as TensorBoard event files in `logs/train` and
-    `logs/validation` (tags `epoch_loss`, `epoch_accuracy`, ...), step = epoch counted from 1.
-
-    Keras' TensorBoard callback needs the `tensorboard` package for `tf.summary.scalar`; this
-    writes the same scalar summaries through `tf.summary.write`, which is TensorFlow's own, so
-    runs log on machines without it (viewing the logs still needs `pip install tensorboard`).
-    """
-
-    def __init__(self, log_dir: str):
-        super().__init__()
-        self.log_dir = log_dir
-        self._writers: dict[str, Any] = {}
-
-    def _write(self, folder: str, tag: str, value: float, step: int) -> None:
-        import tensorflow as tf
-        from tensorflow.core.framework import summary_pb2
-
-        if folder not in self._writers:
-            self._writers[folder] = tf.summary.create_file_writer(
-                os.path.join(self.log_dir, folder)
-            )
-        metadata = summary_pb2.SummaryMetadata()
-        metadata.plugin_data.plugin_name = "scalars"
-        with self._writers[folder].as_default():
-            tf.summary.write(
-                tag,
-                tf.constant(value, tf.float32),
-                step=step,
-                metadata=metadata.SerializeToString(),
-            )
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        for key, value in (logs or {}).items():
-            if key.startswith("val_"):
-                self._write("validation", f"epoch_{key[4:]}", float(value), epoch + 1)
-            else:
-                self._write("train", f"epoch_{key}", float(value), epoch + 1)
-        learning_rate = current_learning_rate(self.model.optimizer)
-        self._write("train", "epoch_learning_rate", learning_rate, epoch + 1)
-        for writer in self._writers.values():
-            writer.flush()
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
-
-
-class EpochSummary(keras.callbacks.Callback):
-    """One line per epoch, for logs and pipes where Keras' progress bar would be noise."""
-
-    def __init__(self, epochs: int, log: Log = _print):
-        super().__init__()
-        self.epochs = epochs
-        self.log = log
-        self._start = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
-        parts = [f"epoch {epoch + 1}/{self.epochs}"]
-        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-            if key in logs:
-                parts.append(f"{key} {float(logs[key]):.4f}")
-        parts.append(f"lr {current_learning_rate(self.model.optimizer):.4g}")
-        parts.append(f"{time.perf_counter() - self._start:.1f}s")
-        self.log("  ".join(parts))
-
-
 # --- The run -------------------------------------------------------------------------------------
 
 
@@ -687,29 +155,6 @@ def _one_hot(num_classes: int):
         return images, tf.one_hot(labels, num_classes)
 
     return convert
-
-
-def _repair_best_checkpoint(paths: RunPaths, state: dict[str, Any]) -> None:
-    """A kill between committing last.keras and copying it to best.keras leaves best.keras one
-    improvement behind; the committed state knows, and last.keras holds the right weights."""
-    best = state.get("best")
-    if not best or best["epoch"] != state["epoch"]:
-        return
-    best_state = (
-        read_checkpoint_state(paths.best_checkpoint)
-        if os.path.exists(paths.best_checkpoint)
-        else None
-    )
-    if best_state is None or best_state["epoch"] != best["epoch"]:
-        copy_file_atomically(paths.last_checkpoint, paths.best_checkpoint)
-
-
-def _is_complete(paths: RunPaths, config: TrainConfig, state: dict[str, Any] | None) -> bool:
-    return (
-        state is not None
-        and state["epoch"] >= config.epochs
-        and all(os.path.exists(path) for path in paths.final_artifacts(config))
-    )
 
 
 def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None = None) -> RunResult:
@@ -739,7 +184,7 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
     state = read_checkpoint_state(paths.last_checkpoint) if mode == "resume" else None
     if state is not None and state["epoch"] > config.epochs:
         raise ValueError(f"{paths.last_checkpoint} is past epoch {config.epochs}: not this run")
-    if _is_complete(paths, config, state):
+    if is_complete(paths, config, state):
         metrics = _read_json(paths.metrics) if config.test_split else None
         summary = f"; test accuracy {metrics['accuracy']:.2%}" if metrics else ""
         log(
@@ -820,7 +265,7 @@ def _run(
             model.optimizer.build(model.trainable_variables)
             model.load_weights(paths.last_checkpoint)
             initial_epoch = state["epoch"]
-            _repair_best_checkpoint(paths, state)
+            repair_best_checkpoint(paths, state)
         else:
             state = {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}
         write_history_csv(paths.history, state["history"])

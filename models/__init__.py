@@ -17,6 +17,10 @@ models.profile_model(model).multiply_adds
 input size; `python -m models NAME` prints one model's summary.
 """
 
+# The trainer's learning-rate schedule lives inside the optimizer of every checkpoint it writes;
+# importing it registers it with Keras, so `import layers, models` is enough to load any `.keras`
+# file bnzoo writes (model.keras, checkpoints/last.keras, checkpoints/best.keras).
+import bnzoo.optimization  # noqa: F401
 from models.bn_inception import bn_inception
 from models.building_blocks import (
     ModelProfile,

@@ -10,13 +10,13 @@ import yaml
 from bnzoo.cli import UsageError
 from bnzoo.config import (
     TrainConfig,
-    check_run_folder,
     default_output_dir,
     load_config,
     parse_literal,
     parse_train_args,
     save_config,
 )
+from bnzoo.run_folder import check_run_folder
 
 
 def write_yaml(path, values):

@@ -19,7 +19,7 @@ import tensorflow as tf
 from bnzoo import evaluation
 from bnzoo.cli import run_cli
 from bnzoo.data import load_dataset, preprocess_images
-from bnzoo.training import RunPaths, read_checkpoint_state
+from bnzoo.run_folder import RunPaths, read_checkpoint_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICES = [
@@ -136,6 +136,49 @@ def test_saved_model_in_a_tensorflow_only_process_predicts_like_the_keras_model(
 
     served = serve_with_tensorflow_only(os.path.join(run_dir, "saved_model"), images)
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
+
+
+LOAD_WITH_LAYERS_AND_MODELS_ONLY = """
+import sys
+
+import keras
+import layers
+import models
+
+for path in sys.argv[1:]:
+    model = keras.saving.load_model(path)
+    optimizer = getattr(model, "optimizer", None)  # an uncompiled model has none
+    steps = None if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
+    print(path.rsplit("/", 1)[-1], type(optimizer).__name__, steps, model.count_params())
+bnzoo_modules = sorted(name for name in sys.modules if name.split(".")[0] == "bnzoo")
+print("bnzoo modules:", bnzoo_modules)
+"""
+
+
+@pytest.mark.slow
+def test_every_keras_file_loads_in_user_code_that_imports_only_layers_and_models(run_dir):
+    """A user's own script: `import keras, layers, models`, then load every .keras file the
+    run wrote, the checkpoints with their optimizer state (and its learning-rate schedule)."""
+    files = [
+        os.path.join(run_dir, "model.keras"),
+        os.path.join(run_dir, "checkpoints", "last.keras"),
+        os.path.join(run_dir, "checkpoints", "best.keras"),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_LAYERS_AND_MODELS_ONLY, *files],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    steps = read_checkpoint_state(files[1])["epoch"] * (512 // 64)
+    assert lines[0].split()[:3] == ["model.keras", "NoneType", "None"]
+    assert lines[1].split()[:3] == ["last.keras", "SGD", str(steps)]
+    assert lines[2].split()[:3] == ["best.keras", "SGD", str(steps)]
+    # Nothing of the trainer was imported by the user's script except the schedule's module.
+    assert "bnzoo.training" not in lines[3]
 
 
 @pytest.mark.slow

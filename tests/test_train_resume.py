@@ -12,7 +12,7 @@ import time
 import keras
 import pytest
 
-from bnzoo.training import RunPaths, read_checkpoint_state
+from bnzoo.run_folder import RunPaths, read_checkpoint_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3
@@ -110,8 +110,8 @@ def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path)
 
     # The optimizer state came back: its step counter counts every epoch exactly once. A resume
     # that rebuilt a fresh optimizer would restart it (and the learning-rate schedule) at 0.
-    import bnzoo.training  # noqa: F401  (the schedule inside the checkpoint's optimizer)
     import layers  # noqa: F401  (bnzoo's BN layer, to load the checkpoint)
+    import models  # noqa: F401  (registers the schedule inside the checkpoint's optimizer)
 
     checkpoint = keras.models.load_model(paths.last_checkpoint)
     assert int(checkpoint.optimizer.iterations) == EPOCHS * STEPS_PER_EPOCH

@@ -12,21 +12,19 @@ import numpy as np
 import pytest
 
 from bnzoo.config import TrainConfig
-from bnzoo.training import (
+from bnzoo.optimization import WarmupSchedule, build_optimizer, build_schedule
+from bnzoo.run_folder import (
     STATE_MEMBER,
     RunPaths,
-    WarmupSchedule,
-    _repair_best_checkpoint,
-    build_optimizer,
-    build_schedule,
     read_checkpoint_state,
     read_history_csv,
     remove_run_artifacts,
     remove_temporary_files,
-    resolve_image_size,
+    repair_best_checkpoint,
     save_checkpoint,
     write_history_csv,
 )
+from bnzoo.training import resolve_image_size
 
 
 def value(variable):
@@ -231,7 +229,7 @@ def test_best_checkpoint_is_repaired_after_a_kill_between_last_and_best(tmp_path
         "best": {"monitor": "val_accuracy", "value": 0.9, "epoch": 2},
     }
     save_checkpoint(model, paths.last_checkpoint, state)  # the kill came before the copy
-    _repair_best_checkpoint(paths, state)
+    repair_best_checkpoint(paths, state)
     assert read_checkpoint_state(paths.best_checkpoint) == state
 
 

@@ -1,0 +1,154 @@
+"""Keras callbacks of a training run: the per-epoch commit, TensorBoard scalars, epoch lines."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from bnzoo.atomic_files import copy_file_atomically
+from bnzoo.optimization import current_learning_rate
+from bnzoo.run_folder import (
+    HISTORY_COLUMNS,
+    STATE_FORMAT,
+    RunPaths,
+    save_checkpoint,
+    write_history_csv,
+)
+
+Log = Callable[[str], None]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Commits each finished epoch: `checkpoints/last.keras` (with the epoch counter and
+    history inside), then `best.keras` when the monitored metric improved, then `history.csv`.
+
+    The order matters for crash safety: last.keras is the commit; best.keras is a copy of it
+    and is repaired on resume when a kill fell between the two (the state names the best
+    epoch); history.csv is derived from the committed rows.
+
+    An epoch whose loss is not finite is not committed: training stops and `diverged_epoch`
+    says where, so the caller can report it instead of checkpointing NaN weights.
+    """
+
+    def __init__(self, paths: RunPaths, state: dict[str, Any], monitor: str):
+        super().__init__()
+        self.paths = paths
+        self.state = state
+        self.monitor = monitor
+        self.diverged_epoch: int | None = None
+        self._epoch_start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = dict(logs or {})
+        loss = float(logs.get("loss", math.nan))
+        if not math.isfinite(loss):
+            self.diverged_epoch = epoch + 1
+            self.model.stop_training = True
+            return
+        row: dict[str, Any] = {"epoch": epoch + 1}
+        for key in HISTORY_COLUMNS[1:-2]:
+            if key in logs:
+                row[key] = float(logs[key])
+        row["learning_rate"] = current_learning_rate(self.model.optimizer)
+        row["epoch_seconds"] = round(time.perf_counter() - self._epoch_start, 3)
+
+        best = self.state.get("best")
+        value = row.get(self.monitor)
+        improved = value is not None and (best is None or value > best["value"])
+        if improved:
+            best = {"monitor": self.monitor, "value": value, "epoch": epoch + 1}
+        state = {
+            "format": STATE_FORMAT,
+            "epoch": epoch + 1,
+            "history": [*self.state["history"], row],
+            "best": best,
+        }
+        save_checkpoint(self.model, self.paths.last_checkpoint, state)
+        self.state = state
+        if improved:
+            copy_file_atomically(self.paths.last_checkpoint, self.paths.best_checkpoint)
+        write_history_csv(self.paths.history, state["history"])
+
+
+class TensorBoardScalars(keras.callbacks.Callback):
+    """Per-epoch metrics and learning rate as TensorBoard event files in `logs/train` and
+    `logs/validation` (tags `epoch_loss`, `epoch_accuracy`, ...), step = epoch counted from 1.
+
+    Keras' TensorBoard callback needs the `tensorboard` package for `tf.summary.scalar`; this
+    writes the same scalar summaries through `tf.summary.write`, which is TensorFlow's own, so
+    runs log on machines without it (viewing the logs still needs `pip install tensorboard`).
+    """
+
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self.log_dir = log_dir
+        self._writers: dict[str, Any] = {}
+
+    def _write(self, folder: str, tag: str, value: float, step: int) -> None:
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        if folder not in self._writers:
+            self._writers[folder] = tf.summary.create_file_writer(
+                os.path.join(self.log_dir, folder)
+            )
+        metadata = summary_pb2.SummaryMetadata()
+        metadata.plugin_data.plugin_name = "scalars"
+        with self._writers[folder].as_default():
+            tf.summary.write(
+                tag,
+                tf.constant(value, tf.float32),
+                step=step,
+                metadata=metadata.SerializeToString(),
+            )
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        for key, value in (logs or {}).items():
+            if key.startswith("val_"):
+                self._write("validation", f"epoch_{key[4:]}", float(value), epoch + 1)
+            else:
+                self._write("train", f"epoch_{key}", float(value), epoch + 1)
+        learning_rate = current_learning_rate(self.model.optimizer)
+        self._write("train", "epoch_learning_rate", learning_rate, epoch + 1)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+class EpochSummary(keras.callbacks.Callback):
+    """One line per epoch, for logs and pipes where Keras' progress bar would be noise."""
+
+    def __init__(self, epochs: int, log: Log = _print):
+        super().__init__()
+        self.epochs = epochs
+        self.log = log
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        parts = [f"epoch {epoch + 1}/{self.epochs}"]
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            if key in logs:
+                parts.append(f"{key} {float(logs[key]):.4f}")
+        parts.append(f"lr {current_learning_rate(self.model.optimizer):.4g}")
+        parts.append(f"{time.perf_counter() - self._start:.1f}s")
+        self.log("  ".join(parts))
