@@ -121,12 +121,14 @@ def bn_shapes(model: keras.Model, batch: int) -> list[tuple[int, ...]]:
 def bn_alone_functions(shapes: list[tuple[int, ...]]) -> dict:
     """`tf.function`s running our BN's training step, and 4 copies, on every shape at once."""
     rng = np.random.default_rng(0)
-    xs = [tf.constant(rng.normal(size=s).astype("float32")) for s in shapes]
-    dys = [tf.constant(rng.normal(size=s).astype("float32")) for s in shapes]
+    # In the compute dtype (bfloat16 under mixed_bfloat16), as the layers receive them in a model.
+    dtype = keras.mixed_precision.global_policy().compute_dtype
+    xs = [tf.constant(rng.normal(size=s), dtype=dtype) for s in shapes]
+    dys = [tf.constant(rng.normal(size=s), dtype=dtype) for s in shapes]
     layers = [BatchNormalization() for _ in shapes]
     for layer, shape in zip(layers, shapes, strict=True):
         layer.build(shape)
-    zero = tf.Variable(0.0)
+    zero = tf.Variable(tf.zeros([], dtype))
 
     def bn_alone():
         results = []
@@ -164,7 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7, help="timed and traced steps")
     parser.add_argument("--inter-op-threads", type=int, default=0, help="0: TensorFlow's default")
+    parser.add_argument(
+        "--precision", choices=("float32", "mixed_bfloat16"), default="float32", help="Keras policy"
+    )
     args = parser.parse_args(argv)
+    keras.mixed_precision.set_global_policy(args.precision)
     if args.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
 
@@ -222,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
 
     values = sum(int(np.prod(s)) for s in shapes)
     print(
-        f"{args.model} {args.size}x{args.size}, batch {args.batch}, float32, SGD with momentum, "
+        f"{args.model} {args.size}x{args.size}, batch {args.batch}, {args.precision}, SGD with "
+        "momentum, "
         f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, inter-op threads "
         f"{args.inter_op_threads or 'default'}, load average {load:.1f} (1 min); medians of "
         f"{args.rounds} interleaved steps.\n"
@@ -239,17 +246,25 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(f"{share - 100:+.1f}%" if name in VARIANTS else f"{share:.1f}% of it")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\n2. Op time per category (ms per step, summed over inter-op threads):\n")
-    print("| category | " + " | ".join(VARIANTS) + " |")
-    print("|---|" + "---:|" * len(VARIANTS))
+    print("| category | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | share of ours |")
+    print("|---|" + "---:|" * (len(VARIANTS) + 1))
     totals = {
         v: [sum(c[i] for c in per_category[v].values()) for i in range(args.rounds)]
         for v in VARIANTS
     }
+    ours_total = statistics.median(totals["ours"])
     for category in CATEGORIES:
         cells = [statistics.median(per_category[v][category]) for v in VARIANTS]
-        print(f"| {category} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-    print("| all ops | " + " | ".join(f"{statistics.median(totals[v]):.1f}" for v in VARIANTS))
-
+        print(
+            f"| {category} | "
+            + " | ".join(f"{c:.1f}" for c in cells)
+            + f" | {100 * cells[0] / ours_total:.1f}% |"
+        )
+    print(
+        "| all ops | "
+        + " | ".join(f"{statistics.median(totals[v]):.1f}" for v in VARIANTS)
+        + " | 100% |"
+    )
     print("\n3. Our BN layers (median ms per step; fused: FusedBatchNormV3, else keras.ops):\n")
     print("| layer | values | path | forward ms | backward ms |")
     print("|---|---:|---|---:|---:|")

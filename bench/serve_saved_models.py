@@ -8,7 +8,8 @@ bnzoo and needs no Keras custom objects. Usage:
 
 It loads every `serving_default` signature, warms each up, then calls them on random uint8
 images of each batch size, once per round in rotating order, and prints one JSON object:
-`{"latency_ms": {NAME: {BATCH: median}}, "fused_convolutions": {NAME: count}, ...}`. The fused
+`{"latency_ms": {NAME: {BATCH: median}}, "cpu_ms": {...}, "fused_convolutions": {NAME: count},
+...}`, the CPU time being that of all the process' threads. The fused
 convolutions are counted in the graph the runtime executes after Grappler (partition graphs of a
 `tf.compat.v1.Session`, as TensorFlow Serving runs a SavedModel).
 """
@@ -58,20 +59,25 @@ def main() -> None:
         for _ in range(3):
             call()
     keys = list(calls)
-    samples = {key: [] for key in keys}
+    wall = {key: [] for key in keys}
+    cpu = {key: [] for key in keys}
     for r in range(rounds):
         for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             calls[key]()  # the outputs of a signature call on CPU are ready when it returns
-            samples[key].append(time.perf_counter() - start)
+            wall[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - cpu_start)
     project = sorted(m for m in sys.modules if m.split(".")[0] in ("bnzoo", "layers", "models"))
     latency: dict[str, dict[int, float]] = {}
-    for (name, batch), times in samples.items():
-        latency.setdefault(name, {})[batch] = statistics.median(times) * 1e3
+    cpu_time: dict[str, dict[int, float]] = {}
+    for name, batch in keys:
+        latency.setdefault(name, {})[batch] = statistics.median(wall[(name, batch)]) * 1e3
+        cpu_time.setdefault(name, {})[batch] = statistics.median(cpu[(name, batch)]) * 1e3
     print(
         json.dumps(
             {
                 "latency_ms": latency,
+                "cpu_ms": cpu_time,
                 "fused_convolutions": fused,
                 "tensorflow": tf.__version__,
                 "project_modules_imported": project,
