@@ -19,9 +19,10 @@ from keras import constraints, initializers, ops, regularizers
 # TensorFlow's fused kernel (FusedBatchNormV3) accepts these input dtypes, always with float32
 # scale, offset and statistics; float64 has no kernel.
 _FUSED_INPUT_DTYPES = ("float16", "bfloat16", "float32")
-# cuDNN rejects smaller epsilons, and tf.compat.v1.nn.fused_batch_norm silently raises them to
-# this value; we fall back to the exact unfused path instead of changing the user's epsilon.
-_FUSED_MIN_EPSILON = 1.001e-5
+# Any epsilon >= 0 is computed exactly: the CPU kernels use it as given, and cuDNN has accepted
+# epsilons below 1e-5 since 7.5 (CUDNN_BN_MIN_EPSILON is 0; TensorFlow 2.21 builds against
+# cuDNN 9). Only tf.compat.v1.nn.fused_batch_norm still raises them to 1.001e-5 for old cuDNNs;
+# this layer calls the op directly, so Caffe's and PyTorch's 1e-5 keep the kernel.
 # Below this many values the fused kernel's fixed cost (about 0.3 ms per training step on the
 # project's 2-core CPU, oneDNN) outweighs what it saves: measured fwd+bwd, (60, 100) takes
 # 0.64 ms fused vs 0.34 ms unfused, (60, 8, 8, 16) 0.56 vs 0.44, while (128, 4, 4, 64) takes
@@ -84,10 +85,10 @@ class BatchNormalization(keras.layers.Layer):
 
     On the TensorFlow backend, training and inference run on TensorFlow's fused kernel
     (`FusedBatchNormV3`) whenever it computes exactly the same function: one channel axis that is
-    first or last, float16/bfloat16/float32 inputs, `epsilon >= 1.001e-5` and no XLA; in
-    training also no renorm, ghost batches, mask or cross-replica synchronization. Keras' own
-    layer runs a dozen unfused ops there (Keras only gets fusion from XLA, which it turns off on
-    CPU-only machines and under `tf.distribute`), so this one trains 2-4x faster on CPU. The
+    first or last, float16/bfloat16/float32 inputs and no XLA; in training also no renorm, ghost
+    batches, mask or cross-replica synchronization. Keras' own layer runs a dozen unfused ops
+    there (Keras only gets fusion from XLA, which it turns off on CPU-only machines and under
+    `tf.distribute`), so this one trains 2-4x faster on CPU. The
     fused kernel reports a Bessel-corrected batch variance; it is converted back, so every path
     updates the moving statistics identically. Under XLA (`jit_compile=True`) the `keras.ops`
     path runs instead: XLA would replace the kernel by its own batch norm, whose
@@ -351,8 +352,6 @@ class BatchNormalization(keras.layers.Layer):
             reasons.append(f"virtual_batch_size={self.virtual_batch_size}")
         if self.synchronized:
             reasons.append("synchronized=True")
-        if self.epsilon < _FUSED_MIN_EPSILON:
-            reasons.append(f"epsilon={self.epsilon} < {_FUSED_MIN_EPSILON}")
         if reasons:
             raise ValueError(
                 "fused=True cannot use TensorFlow's fused batch-norm kernel because "
@@ -486,12 +485,7 @@ class BatchNormalization(keras.layers.Layer):
             ndim=ndim, axes={a: int(input_shape[a]) for a in axes}
         )
         self._fused_layout = None
-        if (
-            self.fused is not False
-            and keras.backend.backend() == "tensorflow"
-            and len(axes) == 1
-            and self.epsilon >= _FUSED_MIN_EPSILON
-        ):
+        if self.fused is not False and keras.backend.backend() == "tensorflow" and len(axes) == 1:
             self._fused_layout = _fused_layout(ndim, axes[0])
         if self.fused and self._fused_layout is None:
             raise ValueError(
