@@ -22,11 +22,36 @@ RAW_SHAPE = (12, 12, 1)
 MEAN, STD = (0.3,), (0.35,)
 
 
+def export_with_random_statistics(tmp_path, model, name, image_size=None):
+    """Give every BN layer non-trivial weights, export `model`; returns (path, images, logits)."""
+    from bnzoo.data import preprocess_images
+    from bnzoo.export import export_serving_model
+    from layers import BatchNormalization
+
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, (BatchNormalization, keras.layers.BatchNormalization)):
+            layer.set_weights(
+                [
+                    rng.uniform(0.2, 3.0, w.shape).astype("float32")
+                    if "variance" in w.path or "gamma" in w.path
+                    else rng.normal(0.0, 0.5, w.shape).astype("float32")
+                    for w in layer.weights
+                ]
+            )
+    path = str(tmp_path / name)
+    export_serving_model(
+        model, path, image_shape=RAW_SHAPE, mean=MEAN, std=STD, image_size=image_size
+    )
+    images = rng.integers(0, 256, (5, *RAW_SHAPE), dtype=np.uint8)
+    inputs = preprocess_images(images, mean=MEAN, std=STD, image_size=image_size)
+    expected = keras.ops.convert_to_numpy(model(inputs, training=False))
+    return path, images, expected
+
+
 def exported_plain_cnn(tmp_path, normalization):
     """A small plain_cnn (4 conv-BN-ReLU blocks) with non-trivial BN weights, exported."""
     import models
-    from bnzoo.data import preprocess_images
-    from bnzoo.export import export_serving_model
 
     keras.utils.set_random_seed(3)
     model = models.plain_cnn(
@@ -36,26 +61,7 @@ def exported_plain_cnn(tmp_path, normalization):
         dropout_rate=0.0,
         classifier_activation=None,
     )
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if "_bn" in layer.name:
-            gamma, beta, mean, variance = layer.get_weights()
-            channels = gamma.shape
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 2.0, channels).astype("float32"),
-                    rng.normal(0.0, 0.5, channels).astype("float32"),
-                    rng.normal(0.0, 0.5, channels).astype("float32"),
-                    rng.uniform(0.2, 3.0, channels).astype("float32"),
-                ]
-            )
-    path = str(tmp_path / f"saved_model_{normalization}")
-    export_serving_model(model, path, image_shape=RAW_SHAPE, mean=MEAN, std=STD)
-    images = rng.integers(0, 256, (5, *RAW_SHAPE), dtype=np.uint8)
-    expected = keras.ops.convert_to_numpy(
-        model(preprocess_images(images, mean=MEAN, std=STD), training=False)
-    )
-    return path, images, expected
+    return export_with_random_statistics(tmp_path, model, f"saved_model_{normalization}")
 
 
 def run_serving_graph(path, images):
@@ -134,3 +140,33 @@ def test_a_static_batch_of_one_still_fuses(tmp_path):
     archive.write_out(path, verbose=False)
     nodes, _ = run_serving_graph(path, np.zeros((1, *RAW_SHAPE), np.float32))
     assert len(fused_convolutions(nodes)) == 4, sorted(node.op for node in nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bn_inception", "bn_inception_slim"])
+def test_both_bn_inception_readings_serve_every_bn_fused(tmp_path, name):
+    """Each reading's own BN settings (Caffe's epsilon 1e-5; slim's BN without gamma) must keep
+    the fused kernel, or BN-Inception's 69 blocks lose their fusion."""
+    import models
+    from layers import BatchNormalization
+
+    keras.utils.set_random_seed(3)
+    model = models.create_model(
+        name,
+        input_shape=(32, 32, 1),
+        classes=10,
+        width_multiplier=0.25,
+        classifier_activation=None,
+    )
+    path, images, expected = export_with_random_statistics(tmp_path, model, name, (32, 32))
+    nodes, logits = run_serving_graph(path, images)
+
+    normalizations = [layer for layer in model.layers if isinstance(layer, BatchNormalization)]
+    fused = [
+        node
+        for node in fused_convolutions(nodes)
+        if list(node.attr["fused_ops"].list.s) == [b"FusedBatchNorm", b"Relu"]
+    ]
+    assert len(fused) == len(normalizations) > 60
+    assert [node.op for node in nodes if "BatchNorm" in node.op] == []
+    np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-3)
