@@ -7,6 +7,8 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 FASHION_MNIST_FILE := $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz
 TRAIN_ARGS ?=
 TEST_ARGS ?=
+BENCH_ARGS ?=
+JAX_BENCH_ARGS ?= --precisions float32
 
 .PHONY: setup data train test bench lint format experiments clean
 
@@ -37,8 +39,14 @@ test: setup data
 	$(PY) -m pytest $(TEST_ARGS)
 	KERAS_BACKEND=jax $(PY) -m pytest -m multi_backend $(TEST_ARGS)
 
+# The layer alone, whole models (TensorFlow, then JAX in its own process), serving latency.
+# More repetitions: make bench BENCH_ARGS="--rounds 21"; JAX in bfloat16 too:
+# JAX_BENCH_ARGS="--precisions float32,mixed_bfloat16".
 bench: setup
 	$(PY) bench/bench_batch_normalization.py
+	$(PY) bench/bench_models.py $(BENCH_ARGS)
+	$(PY) bench/bench_models.py --backend jax $(JAX_BENCH_ARGS) $(BENCH_ARGS)
+	$(PY) bench/bench_serving.py
 
 experiments: setup data
 	$(PY) experiments/run_all.py

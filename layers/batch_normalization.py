@@ -20,14 +20,17 @@ from keras import constraints, initializers, ops, regularizers
 # TensorFlow's fused kernel (FusedBatchNormV3) accepts these input dtypes, always with float32
 # scale, offset and statistics; float64 has no kernel.
 _FUSED_INPUT_DTYPES = ("float16", "bfloat16", "float32")
-# cuDNN rejects smaller epsilons, and tf.compat.v1.nn.fused_batch_norm silently raises them to
-# this value; we fall back to the exact unfused path instead of changing the user's epsilon.
-_FUSED_MIN_EPSILON = 1.001e-5
+# Any epsilon >= 0 is computed exactly: the CPU kernels use it as given, and cuDNN has accepted
+# epsilons below 1e-5 since 7.5 (CUDNN_BN_MIN_EPSILON is 0; TensorFlow 2.21 builds against
+# cuDNN 9). Only tf.compat.v1.nn.fused_batch_norm still raises them to 1.001e-5 for old cuDNNs;
+# this layer calls the op directly, so Caffe's and PyTorch's 1e-5 keep the kernel.
 # Below this many values the fused kernel's fixed cost (about 0.3 ms per training step on the
 # project's 2-core CPU, oneDNN) outweighs what it saves: measured fwd+bwd, (60, 100) takes
 # 0.64 ms fused vs 0.34 ms unfused, (60, 8, 8, 16) 0.56 vs 0.44, while (128, 4, 4, 64) takes
 # 0.63 vs 0.80 and (256, 1024) 0.98 vs 1.37. `fused=None` keeps such small tensors, when their
-# size is known while tracing, on the keras.ops path; `fused=True` still forces the kernel.
+# size is known while tracing, on the keras.ops path in training (in inference only inputs the
+# kernel sees reshaped; a convolution's output keeps the kernel so that Grappler folds it into
+# the convolution); `fused=True` still forces the kernel.
 _FUSED_MIN_VALUES = 100_000
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -86,10 +89,10 @@ class BatchNormalization(keras.layers.Layer):
 
     On the TensorFlow backend, training and inference run on TensorFlow's fused kernel
     (`FusedBatchNormV3`) whenever it computes exactly the same function: one channel axis that is
-    first or last, float16/bfloat16/float32 inputs, `epsilon >= 1.001e-5` and no XLA; in
-    training also no renorm, ghost batches, mask or cross-replica synchronization. Keras' own
-    layer runs a dozen unfused ops there (Keras only gets fusion from XLA, which it turns off on
-    CPU-only machines and under `tf.distribute`), so this one trains 2-4x faster on CPU. The
+    first or last, float16/bfloat16/float32 inputs and no XLA; in training also no renorm, ghost
+    batches, mask or cross-replica synchronization. Keras' own layer runs a dozen unfused ops
+    there (Keras only gets fusion from XLA, which it turns off on CPU-only machines and under
+    `tf.distribute`), so this one trains 2-4x faster on CPU. The
     fused kernel reports a Bessel-corrected batch variance; it is converted back, so every path
     updates the moving statistics identically. Under XLA (`jit_compile=True`) the `keras.ops`
     path runs instead: XLA would replace the kernel by its own batch norm, whose
@@ -150,10 +153,12 @@ class BatchNormalization(keras.layers.Layer):
             Keras' biased estimate.
         fused: `None` (default) uses TensorFlow's fused kernel whenever it computes the same
             function and the input is not so small (under 100,000 values, when the size is
-            known while tracing) that the kernel's fixed cost makes it slower; `True` demands
-            it (a `ValueError` names the reason when it cannot be used), `False` always runs
-            the backend-agnostic `keras.ops` implementation. A layer saved with `fused=True`
-            loads on another backend with `fused=None`: the choice of kernel is TensorFlow's.
+            known while tracing) that the kernel's fixed cost makes training slower; in
+            inference 4-D and 5-D inputs take it at any size, so that Grappler folds it into
+            the preceding convolution. `True` demands it (a `ValueError` names the reason when
+            it cannot be used), `False` always runs the backend-agnostic `keras.ops`
+            implementation. A layer saved with `fused=True` loads on another backend with
+            `fused=None`: the choice of kernel is TensorFlow's.
         **kwargs: Base layer keyword arguments, e.g. `name` and `dtype`.
 
     Call arguments:
@@ -367,8 +372,6 @@ class BatchNormalization(keras.layers.Layer):
             reasons.append(f"virtual_batch_size={self.virtual_batch_size}")
         if self.synchronized:
             reasons.append("synchronized=True")
-        if self.epsilon < _FUSED_MIN_EPSILON:
-            reasons.append(f"epsilon={self.epsilon} < {_FUSED_MIN_EPSILON}")
         if reasons:
             raise ValueError(
                 "fused=True cannot use TensorFlow's fused batch-norm kernel because "
@@ -504,12 +507,7 @@ class BatchNormalization(keras.layers.Layer):
             ndim=ndim, axes={a: int(input_shape[a]) for a in axes}
         )
         self._fused_layout = None
-        if (
-            self.fused is not False
-            and keras.backend.backend() == "tensorflow"
-            and len(axes) == 1
-            and self.epsilon >= _FUSED_MIN_EPSILON
-        ):
+        if self.fused is not False and keras.backend.backend() == "tensorflow" and len(axes) == 1:
             self._fused_layout = _fused_layout(ndim, axes[0])
         if self.fused and self._fused_layout is None:
             raise ValueError(
@@ -563,7 +561,14 @@ class BatchNormalization(keras.layers.Layer):
             )
         if reasons:
             return False
-        return self.fused is not None or not _is_small(inputs.shape)
+        if self.fused is not None or not _is_small(inputs.shape):
+            return True
+        # The size threshold is training's trade-off: the kernel's fixed cost against the
+        # passes it saves forward and backward. In inference a 4-D or 5-D input that reaches
+        # the kernel as it is (a convolution's output) takes the kernel whatever its size:
+        # Grappler folds it and the next ReLU into the convolution (`_FusedConv2D`), where the
+        # keras.ops path leaves a multiply, an add and a ReLU over every value.
+        return not training and self._fused_layout[1] is None
 
     def _broadcast_shape(self, ndim: int, axes: list[int]) -> list[int]:
         shape = [1] * ndim

@@ -128,7 +128,7 @@ def gradients(layer, x, dy, training=True):
 REFERENCE_CASES = [
     # input shape, axis, center, scale, momentum, epsilon
     ((16, 5), -1, True, True, 0.9, 1e-3),
-    ((6, 7, 4), -1, True, True, 0.99, 1e-5),  # epsilon below the fused kernel's minimum
+    ((6, 7, 4), -1, True, True, 0.99, 1e-5),  # Caffe's and PyTorch's epsilon
     ((6, 4, 7), 1, False, True, 0.5, 1e-3),
     ((4, 5, 3, 6), -1, True, False, 0.8, 1e-2),
     ((4, 6, 5, 3), 1, False, False, 0.0, 1e-3),
@@ -586,7 +586,6 @@ BAD_CONSTRUCTOR_ARGUMENTS = [
     ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, "rmax=1.0 < rmin=2.0"),
     ({"fused": "yes"}, "fused='yes'"),
     ({"fused": True, "renorm": True}, "renorm=True"),
-    ({"fused": True, "epsilon": 1e-6}, "epsilon=1e-06"),
 ]
 
 

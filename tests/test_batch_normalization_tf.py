@@ -75,7 +75,6 @@ def test_fused_kernel_takes_16_bit_inputs_with_float32_statistics(policy):
         ({"fused": False}, True, "float32", False),
         ({"axis": 2}, True, "float32", False),
         ({"axis": [1, 3]}, True, "float32", False),
-        ({"epsilon": 1e-6}, True, "float32", False),
         ({"renorm": True}, True, "float32", False),
         ({"virtual_batch_size": 2}, True, "float32", False),
         ({}, True, "float32", True),  # a mask changes the statistics
@@ -166,6 +165,34 @@ def test_fused_unfused_and_xla_paths_agree(shape, axis, unbiased):
             layers[name].weights, layers["unfused eager"].weights, strict=True
         ):
             np.testing.assert_allclose(value(mine), value(reference), rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 1e-8])
+def test_fused_kernel_uses_small_epsilons_as_given(epsilon):
+    """Caffe's and PyTorch's 1e-5 (the default bn_inception) and below keep the kernel, exactly:
+    cuDNN's old 1e-5 minimum is gone since cuDNN 7.5 and the CPU kernels never had one."""
+    shape = (6, 3, 2, 4)
+    fused = BatchNormalization(epsilon=epsilon, momentum=0.5, fused=True)  # no longer refused
+    unfused = BatchNormalization(epsilon=epsilon, momentum=0.5, fused=False)
+    for layer in (fused, unfused):
+        layer.build(shape)
+    assert len(fused_ops(fused, shape, True)) == len(fused_ops(fused, shape, False)) == 1
+    rng = np.random.default_rng(0)
+    # Channels whose variance is near epsilon, where a changed epsilon would show.
+    x = tf.constant((rng.normal(size=shape) * np.array([1.0, 1e-2, 1e-3, 1e-4])).astype("float32"))
+    dy = tf.constant(rng.normal(size=shape).astype("float32"))
+    for training in (True, False):
+        results = []
+        for layer in (fused, unfused):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=training)
+            gradients = tape.gradient(y, [x, layer.gamma.value, layer.beta.value], dy)
+            results.append([y, *gradients])
+        for mine, reference in zip(*results, strict=True):
+            np.testing.assert_allclose(value(mine), value(reference), rtol=1e-4, atol=1e-5)
+    for mine, reference in zip(fused.weights, unfused.weights, strict=True):
+        np.testing.assert_allclose(value(mine), value(reference), rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape,axis", [((None, 3, 2, 4), -1), ((None, 4), -1), ((None, 4, 3), 1)])
@@ -329,3 +356,26 @@ def test_fused_none_keeps_small_static_inputs_on_the_keras_ops_path(
     forced = BatchNormalization(fused=True)
     forced.build(shape)
     assert len(fused_ops(forced, shape, True)) == 1
+
+
+@pytest.mark.parametrize(
+    "shape,fused_ops_expected",
+    [
+        ((1, 3, 3, 64), 1),  # a convolution's output served one image at a time
+        ((60, 8, 8, 16), 1),
+        ((2, 2, 2, 2, 8), 1),  # a 3-D convolution's output
+        ((60, 100), 0),  # an MLP's activations: nothing to fold the kernel into
+        ((4, 10, 16), 0),  # viewed as (rows, 1, 1, 16) by a reshape
+    ],
+)
+def test_fused_none_keeps_small_convolution_outputs_on_the_kernel_in_inference(
+    monkeypatch, shape, fused_ops_expected
+):
+    """Grappler can fold an inference FusedBatchNormV3 into the convolution before it."""
+    from layers import batch_normalization
+
+    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 100_000)
+    layer = BatchNormalization()
+    layer.build(shape)
+    assert len(fused_ops(layer, shape, False)) == fused_ops_expected
+    assert len(fused_ops(layer, shape, True)) == 0  # training keeps the size threshold
