@@ -59,6 +59,7 @@ HISTORY_COLUMNS = (
     "val_top5_accuracy",
     "learning_rate",
     "epoch_seconds",
+    "bn_statistics_seconds",
 )
 
 
