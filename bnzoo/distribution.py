@@ -228,6 +228,8 @@ class Distribution:
     devices: list[str]
     strategy: Any = None
     engine: str = ""
+    #: Traced collective functions, made once per distribution (`share_from_chief`, ...).
+    functions: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def is_chief(self) -> bool:
@@ -246,6 +248,16 @@ class Distribution:
         if self.strategy is not None:
             return self.strategy.scope()
         return contextlib.nullcontext()
+
+    def host_local(self) -> contextlib.AbstractContextManager:
+        """Where the chief works alone (checkpoints, exports): on JAX, without the global
+        `keras.distribution`, so that what Keras creates meanwhile (saving builds a throwaway
+        optimizer; the inference copy of the model) lives on this process's devices. Created
+        under a multi-process distribution, each new variable would wait for the other
+        processes to agree on its value, which they never do while the chief works alone."""
+        if self.plan.backend != "jax" or self.plan.mode == "none":
+            return contextlib.nullcontext()
+        return _without_keras_distribution()
 
     def per_replica_batch_size(self, global_batch_size: int) -> int:
         """`global_batch_size / num_replicas`, or a ValueError naming the fix."""
@@ -292,6 +304,16 @@ class Distribution:
         elif sync_bn:
             parts.append("--sync-bn changes nothing with one replica")
         return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def _without_keras_distribution() -> Iterator[None]:
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
 
 
 def _batch_norm_note(distribution: Distribution, per_replica: int, sync_bn: bool) -> str:
@@ -539,9 +561,9 @@ def describe_collective_failure(error: BaseException, plan: DistributionPlan) ->
 CHIEF_WAIT_TIMEOUT_SECONDS = 24 * 3600.0
 
 
-def _tf_chief_values(distribution: Distribution, tensors: list, timeout: float | None):
-    """Every replica gets the chief's (replica 0's) values of `tensors`: an all-reduce SUM to
-    which only replica 0 contributes."""
+def _tf_chief_values(distribution: Distribution, read_tensors, timeout: float | None):
+    """Every replica gets the chief's (replica 0's) values of the tensors that `read_tensors()`
+    returns, as float64: an all-reduce SUM to which only replica 0 contributes."""
     import tensorflow as tf
 
     strategy = distribution.strategy
@@ -552,7 +574,7 @@ def _tf_chief_values(distribution: Distribution, tensors: list, timeout: float |
         is_source = tf.equal(context.replica_id_in_sync_group, 0)
         sent = [
             tf.where(is_source, tf.cast(t, tf.float64), tf.zeros_like(t, tf.float64))
-            for t in tensors()
+            for t in read_tensors()
         ]
         return context.all_reduce(tf.distribute.ReduceOp.SUM, sent, options=options)
 
@@ -561,23 +583,42 @@ def _tf_chief_values(distribution: Distribution, tensors: list, timeout: float |
 
 
 def share_from_chief(distribution: Distribution, values: Sequence[float]) -> list[float]:
-    """The chief's `values` on every worker (the others pass placeholders). Waits for the chief
-    as long as it takes; used to hand out decisions only the chief can make."""
+    """The chief's `values` on every worker (the others pass placeholders of the same length).
+    Waits for the chief as long as it takes; used to hand out what only the chief knows and as
+    a barrier after the chief's own work."""
+    import numpy as np
+
     if distribution.num_workers == 1:
         return [float(value) for value in values]
+    vector = np.asarray(values, np.float64)
     if distribution.plan.backend == "jax":
-        import numpy as np
         from jax.experimental import multihost_utils
 
-        shared = multihost_utils.broadcast_one_to_all(
-            np.asarray(values, np.float64), is_source=distribution.is_chief
-        )
+        shared = multihost_utils.broadcast_one_to_all(vector, is_source=distribution.is_chief)
         return [float(value) for value in np.asarray(shared)]
-    import tensorflow as tf
+    share = distribution.functions.get("share_from_chief")
+    if share is None:
+        import tensorflow as tf
 
-    constants = [tf.constant(float(value), tf.float64) for value in values]
-    shared = _tf_chief_values(distribution, lambda: constants, CHIEF_WAIT_TIMEOUT_SECONDS)
-    return [float(value.numpy()) for value in shared]
+        # One traced function for every call (a vector of any length), not one per call.
+        strategy = distribution.strategy
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=CHIEF_WAIT_TIMEOUT_SECONDS
+        )
+
+        def replica_fn(vector):
+            context = tf.distribute.get_replica_context()
+            is_source = tf.equal(context.replica_id_in_sync_group, 0)
+            sent = tf.where(is_source, vector, tf.zeros_like(vector))
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, sent, options=options)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)], autograph=False)
+        def share(vector):
+            return strategy.run(replica_fn, args=(vector,))
+
+        distribution.functions["share_from_chief"] = share
+    shared = distribution.strategy.experimental_local_results(share(vector))[0]
+    return [float(value) for value in shared.numpy()]
 
 
 def broadcast_variables_from_chief(distribution: Distribution, variables: Sequence) -> None:
@@ -624,20 +665,18 @@ def average_replica_local_variables(distribution: Distribution, model: keras.Mod
     if not local:
         return 0
     strategy = distribution.strategy
+    key = f"average_replica_local_variables/{id(model)}"
+    average = distribution.functions.get(key)
+    if average is None:
 
-    def replica_fn():
-        context = tf.distribute.get_replica_context()
-        return context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in local])
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            return context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in local])
 
-    averaged = strategy.run(tf.function(replica_fn, autograph=False))
+        average = tf.function(lambda: strategy.run(replica_fn), autograph=False)
+        distribution.functions[key] = average
+    averaged = average()
     with distribution.scope():
         for variable, value in zip(local, averaged, strict=True):
             variable.assign(strategy.experimental_local_results(value)[0])
     return len(local)
-
-
-def wait_for_chief(distribution: Distribution) -> None:
-    """Every worker waits here until all arrive: after work that only the chief does."""
-    if distribution.num_workers == 1:
-        return
-    share_from_chief(distribution, [0.0])

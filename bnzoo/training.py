@@ -373,11 +373,11 @@ def _run(
     # 2. The run folder (the chief's alone), locked against a second train.py before anything in
     # it is touched.
     with contextlib.ExitStack() as folder_lock:
-        state = None
-        initial_epoch = 0
-        if cluster.is_chief:
+
+        def open_run_folder() -> dict[str, Any]:
             os.makedirs(paths.run_dir, exist_ok=True)
             folder_lock.enter_context(locked_run_folder(paths))
+            state = None
             if verdict.mode == "new":
                 remove_run_artifacts(paths)
                 # config.yaml first: a kill right after it leaves a folder that resumes.
@@ -390,11 +390,14 @@ def _run(
             if state is not None:
                 with cluster.scope():
                     model.load_weights(paths.last_checkpoint)
-                initial_epoch = state["epoch"]
                 repair_best_checkpoint(paths, state)
             else:
                 state = {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}
             write_history_csv(paths.history, state["history"])
+            return state
+
+        state = _on_chief(cluster, open_run_folder)
+        initial_epoch = state["epoch"] if state is not None else 0
         if cluster.num_workers > 1:
             # The others take the chief's weights, optimizer state and epoch: they need neither
             # the checkpoint nor a shared file system.
@@ -436,12 +439,44 @@ def _run(
             )
 
         # 4. Final artifacts, each written atomically by the chief; rerunning redoes all of them.
-        if not cluster.is_chief:
-            return RunResult(paths.run_dir, config.epochs, initial_epoch, False, None)
-        metrics = write_final_artifacts(
-            model, paths, config, train_info, image_size, test_ds, state["history"], log
+        # The other workers wait for it, so that all of them end together (a worker that left
+        # early would look like a crashed one to the chief's runtime).
+        def write_artifacts():
+            with cluster.host_local():
+                return write_final_artifacts(
+                    model, paths, config, train_info, image_size, test_ds, state["history"], log
+                )
+
+        metrics = _on_chief(cluster, write_artifacts)
+        return RunResult(paths.run_dir, config.epochs, initial_epoch, False, metrics)
+
+
+def _on_chief(cluster, work: Callable[[], Any]) -> Any:
+    """`work()` on the chief, then every worker learns whether it succeeded (a barrier).
+
+    A failure on the chief alone (a locked run folder, a full disk, an export error) then stops
+    every worker promptly with an error, instead of leaving them waiting in their next
+    collective for a chief that is gone. Returns `work()`'s result on the chief, else None.
+    """
+    from bnzoo.distribution import share_from_chief
+
+    result = error = None
+    if cluster.is_chief:
+        try:
+            result = work()
+        except BaseException as caught:  # re-raised below, after telling the others
+            error = caught
+    failed = error is not None
+    if cluster.num_workers > 1:
+        (failed,) = (bool(value) for value in share_from_chief(cluster, [error is not None]))
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(
+            "worker 0 (the chief) stopped with an error, which its output shows; fix it and "
+            "restart every worker with the same command to resume after the last finished epoch"
         )
-        return RunResult(paths.run_dir, state["epoch"], initial_epoch, False, metrics)
+    return result
 
 
 def _train_epochs(
@@ -459,24 +494,24 @@ def _train_epochs(
 ) -> dict[str, Any] | None:
     """Epochs `initial_epoch + 1 ... config.epochs`: train, recompute BN's population statistics,
     validate, then (the chief) commit. Returns the committed state (None on other workers)."""
-    from bnzoo.distribution import average_replica_local_variables, wait_for_chief
+    from bnzoo.distribution import average_replica_local_variables
     from bnzoo.training_loop import make_training_loop
     from layers import recompute_population_statistics
 
     config = inputs.config
     loop = make_training_loop(model, cluster, build_loss(config, reduction=None), config.batch_size)
     make_val_batches = inputs.evaluation_batches(val_ds, val_info) if val_ds is not None else None
-    callbacks: list[keras.callbacks.Callback] = []
-    checkpoint = None
+    # Only the chief writes: checkpoints (which commit first, so TensorBoard never shows an
+    # epoch that a kill then made the rerun train again) and TensorBoard scalars. Every worker
+    # prints its epoch lines.
+    checkpoint = chief_callbacks = None
     if cluster.is_chief:
         checkpoint = RunCheckpoint(
             paths, state, monitor="val_accuracy" if val_ds is not None else "accuracy"
         )
-        # The checkpoint commits first, so TensorBoard never shows an epoch that a kill then
-        # made the rerun train again (a kill in between costs that epoch's TensorBoard point).
-        callbacks += [checkpoint, TensorBoardScalars(paths.logs)]
-    if not progress_bar:
-        callbacks.append(EpochSummary(config.epochs, log))
+        chief_callbacks = [checkpoint, TensorBoardScalars(paths.logs)]
+    worker_callbacks = [] if progress_bar else [EpochSummary(config.epochs, log)]
+    callbacks: list[keras.callbacks.Callback] = [*(chief_callbacks or []), *worker_callbacks]
     for callback in callbacks:
         callback.set_model(model)
     try:
@@ -502,6 +537,8 @@ def _train_epochs(
                 batches = inputs.statistics_batches(
                     epoch, min(config.bn_statistics_batches, steps_per_epoch)
                 )
+                if keras.backend.backend() != "tensorflow":
+                    batches = batches.as_numpy_iterator()
                 with cluster.scope():
                     if recompute_population_statistics(model, batches):
                         logs["bn_statistics_seconds"] = round(time.perf_counter() - start, 3)
@@ -510,11 +547,18 @@ def _train_epochs(
                     logs[f"val_{key}"] = value
             # Computed on every worker: on JAX the schedule's step is a multi-process array.
             logs["learning_rate"] = current_learning_rate(model.optimizer)
-            for callback in callbacks:
+
+            def commit(epoch=epoch, logs=logs):
+                with cluster.host_local():
+                    for callback in chief_callbacks:
+                        callback.on_epoch_end(epoch, logs)
+                return checkpoint.state
+
+            committed = _on_chief(cluster, commit)
+            if cluster.is_chief:
+                state = committed
+            for callback in worker_callbacks:
                 callback.on_epoch_end(epoch, logs)
-            if checkpoint is not None:
-                state = checkpoint.state
-            wait_for_chief(cluster)
     finally:
         for callback in callbacks:
             callback.on_train_end()
