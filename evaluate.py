@@ -1,8 +1,9 @@
-"""Evaluate a trained model: a SavedModel folder, a `.keras` file or a run folder.
+"""Evaluate a trained model: a SavedModel folder, a `.keras` or `.tflite` file, or a run folder.
 
     python evaluate.py runs/<run>                     # the run's dataset and test split
     python evaluate.py runs/<run>/saved_model --output metrics.json --confusion-matrix cm.png
     python evaluate.py model.keras --dataset fashion_mnist --split "train[90%:]"
+    python evaluate.py runs/<run>/model_int8.tflite   # after python -m bnzoo.export runs/<run>
 
 Prints loss, accuracy, top-5 accuracy, per-class accuracy, the confusion matrix and the
 throughput; `--output` writes the same metrics as JSON (the schema of a run's metrics.json).
@@ -21,10 +22,12 @@ from bnzoo.config import ArgumentParser, positive_int
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="evaluate.py",
-        description="Evaluate a SavedModel folder, a .keras file or a bnzoo run folder.",
+        description="Evaluate a SavedModel folder, a .keras or .tflite file or a bnzoo run folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("path", metavar="PATH", help="SavedModel folder, .keras file or run folder")
+    parser.add_argument(
+        "path", metavar="PATH", help="SavedModel folder, .keras or .tflite file, or run folder"
+    )
     parser.add_argument(
         "--dataset",
         help="TFDS name or image_folder:/path (default: the run's dataset, else fashion_mnist)",
@@ -43,9 +46,10 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import_tensorflow_quietly()
     from bnzoo import evaluation
 
+    evaluation.locate_model(args.path)  # a path that is not a model fails before TensorFlow loads
+    import_tensorflow_quietly()
     metrics = evaluation.evaluate_path(
         args.path,
         dataset=args.dataset,
