@@ -337,6 +337,32 @@ def _tf_local_devices() -> list[str]:
     return [device.name for device in (gpus or tf.config.list_logical_devices("CPU"))]
 
 
+_MIRRORED_STRATEGIES_CREATED = 0
+
+
+def mirrored_strategy(devices: Sequence[str]):
+    """A `tf.distribute.MirroredStrategy` over `devices` that does not collide with the other
+    strategies of this process.
+
+    Every MirroredStrategy numbers its collective operations from the same start, so a second
+    strategy in one process (a second `train()` in a notebook, a test suite) reuses the first
+    one's collective keys and TensorFlow aborts its all-reduces ("Shape mismatch in the
+    collective instance 100"). Each strategy made here gets its own range of keys through
+    `MirroredStrategy._collective_key_base`, TensorFlow's hook for exactly this (it is
+    documented for tests); tests/test_distribution.py fails loudly if that stops working.
+    """
+    import tensorflow as tf
+
+    global _MIRRORED_STRATEGIES_CREATED
+    _MIRRORED_STRATEGIES_CREATED += 1
+    previous = tf.distribute.MirroredStrategy._collective_key_base
+    tf.distribute.MirroredStrategy._collective_key_base = 100_000 * _MIRRORED_STRATEGIES_CREATED
+    try:
+        return tf.distribute.MirroredStrategy(list(devices))
+    finally:
+        tf.distribute.MirroredStrategy._collective_key_base = previous
+
+
 def _start_tensorflow(plan: DistributionPlan, collective_timeout: float) -> Distribution:
     import tensorflow as tf
 
@@ -346,7 +372,7 @@ def _start_tensorflow(plan: DistributionPlan, collective_timeout: float) -> Dist
         return Distribution(plan, 1, 1, [device], strategy)
     if plan.mode == "data_parallel":
         devices = _tf_local_devices()
-        strategy = tf.distribute.MirroredStrategy(devices)
+        strategy = mirrored_strategy(devices)
         replicas = strategy.num_replicas_in_sync
         return Distribution(
             plan, replicas, replicas, devices, strategy, "tf.distribute.MirroredStrategy"
