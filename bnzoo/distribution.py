@@ -65,6 +65,9 @@ class DistributionPlan:
         backend: Keras' backend, "tensorflow" or "jax".
         num_workers: processes taking part (1 unless multi_worker).
         worker_index: this process's index; 0 is the chief.
+        cluster_source: where the cluster was described: "TF_CONFIG", "Slurm" (TensorFlow's
+            `SlurmClusterResolver`, when `srun` started the processes and TF_CONFIG is unset)
+            or "KERAS_DISTRIBUTION" (JAX); empty for one process.
     """
 
     mode: str
@@ -73,6 +76,7 @@ class DistributionPlan:
     backend: str
     num_workers: int = 1
     worker_index: int = 0
+    cluster_source: str = ""
 
     @property
     def is_chief(self) -> bool:
@@ -117,6 +121,18 @@ def _tf_config_workers(environ: Mapping[str, str]) -> tuple[int, int] | None:
             f"TF_CONFIG's task {task_type}:{task_index} is not in its cluster of {tasks} tasks"
         )
     return tasks, index
+
+
+def _slurm_tasks(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(number of tasks, this task's rank) of a Slurm job step (`srun`), or None outside one."""
+    tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    rank = environ.get("SLURM_PROCID")
+    if not tasks or rank is None:
+        return None
+    try:
+        return int(tasks), int(rank)
+    except ValueError:
+        return None
 
 
 def _jax_processes(environ: Mapping[str, str]) -> tuple[int, int] | None:
@@ -175,7 +191,14 @@ def plan_distribution(
         cluster, variables = _tf_config_workers(environ), "TF_CONFIG"
     else:
         cluster = _jax_processes(environ)
-        variables = "KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES and _PROCESS_ID"
+        variables = "KERAS_DISTRIBUTION_*"
+    source = variables if cluster else ""
+    if backend == "tensorflow" and cluster is None:
+        slurm = _slurm_tasks(environ)
+        if slurm is not None and slurm[0] > 1:
+            cluster, source, variables = slurm, "Slurm", "the Slurm job step"
+    if backend == "jax" and cluster is not None:
+        source = "KERAS_DISTRIBUTION"
     workers, index = cluster or (1, 0)
     if requested == "multi_worker":
         if cluster is None:
@@ -184,11 +207,11 @@ def plan_distribution(
                 "on the backend "
                 f"{backend}); see docs/distributed.md, or use --distribute data_parallel"
             )
-        return DistributionPlan("multi_worker", requested, "", backend, workers, index)
+        return DistributionPlan("multi_worker", requested, "", backend, workers, index, source)
     if requested in ("none", "data_parallel"):
         if workers > 1:
             raise ValueError(
-                f"--distribute {requested} runs one process, but {variables} names {workers} "
+                f"--distribute {requested} runs one process, but {variables} has {workers} "
                 "workers; use --distribute multi_worker (or auto), or unset it"
             )
         return DistributionPlan(requested, requested, "", backend)
@@ -197,8 +220,8 @@ def plan_distribution(
             f"--distribute must be auto, none, data_parallel or multi_worker, got {requested!r}"
         )
     if workers > 1:
-        reason = f"{variables} names {workers} workers"
-        return DistributionPlan("multi_worker", requested, reason, backend, workers, index)
+        reason = f"{workers} workers in {variables}"
+        return DistributionPlan("multi_worker", requested, reason, backend, workers, index, source)
     accelerators = _local_accelerators(backend)
     if accelerators > 1:
         return DistributionPlan(
@@ -380,8 +403,15 @@ def _start_tensorflow(plan: DistributionPlan, collective_timeout: float) -> Dist
     options = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=float(collective_timeout)
     )
+    resolver = None
+    if plan.cluster_source == "Slurm":
+        # The hosts come from `scontrol show hostnames`, ports from 8888 up, GPUs per task
+        # from the node's GPUs and the tasks per node.
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
     try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options
+        )
     except RuntimeError as error:
         # TensorFlow can configure collectives only before its runtime starts.
         raise RuntimeError(

@@ -388,8 +388,10 @@ def _run(
                 state = read_checkpoint_state(paths.last_checkpoint)
             os.makedirs(paths.checkpoints, exist_ok=True)
             if state is not None:
-                with cluster.scope():
-                    model.load_weights(paths.last_checkpoint)
+                # Outside the strategy's scope: loading creates throwaway Keras objects (an
+                # optimizer), and under MultiWorkerMirroredStrategy creating a variable is a
+                # collective that the other workers, which do not load, would never join.
+                model.load_weights(paths.last_checkpoint)
                 repair_best_checkpoint(paths, state)
             else:
                 state = {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}

@@ -43,7 +43,7 @@ def test_auto_picks_multi_worker_when_tf_config_names_several_workers():
         2,
         False,
     )
-    assert plan.reason == "TF_CONFIG names 3 workers"
+    assert plan.reason == "3 workers in TF_CONFIG"
 
 
 def test_a_chief_task_comes_first_and_is_the_chief():
@@ -63,7 +63,7 @@ def test_auto_on_a_machine_without_accelerators_is_one_device():
     "requested, environ, message",
     [
         ("multi_worker", {}, "--distribute multi_worker needs the cluster in the environment"),
-        ("none", {"TF_CONFIG": tf_config(2, 0)}, "names 2 workers; use --distribute multi_worker"),
+        ("none", {"TF_CONFIG": tf_config(2, 0)}, "has 2 workers; use --distribute multi_worker"),
         ("auto", {"TF_CONFIG": "{not json"}, "TF_CONFIG is not valid JSON"),
         ("auto", {"TF_CONFIG": tf_config(2, 5)}, "task worker:5 is not in its cluster of 2"),
     ],
@@ -82,6 +82,17 @@ def test_parameter_server_clusters_are_refused():
     }
     with pytest.raises(ValueError, match="names ps tasks"):
         plan_distribution("auto", environ=environ)
+
+
+def test_srun_tasks_are_workers_when_tf_config_is_unset():
+    environ = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1", "SLURM_NTASKS": "8"}
+    plan = plan_distribution("auto", environ=environ)
+    assert (plan.mode, plan.num_workers, plan.worker_index) == ("multi_worker", 4, 1)
+    assert (plan.cluster_source, plan.reason) == ("Slurm", "4 workers in the Slurm job step")
+    single = plan_distribution("auto", environ={"SLURM_NTASKS": "1", "SLURM_PROCID": "0"})
+    assert single.mode == "none"
+    with_tf_config = plan_distribution("auto", environ={**environ, "TF_CONFIG": tf_config(2, 0)})
+    assert (with_tf_config.cluster_source, with_tf_config.num_workers) == ("TF_CONFIG", 2)
 
 
 def test_jax_processes_come_from_the_keras_distribution_variables():
@@ -320,17 +331,34 @@ with start_distribution(plan_distribution("data_parallel")) as distribution:
     bn = model.get_layer("bn")
     results["moving_mean"] = float(keras.ops.convert_to_numpy(bn.moving_mean)[0])
     results["moving_variance"] = float(keras.ops.convert_to_numpy(bn.moving_variance)[0])
+
+# train.py's run on both devices and on one: the same global batches, BN over the global batch.
+from bnzoo.config import TrainConfig
+from bnzoo.run_folder import read_history_csv
+from bnzoo.training import train
+
+for mode in ("data_parallel", "none"):
+    lines = []
+    config = TrainConfig(
+        train_split="train[:256]", val_split="train[256:300]", test_split=None, epochs=1,
+        batch_size=64, model_args={"widths": [4, 8]}, distribute=mode,
+        output_dir=f"{sys.argv[1]}/{mode}",
+    )
+    train(config, log=lines.append)
+    rows = read_history_csv(f"{sys.argv[1]}/{mode}/history.csv")
+    results[mode] = {"line": lines[1], "history": rows}
 print(json.dumps(results))
 """
 
 
 @pytest.mark.slow
-def test_jax_data_parallel_normalizes_over_the_global_batch():
+def test_jax_data_parallel_normalizes_over_the_global_batch(tmp_path):
     """Under keras.distribution.DataParallel the batch is one array sharded over the devices,
     so BN's batch statistics are the global batch's even without synchronization: device 0
-    fed zeros and device 1 tens give mean 5 and variance 25."""
+    fed zeros and device 1 tens give mean 5 and variance 25. And train.py on both host devices
+    computes what it computes on one."""
     result = subprocess.run(
-        [sys.executable, "-c", JAX_TWO_DEVICES],
+        [sys.executable, "-c", JAX_TWO_DEVICES, str(tmp_path)],
         cwd=ROOT,
         env={
             **os.environ,
@@ -347,3 +375,8 @@ def test_jax_data_parallel_normalizes_over_the_global_batch():
     assert (values["devices"], values["replicas"]) == (2, 2)
     assert values["moving_mean"] == pytest.approx(5.0)
     assert values["moving_variance"] == pytest.approx(25.0)
+    parallel, single = values["data_parallel"], values["none"]
+    assert "keras.distribution.DataParallel; 2 replicas, global batch 64 = 32" in parallel["line"]
+    assert "BN statistics over the global batch" in parallel["line"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert parallel["history"][0][key] == pytest.approx(single["history"][0][key], rel=1e-4)
