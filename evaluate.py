@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
     group.add_argument(
         "--bn-statistics-batches",
         type=positive_int,
-        default=100,
+        default=50,
         help="batches the recomputed statistics average over",
     )
     group.add_argument(

@@ -114,7 +114,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Batch Normalization's inference statistics and distribution.
     bn_statistics: str = "population"
-    bn_statistics_batches: int = 100
+    bn_statistics_batches: int = 50
     sync_bn: bool = False
     distribute: str = "auto"
     collective_timeout: float = 600.0

@@ -372,7 +372,7 @@ class StatisticsRecompute:
     """
 
     split: str
-    batches: int = 100
+    batches: int = 50
     batch_size: int = 128
     seed: int = 0
 
@@ -498,7 +498,7 @@ def evaluate_path(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     bn_statistics_split: str | None = None,
-    bn_statistics_batches: int = 100,
+    bn_statistics_batches: int = 50,
     bn_statistics_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model at PATH (SavedModel folder, `.keras` or `.tflite` file, run folder).

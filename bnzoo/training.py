@@ -2,13 +2,17 @@
 and write the final artifacts.
 
 The run folder, its checkpoints and crash safety are `bnzoo.run_folder`'s; the optimizer,
-schedule, loss and metrics `bnzoo.optimization`'s; the per-epoch callbacks `bnzoo.callbacks`'.
+schedule, loss and metrics `bnzoo.optimization`'s; the per-epoch callbacks `bnzoo.callbacks`';
+the devices and workers `bnzoo.distribution`'s; the training and evaluation steps
+`bnzoo.training_loop`'s; the batches `bnzoo.training_data`'s.
 
-Resuming rebuilds the model and optimizer from the config exactly as a fresh run would (so
-settings that Keras does not serialize, such as the weight-decay exclusions, are identical),
-then loads the checkpoint's weights and optimizer variables into them, and calls `fit` with
-`initial_epoch`. The learning-rate schedule is a function of the optimizer's restored step
-counter, so it continues where it stopped.
+Each epoch: train, recompute BN's population statistics (Algorithm 2; `--bn-statistics
+population`), validate, then the chief commits (checkpoint, history, TensorBoard). Resuming
+rebuilds the model and optimizer from the config exactly as a fresh run would (so settings that
+Keras does not serialize, such as the weight-decay exclusions, are identical), then loads the
+checkpoint's weights and optimizer variables into them and continues after the committed
+epoch. The learning-rate schedule is a function of the optimizer's restored step counter, so it
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -208,8 +212,8 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
     Args:
         config: the run; `config.output_dir` None means `runs/<date>-<model>-<dataset>`.
         log: where progress lines go.
-        progress_bar: a progress bar per step (True) or one line per epoch (False); None picks
-            the bar when stdout is a terminal.
+        progress_bar: a progress bar per step besides the line per epoch (True) or not
+            (False); None shows it when stdout is a terminal.
 
     Returns:
         A `RunResult`; `metrics` holds the test split's metrics (also in metrics.json; None on
@@ -512,7 +516,8 @@ def _train_epochs(
             paths, state, monitor="val_accuracy" if val_ds is not None else "accuracy"
         )
         chief_callbacks = [checkpoint, TensorBoardScalars(paths.logs)]
-    worker_callbacks = [] if progress_bar else [EpochSummary(config.epochs, log)]
+    # The epoch line also follows a progress bar: it carries the validation numbers.
+    worker_callbacks = [EpochSummary(config.epochs, log)]
     callbacks: list[keras.callbacks.Callback] = [*(chief_callbacks or []), *worker_callbacks]
     for callback in callbacks:
         callback.set_model(model)

@@ -29,7 +29,6 @@ optimizer's `scale_loss` (identity, or dynamic loss scaling under `mixed_float16
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -337,7 +336,3 @@ def make_training_loop(
         f"train.py trains on the tensorflow or jax backend, not {keras.backend.backend()!r}; "
         "set KERAS_BACKEND"
     )
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

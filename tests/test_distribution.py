@@ -95,6 +95,7 @@ def test_srun_tasks_are_workers_when_tf_config_is_unset():
     assert (with_tf_config.cluster_source, with_tf_config.num_workers) == ("TF_CONFIG", 2)
 
 
+@pytest.mark.multi_backend
 def test_jax_processes_come_from_the_keras_distribution_variables():
     from bnzoo.distribution import _jax_processes
 
@@ -146,6 +147,7 @@ def test_the_global_batch_must_divide_among_the_replicas():
 # --- Splitting the data --------------------------------------------------------------------------
 
 
+@pytest.mark.multi_backend
 @pytest.mark.parametrize("workers, per_worker", [(1, 1), (2, 1), (2, 2), (3, 2)])
 def test_every_worker_keeps_its_own_part_of_every_global_batch(workers, per_worker):
     """Global batch t is the same examples whatever the number of workers and replicas: the
@@ -177,6 +179,7 @@ def test_every_worker_keeps_its_own_part_of_every_global_batch(workers, per_work
     assert all(len(share) == steps * per_worker for share in shares)
 
 
+@pytest.mark.multi_backend
 def test_evaluation_padding_fills_whole_global_batches_with_label_minus_one():
     import tensorflow as tf
 
