@@ -284,13 +284,13 @@ class Distribution:
 
     def per_replica_batch_size(self, global_batch_size: int) -> int:
         """`global_batch_size / num_replicas`, or a ValueError naming the fix."""
-        if global_batch_size % self.num_replicas:
-            lower = global_batch_size - global_batch_size % self.num_replicas
+        replicas = self.num_replicas
+        if global_batch_size % replicas:
+            lower = global_batch_size - global_batch_size % replicas
+            examples = f"{lower} or {lower + replicas}" if lower else f"{replicas}"
             raise ValueError(
                 f"--batch-size {global_batch_size} is the global batch and must divide evenly "
-                f"among the {self.num_replicas} replicas; use a multiple of {self.num_replicas} "
-                f"such as {max(lower, self.num_replicas)} or "
-                f"{lower + self.num_replicas}"
+                f"among the {replicas} replicas; use a multiple of {replicas} such as {examples}"
             )
         return global_batch_size // self.num_replicas
 

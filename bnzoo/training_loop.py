@@ -83,18 +83,21 @@ class TrainingLoop:
     ) -> dict[str, float]:
         """Train `steps` steps on the batches of `make_batches()`; returns the epoch's `loss`,
         `accuracy` and `top5_accuracy`."""
-        totals = np.zeros(3, np.float64)
+        # The sums stay on the device until the epoch ends (unless a progress bar shows them),
+        # so that no step waits for the host to read the previous one's numbers.
+        totals = None
         for step, sums in enumerate(self._train_steps(make_batches, steps)):
-            totals += sums
+            totals = sums if totals is None else totals + sums
             if on_step is not None:
-                on_step(step, self._train_logs(totals, step + 1))
-        return self._train_logs(totals, steps)
+                on_step(step, self._train_logs(self._to_host(totals), step + 1))
+        return self._train_logs(self._to_host(totals), steps)
 
     def evaluate(self, make_batches: BatchesFactory) -> dict[str, float]:
         """`loss`, `accuracy` and `top5_accuracy` over every (non-padding) example."""
-        totals = np.zeros(4, np.float64)
+        totals = None
         for sums in self._evaluation_steps(make_batches):
-            totals += sums
+            totals = sums if totals is None else totals + sums
+        totals = self._to_host(totals) if totals is not None else np.zeros(4)
         count = max(totals[3], 1.0)
         return {
             "loss": totals[0] / count,
@@ -111,7 +114,11 @@ class TrainingLoop:
         }
 
     def _train_steps(self, make_batches: BatchesFactory, steps: int):
+        """Yields each step's sums (loss, correct, top-5 correct) as a device array."""
         raise NotImplementedError
+
+    def _to_host(self, sums) -> np.ndarray:
+        return np.asarray(keras.ops.convert_to_numpy(sums), np.float64)
 
     def _evaluation_steps(self, make_batches: BatchesFactory):
         raise NotImplementedError
@@ -144,13 +151,13 @@ class TensorFlowLoop(TrainingLoop):
         iterator = iter(self._distribute(make_batches))
         for _ in range(steps):
             sums = self._train_step(iterator)
-            yield strategy.experimental_local_results(sums)[0].numpy()
+            yield strategy.experimental_local_results(sums)[0]
 
     def _evaluation_steps(self, make_batches: BatchesFactory):
         strategy = self.distribution.strategy
         for batch in self._distribute(make_batches):
             sums = self._evaluation_step(batch)
-            yield strategy.experimental_local_results(sums)[0].numpy()
+            yield strategy.experimental_local_results(sums)[0]
 
     def _distributed_train_step(self, iterator):
         images, labels = next(iterator)
@@ -298,7 +305,7 @@ class JaxLoop(TrainingLoop):
         try:
             for images, labels in make_batches().take(steps).as_numpy_iterator():
                 state, sums = self._train_step(state, *self._global_batch(images, labels))
-                yield _host_value(sums)
+                yield sums
         finally:
             # The variables hold the trained values again, also when an error stopped the epoch
             # (the donated buffers of the last state are gone otherwise).
@@ -307,10 +314,12 @@ class JaxLoop(TrainingLoop):
     def _evaluation_steps(self, make_batches: BatchesFactory):
         trainable, non_trainable, _ = self._state()
         for images, labels in make_batches().as_numpy_iterator():
-            sums = self._evaluation_step(
+            yield self._evaluation_step(
                 trainable, non_trainable, *self._global_batch(images, labels)
             )
-            yield _host_value(sums)
+
+    def _to_host(self, sums) -> np.ndarray:
+        return _host_value(sums)
 
 
 def _host_value(array) -> np.ndarray:

@@ -383,3 +383,22 @@ def test_jax_data_parallel_normalizes_over_the_global_batch(tmp_path):
     assert "BN statistics over the global batch" in parallel["line"]
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         assert parallel["history"][0][key] == pytest.approx(single["history"][0][key], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bnzoo", "keras"])
+def test_sync_bn_copies_the_model_with_its_weights_and_the_export_drops_it(kind):
+    """`--sync-bn` rebuilds the model with synchronized BN layers and the same initial weights;
+    `model.keras` is written without `synchronized`, which Keras refuses on JAX."""
+    from bnzoo.distribution import set_batch_norm_synchronized
+    from bnzoo.training import inference_copy
+
+    model = batch_norm_model(kind, synchronized=False)
+    model.get_layer("bn").moving_mean.assign([3.0])
+    synchronized = set_batch_norm_synchronized(model, True)
+    assert synchronized is not model and synchronized.get_layer("bn").synchronized
+    for ours, theirs in zip(synchronized.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert set_batch_norm_synchronized(synchronized, True) is synchronized
+    exported = inference_copy(synchronized)
+    assert not exported.get_layer("bn").synchronized
+    assert float(keras.ops.convert_to_numpy(exported.get_layer("bn").moving_mean)[0]) == 3.0
