@@ -40,6 +40,26 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--confusion-matrix", metavar="FILE.png", help="write the confusion matrix as a PNG"
     )
+    group = parser.add_argument_group("batch normalization's statistics")
+    group.add_argument(
+        "--bn-statistics-split",
+        metavar="SPLIT",
+        help="before scoring, recompute BN's inference statistics as the paper's population "
+        "statistics (Algorithm 2) over training images of this split, e.g. 'train[:90%%]'; "
+        "needs a .keras model or a run folder (its model.keras). The file is not changed",
+    )
+    group.add_argument(
+        "--bn-statistics-batches",
+        type=positive_int,
+        default=50,
+        help="batches the recomputed statistics average over",
+    )
+    group.add_argument(
+        "--bn-statistics-batch-size",
+        type=positive_int,
+        help="images per batch for the statistics, the paper's m (default: the run's "
+        "--batch-size, else 128)",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback for errors")
     return parser
 
@@ -48,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from bnzoo import evaluation
 
-    evaluation.locate_model(args.path)  # a path that is not a model fails before TensorFlow loads
+    # A path that is not a model, or not one whose statistics can be recomputed, fails before
+    # TensorFlow loads.
+    source = evaluation.locate_model(args.path)
+    if args.bn_statistics_split:
+        evaluation.keras_model_for_recompute(args.path, source)
     import_tensorflow_quietly()
     metrics = evaluation.evaluate_path(
         args.path,
@@ -57,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         data_dir=args.data_dir,
         manual_dir=args.manual_dir,
+        bn_statistics_split=args.bn_statistics_split,
+        bn_statistics_batches=args.bn_statistics_batches,
+        bn_statistics_batch_size=args.bn_statistics_batch_size,
     )
     print(evaluation.format_metrics_table(metrics))
     if args.output:

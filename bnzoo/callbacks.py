@@ -27,6 +27,14 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
+def _learning_rate(model: keras.Model, logs: dict | None) -> float:
+    """The epoch's final learning rate: from `logs` when the loop put it there (it must be
+    computed on every worker of a multi-process JAX run), else from the optimizer."""
+    if logs and "learning_rate" in logs:
+        return float(logs["learning_rate"])
+    return current_learning_rate(model.optimizer)
+
+
 class RunCheckpoint(keras.callbacks.Callback):
     """Commits each finished epoch: `checkpoints/last.keras` (with the epoch counter and
     history inside), then `best.keras` when the monitored metric improved, then `history.csv`.
@@ -58,10 +66,10 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.model.stop_training = True
             return
         row: dict[str, Any] = {"epoch": epoch + 1}
-        for key in HISTORY_COLUMNS[1:-2]:
+        for key in HISTORY_COLUMNS[1:]:
             if key in logs:
                 row[key] = float(logs[key])
-        row["learning_rate"] = current_learning_rate(self.model.optimizer)
+        row["learning_rate"] = _learning_rate(self.model, logs)
         row["epoch_seconds"] = round(time.perf_counter() - self._epoch_start, 3)
 
         best = self.state.get("best")
@@ -116,12 +124,13 @@ class TensorBoardScalars(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         for key, value in (logs or {}).items():
+            if key in ("learning_rate", "bn_statistics_seconds"):
+                continue
             if key.startswith("val_"):
                 self._write("validation", f"epoch_{key[4:]}", float(value), epoch + 1)
             else:
                 self._write("train", f"epoch_{key}", float(value), epoch + 1)
-        learning_rate = current_learning_rate(self.model.optimizer)
-        self._write("train", "epoch_learning_rate", learning_rate, epoch + 1)
+        self._write("train", "epoch_learning_rate", _learning_rate(self.model, logs), epoch + 1)
         for writer in self._writers.values():
             writer.flush()
 
@@ -149,6 +158,6 @@ class EpochSummary(keras.callbacks.Callback):
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             if key in logs:
                 parts.append(f"{key} {float(logs[key]):.4f}")
-        parts.append(f"lr {current_learning_rate(self.model.optimizer):.4g}")
+        parts.append(f"lr {_learning_rate(self.model, logs):.4g}")
         parts.append(f"{time.perf_counter() - self._start:.1f}s")
         self.log("  ".join(parts))

@@ -33,6 +33,8 @@ from bnzoo.cli import UsageError
 NORMALIZATIONS = ("batch_norm", "keras", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
+DISTRIBUTE_MODES = ("auto", "none", "data_parallel", "multi_worker")
+BN_STATISTICS = ("population", "moving")
 
 #: Model keywords that `train.py` sets itself (from the dataset or from a dedicated flag), so a
 #: `--model-arg` for them would be silently overridden or contradict the flag.
@@ -58,6 +60,9 @@ DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}
 #: Fields that say *where* things are rather than *what* the run is: changing them does not make
 #: a different run, so they are left out of the run folder's identity check.
 LOCATION_FIELDS = ("data_dir", "manual_dir", "output_dir", "overwrite")
+#: Fields that say how many processes and devices run the training rather than what is trained:
+#: a run resumes on another number of workers or replicas (the global batch stays the same).
+EXECUTION_FIELDS = ("distribute", "collective_timeout")
 
 
 @dataclasses.dataclass
@@ -107,6 +112,12 @@ class TrainConfig:
     lr_decay_rate: float = 0.9
     weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
     label_smoothing: float = 0.0
+    # Batch Normalization's inference statistics and distribution.
+    bn_statistics: str = "population"
+    bn_statistics_batches: int = 50
+    sync_bn: bool = False
+    distribute: str = "auto"
+    collective_timeout: float = 600.0
     # Run.
     mixed_precision: bool = False
     seed: int = 42
@@ -129,7 +140,9 @@ class TrainConfig:
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        for name in ("epochs", "batch_size", "shuffle_buffer"):
+        _check_choice("bn-statistics", self.bn_statistics, BN_STATISTICS)
+        _check_choice("distribute", self.distribute, DISTRIBUTE_MODES)
+        for name in ("epochs", "batch_size", "shuffle_buffer", "bn_statistics_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
@@ -152,6 +165,11 @@ class TrainConfig:
             raise ValueError(f"--bn-momentum must be in [0, 1), got {self.bn_momentum!r}")
         if self.bn_epsilon is not None and not self.bn_epsilon > 0:
             raise ValueError(f"--bn-epsilon must be positive, got {self.bn_epsilon!r}")
+        if not self.collective_timeout > 0:
+            raise ValueError(
+                f"--collective-timeout must be a positive number of seconds, got "
+                f"{self.collective_timeout!r}"
+            )
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ValueError(
                 f"--image-size must be one or two positive integers, got {self.image_size!r}"
@@ -170,8 +188,10 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def identity(self) -> dict[str, Any]:
-        """The fields that make two runs the same run (everything but locations)."""
-        return {k: v for k, v in self.to_dict().items() if k not in LOCATION_FIELDS}
+        """The fields that make two runs the same run (everything but locations and how many
+        processes run it)."""
+        ignored = LOCATION_FIELDS + EXECUTION_FIELDS
+        return {k: v for k, v in self.to_dict().items() if k not in ignored}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
@@ -452,6 +472,52 @@ def build_train_parser() -> ArgumentParser:
         type=float,
         default=defaults.label_smoothing,
         help="mix this much of the uniform distribution into the one-hot training targets",
+    )
+
+    group = parser.add_argument_group("batch normalization's inference statistics")
+    group.add_argument(
+        "--bn-statistics",
+        default=defaults.bn_statistics,
+        choices=BN_STATISTICS,
+        help="what BN normalizes with at inference, in validation and in every saved model: "
+        "population = recomputed after each epoch as the paper's Algorithm 2 (mean of batch "
+        "means, m/(m-1) x mean of batch variances over training batches, weights frozen); "
+        "moving = the moving averages kept during training",
+    )
+    group.add_argument(
+        "--bn-statistics-batches",
+        type=positive_int,
+        default=defaults.bn_statistics_batches,
+        help="training batches (of --batch-size, no augmentation) that the population "
+        "statistics average over; at most one epoch's worth are used",
+    )
+
+    group = parser.add_argument_group("distribution")
+    group.add_argument(
+        "--distribute",
+        default=defaults.distribute,
+        choices=DISTRIBUTE_MODES,
+        help="none: one device; data_parallel: every local GPU (TensorFlow MirroredStrategy, "
+        "JAX keras.distribution.DataParallel); multi_worker: several processes or hosts "
+        "running the same command (TF_CONFIG, or KERAS_DISTRIBUTION_* on JAX); auto: "
+        "multi_worker when the environment names several workers, data_parallel with several "
+        "local GPUs, else none. --batch-size stays the global batch",
+    )
+    group.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.sync_bn,
+        help="BN statistics over the global batch of all replicas (TensorFlow) instead of each "
+        "replica's share; JAX's DataParallel always normalizes over the global batch",
+    )
+    group.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=defaults.collective_timeout,
+        metavar="SECONDS",
+        help="multi_worker on TensorFlow: a collective operation (gradient all-reduce) that "
+        "waits longer than this for a worker fails the run; a killed worker is detected "
+        "within about 10 s regardless",
     )
 
     group = parser.add_argument_group("run")

@@ -302,6 +302,8 @@ def locate_model(path: str) -> ModelSource:
             "split": config.test_split or "test",
             "data_dir": config.data_dir,
             "manual_dir": config.manual_dir,
+            "train_split": config.train_split,
+            "train_batch_size": config.batch_size,
         }
         exported = read_export_metadata(os.path.join(run_dir, "saved_model"))
         preprocessing = exported.get("preprocessing")
@@ -357,7 +359,76 @@ def _keras_load_reason(error: Exception, limit: int = 300) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
-def _keras_classifier(path: str, info, preprocessing: dict[str, Any] | None) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class StatisticsRecompute:
+    """`evaluate.py --bn-statistics-split`: recompute BN's population statistics (Algorithm 2)
+    on training images before scoring a Keras model.
+
+    Attributes:
+        split: the split the images come from (of the evaluated dataset).
+        batches: how many batches to average over.
+        batch_size: images per batch: the training batch size, which is the statistics' m.
+        seed: seed of the shuffle that picks the batches.
+    """
+
+    split: str
+    batches: int = 50
+    batch_size: int = 128
+    seed: int = 0
+
+
+def recompute_statistics_on_split(
+    model,
+    recompute: StatisticsRecompute,
+    *,
+    dataset: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: Sequence[int] | None,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+) -> int:
+    """Replace `model`'s BN statistics by Algorithm 2's population statistics over batches of
+    `recompute.split`, preprocessed as the model was trained (its `mean`, `std`, input size),
+    without augmentation. Returns the number of batches averaged (0: the model has no BN)."""
+    import keras
+
+    from bnzoo.data import load_dataset, make_pipeline
+    from layers import recompute_population_statistics
+
+    examples, info = load_dataset(
+        dataset, split=recompute.split, data_dir=data_dir, manual_dir=manual_dir
+    )
+    if info.num_examples < recompute.batch_size:
+        raise ValueError(
+            f"--bn-statistics-split {recompute.split} has {info.num_examples} examples, fewer "
+            f"than one batch of {recompute.batch_size}; use a larger split or a smaller "
+            "--bn-statistics-batch-size"
+        )
+    info = dataclasses.replace(info, mean=tuple(mean), std=tuple(std))
+    batches = make_pipeline(
+        examples,
+        info,
+        batch_size=recompute.batch_size,
+        training=True,
+        image_size=image_size,
+        augment=False,
+        cache=False,
+        seed=recompute.seed,
+        drop_remainder=True,
+    ).take(recompute.batches)
+    if keras.backend.backend() != "tensorflow":
+        batches = batches.as_numpy_iterator()
+    return recompute_population_statistics(model, batches)
+
+
+def _keras_classifier(
+    path: str,
+    info,
+    preprocessing: dict[str, Any] | None,
+    recompute: StatisticsRecompute | None = None,
+    data_kwargs: dict[str, Any] | None = None,
+) -> Callable:
     import keras
 
     import layers  # noqa: F401  (registers bnzoo's layers for deserialization)
@@ -380,8 +451,41 @@ def _keras_classifier(path: str, info, preprocessing: dict[str, Any] | None) -> 
     else:
         mean, std = info.mean, info.std
     image_size = None if input_shape[:2] == tuple(info.image_shape[:2]) else input_shape[:2]
+    if recompute is not None:
+        used = recompute_statistics_on_split(
+            model,
+            recompute,
+            dataset=info.name if data_kwargs is None else data_kwargs["dataset"],
+            mean=mean,
+            std=std,
+            image_size=image_size,
+            data_dir=None if data_kwargs is None else data_kwargs.get("data_dir"),
+            manual_dir=None if data_kwargs is None else data_kwargs.get("manual_dir"),
+        )
+        if used:
+            print(
+                f"recomputed BN's population statistics over {used} batches of "
+                f"{recompute.batch_size} from {recompute.split}",
+                flush=True,
+            )
     return serving_function(
         model, image_shape=info.image_shape, mean=mean, std=std, image_size=image_size
+    )
+
+
+def keras_model_for_recompute(path: str, source: ModelSource) -> ModelSource:
+    """The Keras model whose statistics `--bn-statistics-split` can recompute: the file
+    itself, or a run folder's model.keras; anything else is refused, saying why."""
+    if source.kind == "keras":
+        return source
+    is_run_folder = os.path.isfile(os.path.join(path, CONFIG_FILENAME))
+    keras_model = os.path.join(path, "model.keras")
+    if is_run_folder and os.path.isfile(keras_model):
+        return dataclasses.replace(source, kind="keras", model_path=keras_model)
+    raise ValueError(
+        f"--bn-statistics-split needs a .keras model or a run folder, not the {source.kind} "
+        f"{path}: an exported model's BN statistics are constants in its graph, with no "
+        "training mode to recompute them in"
     )
 
 
@@ -393,11 +497,19 @@ def evaluate_path(
     batch_size: int = 256,
     data_dir: str | None = None,
     manual_dir: str | None = None,
+    bn_statistics_split: str | None = None,
+    bn_statistics_batches: int = 50,
+    bn_statistics_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model at PATH (SavedModel folder, `.keras` or `.tflite` file, run folder).
 
     The dataset and split default to the run's (its config.yaml, or the export's metadata),
     then to Fashion-MNIST's test split; arguments override them.
+
+    With `bn_statistics_split`, a Keras model's BN statistics are first recomputed as the
+    paper's population statistics (Algorithm 2) over `bn_statistics_batches` batches of that
+    split, of `bn_statistics_batch_size` images (default: the run's training batch size, else
+    128); a run folder is then evaluated through its model.keras. The file is not changed.
 
     Returns:
         The metrics dict (module docstring).
@@ -413,6 +525,14 @@ def evaluate_path(
         data_dir = source.defaults.get("data_dir")
     if manual_dir is None:
         manual_dir = source.defaults.get("manual_dir")
+    recompute = None
+    if bn_statistics_split is not None:
+        source = keras_model_for_recompute(path, source)
+        recompute = StatisticsRecompute(
+            bn_statistics_split,
+            batches=bn_statistics_batches,
+            batch_size=bn_statistics_batch_size or source.defaults.get("train_batch_size") or 128,
+        )
     examples, info = load_dataset(dataset, split=split, data_dir=data_dir, manual_dir=manual_dir)
     if source.kind == "saved_model":
         classifier = _saved_model_classifier(source.model_path, info.image_shape)
@@ -421,7 +541,13 @@ def evaluate_path(
 
         classifier = tflite_serving_function(source.model_path, image_shape=info.image_shape)
     else:
-        classifier = _keras_classifier(source.model_path, info, source.preprocessing)
+        classifier = _keras_classifier(
+            source.model_path,
+            info,
+            source.preprocessing,
+            recompute,
+            {"dataset": dataset, "data_dir": data_dir, "manual_dir": manual_dir},
+        )
     return evaluate_classifier(
         classifier,
         examples,

@@ -148,11 +148,14 @@ def build_optimizer(
     return optimizer
 
 
-def build_loss(config: TrainConfig) -> keras.losses.Loss:
+def build_loss(
+    config: TrainConfig, reduction: str | None = "sum_over_batch_size"
+) -> keras.losses.Loss:
     """Cross-entropy on logits; labels arrive one-hot so that label smoothing is available
-    (Keras' sparse cross-entropy has no `label_smoothing`)."""
+    (Keras' sparse cross-entropy has no `label_smoothing`). `reduction=None` gives the
+    per-example losses that the training loop sums itself."""
     return keras.losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=config.label_smoothing
+        from_logits=True, label_smoothing=config.label_smoothing, reduction=reduction
     )
 
 

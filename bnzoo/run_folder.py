@@ -61,6 +61,7 @@ HISTORY_COLUMNS = (
     "val_top5_accuracy",
     "learning_rate",
     "epoch_seconds",
+    "bn_statistics_seconds",
 )
 
 

@@ -2,23 +2,30 @@
 and write the final artifacts.
 
 The run folder, its checkpoints and crash safety are `bnzoo.run_folder`'s; the optimizer,
-schedule, loss and metrics `bnzoo.optimization`'s; the per-epoch callbacks `bnzoo.callbacks`'.
+schedule, loss and metrics `bnzoo.optimization`'s; the per-epoch callbacks `bnzoo.callbacks`';
+the devices and workers `bnzoo.distribution`'s; the training and evaluation steps
+`bnzoo.training_loop`'s; the batches `bnzoo.training_data`'s.
 
-Resuming rebuilds the model and optimizer from the config exactly as a fresh run would (so
-settings that Keras does not serialize, such as the weight-decay exclusions, are identical),
-then loads the checkpoint's weights and optimizer variables into them, and calls `fit` with
-`initial_epoch`. The learning-rate schedule is a function of the optimizer's restored step
-counter, so it continues where it stopped.
+Each epoch: train, recompute BN's population statistics (Algorithm 2; `--bn-statistics
+population`), validate, then the chief commits (checkpoint, history, TensorBoard). Resuming
+rebuilds the model and optimizer from the config exactly as a fresh run would (so settings that
+Keras does not serialize, such as the weight-decay exclusions, are identical), then loads the
+checkpoint's weights and optimizer variables into them and continues after the committed
+epoch. The learning-rate schedule is a function of the optimizer's restored step counter, so it
+continues where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +34,12 @@ import keras
 from bnzoo.atomic_files import save_model_atomically
 from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
 from bnzoo.config import RESERVED_MODEL_ARGS, TrainConfig, default_output_dir, save_config
-from bnzoo.optimization import build_loss, build_metrics, build_optimizer
+from bnzoo.optimization import (
+    build_loss,
+    build_metrics,
+    build_optimizer,
+    current_learning_rate,
+)
 from bnzoo.run_folder import (
     STATE_FORMAT,
     RunPaths,
@@ -108,11 +120,37 @@ def inference_copy(model: keras.Model) -> keras.Model:
     bnzoo's layers but not the training code's optimizer and schedule.
 
     Built from the model's config rather than with `keras.models.clone_model`, which (Keras 3.15)
-    also compiles the clone when the original is compiled, and would save its optimizer.
+    also compiles the clone when the original is compiled, and would save its optimizer. BN's
+    `synchronized` (set by `--sync-bn`) is a training-time setting that both Keras' layer and
+    bnzoo's refuse on JAX; the copy drops it, so model.keras loads on any backend.
     """
-    copy = model.__class__.from_config(model.get_config())
+    copy = model.__class__.from_config(_without_synchronized_batch_norm(model.get_config()))
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _without_synchronized_batch_norm(config: Any) -> Any:
+    if isinstance(config, dict):
+        config = {key: _without_synchronized_batch_norm(value) for key, value in config.items()}
+        if "BatchNormalization" in str(config.get("class_name", "")):
+            inner = config.get("config")
+            if isinstance(inner, dict) and inner.get("synchronized"):
+                config["config"] = {**inner, "synchronized": False}
+        return config
+    if isinstance(config, list):
+        return [_without_synchronized_batch_norm(value) for value in config]
+    return config
+
+
+def has_gpu() -> bool:
+    """Whether the backend computes on a GPU."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return any(device.platform == "gpu" for device in jax.local_devices())
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def configure_runtime(config: TrainConfig) -> str:
@@ -129,7 +167,7 @@ def configure_runtime(config: TrainConfig) -> str:
         tf.config.experimental.enable_op_determinism()
     policy = "float32"
     if config.mixed_precision:
-        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+        policy = "mixed_float16" if has_gpu() else "mixed_bfloat16"
     keras.mixed_precision.set_global_policy(policy)
     return policy
 
@@ -148,13 +186,17 @@ class RunResult:
     metrics: dict[str, Any] | None
 
 
-def _one_hot(num_classes: int):
-    import tensorflow as tf
+@dataclasses.dataclass
+class _FolderVerdict:
+    """What the chief found in the run folder before training."""
 
-    def convert(images, labels):
-        return images, tf.one_hot(labels, num_classes)
+    mode: str  # "new" or "resume"
+    state: dict[str, Any] | None
+    complete: bool = False
 
-    return convert
+
+# What the chief tells the other workers before anything else (`share_from_chief`).
+_GO, _COMPLETE, _FAILED = 0, 1, 2
 
 
 def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None = None) -> RunResult:
@@ -164,41 +206,85 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
     size) is checked before the run folder is touched, so a typo never leaves a half-made run
     that the corrected command would refuse as "a different run".
 
+    With `--distribute multi_worker` every worker calls this with the same config; worker 0
+    (the chief) alone reads and writes the run folder and hands the run's state to the others.
+
     Args:
         config: the run; `config.output_dir` None means `runs/<date>-<model>-<dataset>`.
         log: where progress lines go.
-        progress_bar: Keras' progress bar (True) or one line per epoch (False); None picks the
-            bar when stdout is a terminal.
+        progress_bar: a progress bar per step besides the line per epoch (True) or not
+            (False); None shows it when stdout is a terminal.
 
     Returns:
-        A `RunResult`; `metrics` holds the test split's metrics (also in metrics.json).
+        A `RunResult`; `metrics` holds the test split's metrics (also in metrics.json; None on
+        workers other than the chief).
 
     Raises:
         ValueError / FileNotFoundError: bad configuration, data or run folder.
+        ConnectionError: another worker of a multi-worker run stopped.
     """
+    from bnzoo.distribution import plan_distribution, start_distribution
+
     config.validate()
     if config.output_dir is None:
         config.output_dir = default_output_dir(config)
     paths = RunPaths(config.output_dir)
+    plan = plan_distribution(config.distribute)
+
+    verdict = folder_error = None
+    if plan.is_chief:
+        try:
+            verdict = _inspect_run_folder(config, paths)
+        except (ValueError, OSError) as error:
+            if plan.num_workers == 1:
+                raise
+            # The other workers wait for the chief's word; it must still give it.
+            folder_error = error
+        if verdict is not None and verdict.complete and plan.num_workers == 1:
+            return _report_complete(config, paths, verdict, log)
+
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        with start_distribution(plan, collective_timeout=config.collective_timeout) as cluster:
+            return _run(config, paths, cluster, verdict, folder_error, log, progress_bar)
+    except Exception as error:
+        _raise_if_worker_lost(error, plan)
+        raise
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _inspect_run_folder(config: TrainConfig, paths: RunPaths) -> _FolderVerdict:
     mode = check_run_folder(paths.run_dir, config)
     state = read_checkpoint_state(paths.last_checkpoint) if mode == "resume" else None
     if state is not None and state["epoch"] > config.epochs:
         raise ValueError(f"{paths.last_checkpoint} is past epoch {config.epochs}: not this run")
-    if is_complete(paths, config, state):
-        metrics = _read_json(paths.metrics) if config.test_split else None
-        summary = f"; test accuracy {metrics['accuracy']:.2%}" if metrics else ""
-        log(
-            f"{paths.run_dir} is already complete ({state['epoch']} "
-            f"epoch{'' if state['epoch'] == 1 else 's'}{summary}); "
-            "pass --overwrite to train it again"
-        )
-        return RunResult(paths.run_dir, state["epoch"], state["epoch"], True, metrics)
+    return _FolderVerdict(mode, state, is_complete(paths, config, state))
 
-    previous_policy = keras.mixed_precision.global_policy()
-    try:
-        return _run(config, paths, mode, state, log, progress_bar)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+
+def _report_complete(
+    config: TrainConfig, paths: RunPaths, verdict: _FolderVerdict, log: Log
+) -> RunResult:
+    state = verdict.state
+    metrics = _read_json(paths.metrics) if config.test_split else None
+    summary = f"; test accuracy {metrics['accuracy']:.2%}" if metrics else ""
+    log(
+        f"{paths.run_dir} is already complete ({state['epoch']} "
+        f"epoch{'' if state['epoch'] == 1 else 's'}{summary}); "
+        "pass --overwrite to train it again"
+    )
+    return RunResult(paths.run_dir, state["epoch"], state["epoch"], True, metrics)
+
+
+def _raise_if_worker_lost(error: BaseException, plan) -> None:
+    """Turn the runtime's report of a lost worker into one line (a ConnectionError)."""
+    from bnzoo.distribution import describe_collective_failure
+
+    if plan.num_workers == 1 or isinstance(error, (ValueError, OSError)):
+        return
+    message = describe_collective_failure(error, plan)
+    if message is not None:
+        raise ConnectionError(message) from error
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -206,23 +292,59 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(stream)
 
 
+def _agree_with_chief(cluster, verdict, folder_error, config, paths, log) -> RunResult | None:
+    """Multi-worker: the chief says whether to train, and the others follow. Returns a result
+    when the run is already complete."""
+    from bnzoo.distribution import share_from_chief
+
+    if cluster.num_workers == 1:
+        return None
+    if cluster.is_chief:
+        code = _FAILED if folder_error is not None else (_COMPLETE if verdict.complete else _GO)
+        epoch = verdict.state["epoch"] if verdict is not None and verdict.state else 0
+    else:
+        code = epoch = 0
+    code, epoch = (int(value) for value in share_from_chief(cluster, [code, epoch]))
+    if folder_error is not None:
+        raise folder_error
+    if code == _FAILED:
+        raise ValueError(
+            f"worker 0 (the chief) could not start the run in {paths.run_dir}; its output says "
+            "why: fix that and restart every worker"
+        )
+    if code == _COMPLETE:
+        if cluster.is_chief:
+            return _report_complete(config, paths, verdict, log)
+        log(f"{paths.run_dir} is already complete ({epoch} epochs), says worker 0")
+        return RunResult(paths.run_dir, epoch, epoch, True, None)
+    return None
+
+
 def _run(
     config: TrainConfig,
     paths: RunPaths,
-    mode: str,
-    state: dict[str, Any] | None,
+    cluster,
+    verdict: _FolderVerdict | None,
+    folder_error: BaseException | None,
     log: Log,
     progress_bar: bool | None,
 ) -> RunResult:
-    import tensorflow as tf
-
     import models
-    from bnzoo.data import load_dataset, make_pipeline
+    from bnzoo.data import load_dataset
+    from bnzoo.distribution import (
+        broadcast_variables_from_chief,
+        set_batch_norm_synchronized,
+        share_from_chief,
+    )
+    from bnzoo.training_data import RunInputs
 
     policy = configure_runtime(config)
+    finished = _agree_with_chief(cluster, verdict, folder_error, config, paths, log)
+    if finished is not None:
+        return finished
     data_kwargs = {"data_dir": config.data_dir, "manual_dir": config.manual_dir}
 
-    # 1. Everything a user can get wrong, before any file is written.
+    # 1. Everything a user can get wrong, before any file is written (on every worker).
     spec = models.get_model_spec(config.model)
     train_ds, train_info = load_dataset(config.dataset, split=config.train_split, **data_kwargs)
     val_ds = val_info = test_ds = None
@@ -235,117 +357,229 @@ def _run(
             f"--train-split {config.train_split} has {train_info.num_examples} examples, fewer "
             f"than --batch-size {config.batch_size}; lower --batch-size or use a larger split"
         )
+    cluster.per_replica_batch_size(config.batch_size)
     image_size = resolve_image_size(config, train_info.image_shape, spec.min_input_size)
     height, width = image_size or train_info.image_shape[:2]
     input_shape = (height, width, train_info.image_shape[2])
-    model = build_model(config, input_shape, train_info.num_classes)
-
     # Full batches only: BN's statistics come from the mini-batch, and a ragged last batch of a
     # few examples would give noisy statistics and a noisy moving-average update.
     steps_per_epoch = train_info.num_examples // config.batch_size
-    optimizer = build_optimizer(config, model, steps_per_epoch)
-    model.compile(optimizer=optimizer, loss=build_loss(config), metrics=build_metrics())
+    with cluster.scope():
+        model = build_model(config, input_shape, train_info.num_classes)
+        if config.sync_bn and keras.backend.backend() == "tensorflow":
+            model = set_batch_norm_synchronized(model, True)
+        optimizer = build_optimizer(config, model, steps_per_epoch)
+        model.compile(optimizer=optimizer, loss=build_loss(config), metrics=build_metrics())
+        # The optimizer's variables must exist before a checkpoint can fill them.
+        model.optimizer.build(model.trainable_variables)
+    inputs = RunInputs(config, cluster, train_ds, train_info, image_size)
 
-    # 2. The run folder, locked against a second train.py before anything in it is touched.
-    os.makedirs(paths.run_dir, exist_ok=True)
-    with locked_run_folder(paths):
-        if mode == "new":
-            remove_run_artifacts(paths)
-            # config.yaml first: a kill right after it leaves a folder that resumes.
-            save_config(config, paths.run_dir)
-        else:
-            remove_temporary_files(paths)
-            # Read again under the lock: a process that held it may have committed since.
-            state = read_checkpoint_state(paths.last_checkpoint)
-        os.makedirs(paths.checkpoints, exist_ok=True)
+    # 2. The run folder (the chief's alone), locked against a second train.py before anything in
+    # it is touched.
+    with contextlib.ExitStack() as folder_lock:
 
-        initial_epoch = 0
-        if state is not None:
-            # The optimizer's variables must exist before load_weights can fill them.
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(paths.last_checkpoint)
-            initial_epoch = state["epoch"]
-            repair_best_checkpoint(paths, state)
-        else:
-            state = {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}
-        write_history_csv(paths.history, state["history"])
+        def open_run_folder() -> dict[str, Any]:
+            os.makedirs(paths.run_dir, exist_ok=True)
+            folder_lock.enter_context(locked_run_folder(paths))
+            state = None
+            if verdict.mode == "new":
+                remove_run_artifacts(paths)
+                # config.yaml first: a kill right after it leaves a folder that resumes.
+                save_config(config, paths.run_dir)
+            else:
+                remove_temporary_files(paths)
+                # Read again under the lock: a process that held it may have committed since.
+                state = read_checkpoint_state(paths.last_checkpoint)
+            os.makedirs(paths.checkpoints, exist_ok=True)
+            if state is not None:
+                # Outside the strategy's scope: loading creates throwaway Keras objects (an
+                # optimizer), and under MultiWorkerMirroredStrategy creating a variable is a
+                # collective that the other workers, which do not load, would never join.
+                model.load_weights(paths.last_checkpoint)
+                repair_best_checkpoint(paths, state)
+            else:
+                state = {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}
+            write_history_csv(paths.history, state["history"])
+            return state
+
+        state = _on_chief(cluster, open_run_folder)
+        initial_epoch = state["epoch"] if state is not None else 0
+        if cluster.num_workers > 1:
+            # The others take the chief's weights, optimizer state and epoch: they need neither
+            # the checkpoint nor a shared file system.
+            (initial_epoch,) = (int(v) for v in share_from_chief(cluster, [initial_epoch]))
+            broadcast_variables_from_chief(cluster, model.variables + model.optimizer.variables)
 
         shape_note = "x".join(map(str, train_info.image_shape))
         if image_size:
             shape_note += f" -> {height}x{width}"
         if initial_epoch:
             log(f"resuming {paths.run_dir} after epoch {initial_epoch} of {config.epochs}")
-        else:
+        elif cluster.is_chief:
             log(f"run folder: {paths.run_dir}")
-        device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        device = "GPU" if has_gpu() else "CPU"
         log(
             f"training {config.model} ({model.count_params():,} parameters, normalization "
             f"{config.normalization}, {policy}, {device}) on {config.dataset} {config.train_split} "
-            f"({train_info.num_examples} examples, {shape_note}): {config.epochs} epochs of "
-            f"{steps_per_epoch} steps"
+            f"({train_info.num_examples} examples, {shape_note}): {config.epochs} "
+            f"epoch{'' if config.epochs == 1 else 's'} of {steps_per_epoch} steps; "
+            f"{cluster.describe(config.batch_size, config.sync_bn)}"
         )
 
         # 3. Train the remaining epochs.
         if initial_epoch < config.epochs:
-            # Normalize every split with the training split's statistics.
-            def same_normalization(info):
-                return dataclasses.replace(info, mean=train_info.mean, std=train_info.std)
-
-            train_batches = make_pipeline(
-                train_ds,
-                train_info,
-                batch_size=config.batch_size,
-                training=True,
-                image_size=image_size,
-                augment=config.augment,
-                shuffle_buffer=config.shuffle_buffer,
-                # A resumed run must not replay the first epochs' shuffling order.
-                seed=config.seed + initial_epoch,
-                drop_remainder=True,
-            ).map(_one_hot(train_info.num_classes))
-            val_batches = None
-            if val_ds is not None:
-                val_batches = make_pipeline(
-                    val_ds,
-                    same_normalization(val_info),
-                    batch_size=config.batch_size,
-                    training=False,
-                    image_size=image_size,
-                ).map(_one_hot(train_info.num_classes))
-            checkpoint = RunCheckpoint(
-                paths, state, monitor="val_accuracy" if val_batches is not None else "accuracy"
-            )
             if progress_bar is None:
                 progress_bar = sys.stdout.isatty()
-            # The checkpoint commits first, so TensorBoard never shows an epoch that a kill then
-            # made the rerun train again (a kill in between costs that epoch's TensorBoard point).
-            callbacks: list[keras.callbacks.Callback] = [checkpoint, TensorBoardScalars(paths.logs)]
-            if not progress_bar:
-                callbacks.append(EpochSummary(config.epochs, log))
-            model.fit(
-                train_batches,
-                validation_data=val_batches,
-                epochs=config.epochs,
-                initial_epoch=initial_epoch,
-                steps_per_epoch=steps_per_epoch,
-                callbacks=callbacks,
-                verbose=1 if progress_bar else 0,
-                shuffle=False,  # make_pipeline shuffles, with a real buffer
+            state = _train_epochs(
+                model,
+                cluster,
+                inputs,
+                val_ds,
+                val_info,
+                state,
+                initial_epoch,
+                steps_per_epoch,
+                paths,
+                log,
+                progress_bar,
             )
-            if checkpoint.diverged_epoch is not None:
-                raise ValueError(
-                    "training diverged: the loss was not finite in epoch "
-                    f"{checkpoint.diverged_epoch}; lower --lr (now {config.lr}) or add "
-                    "--warmup-epochs. The run folder keeps the last finite epoch "
-                    f"({checkpoint.state['epoch']})"
-                )
-            state = checkpoint.state
 
-        # 4. Final artifacts, each written atomically; rerunning redoes all of them.
-        metrics = write_final_artifacts(
-            model, paths, config, train_info, image_size, test_ds, state["history"], log
+        # 4. Final artifacts, each written atomically by the chief; rerunning redoes all of them.
+        # The other workers wait for it, so that all of them end together (a worker that left
+        # early would look like a crashed one to the chief's runtime).
+        def write_artifacts():
+            with cluster.host_local():
+                return write_final_artifacts(
+                    model, paths, config, train_info, image_size, test_ds, state["history"], log
+                )
+
+        metrics = _on_chief(cluster, write_artifacts)
+        return RunResult(paths.run_dir, config.epochs, initial_epoch, False, metrics)
+
+
+def _on_chief(cluster, work: Callable[[], Any]) -> Any:
+    """`work()` on the chief, then every worker learns whether it succeeded (a barrier).
+
+    A failure on the chief alone (a locked run folder, a full disk, an export error) then stops
+    every worker promptly with an error, instead of leaving them waiting in their next
+    collective for a chief that is gone. Returns `work()`'s result on the chief, else None.
+    """
+    from bnzoo.distribution import share_from_chief
+
+    result = error = None
+    if cluster.is_chief:
+        try:
+            result = work()
+        except BaseException as caught:  # re-raised below, after telling the others
+            error = caught
+    failed = error is not None
+    if cluster.num_workers > 1:
+        (failed,) = (bool(value) for value in share_from_chief(cluster, [error is not None]))
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(
+            "worker 0 (the chief) stopped with an error, which its output shows; fix it and "
+            "restart every worker with the same command to resume after the last finished epoch"
         )
-        return RunResult(paths.run_dir, state["epoch"], initial_epoch, False, metrics)
+    return result
+
+
+def _train_epochs(
+    model: keras.Model,
+    cluster,
+    inputs,
+    val_ds,
+    val_info,
+    state: dict[str, Any] | None,
+    initial_epoch: int,
+    steps_per_epoch: int,
+    paths: RunPaths,
+    log: Log,
+    progress_bar: bool,
+) -> dict[str, Any] | None:
+    """Epochs `initial_epoch + 1 ... config.epochs`: train, recompute BN's population statistics,
+    validate, then (the chief) commit. Returns the committed state (None on other workers)."""
+    from bnzoo.distribution import average_replica_local_variables
+    from bnzoo.training_loop import make_training_loop
+    from layers import recompute_population_statistics
+
+    config = inputs.config
+    loop = make_training_loop(model, cluster, build_loss(config, reduction=None), config.batch_size)
+    make_val_batches = inputs.evaluation_batches(val_ds, val_info) if val_ds is not None else None
+    # Only the chief writes: checkpoints (which commit first, so TensorBoard never shows an
+    # epoch that a kill then made the rerun train again) and TensorBoard scalars. Every worker
+    # prints its epoch lines.
+    checkpoint = chief_callbacks = None
+    if cluster.is_chief:
+        checkpoint = RunCheckpoint(
+            paths, state, monitor="val_accuracy" if val_ds is not None else "accuracy"
+        )
+        chief_callbacks = [checkpoint, TensorBoardScalars(paths.logs)]
+    # The epoch line also follows a progress bar: it carries the validation numbers.
+    worker_callbacks = [EpochSummary(config.epochs, log)]
+    callbacks: list[keras.callbacks.Callback] = [*(chief_callbacks or []), *worker_callbacks]
+    for callback in callbacks:
+        callback.set_model(model)
+    try:
+        for epoch in range(initial_epoch, config.epochs):
+            for callback in callbacks:
+                callback.on_epoch_begin(epoch)
+            on_step = _progress_bar(epoch, config.epochs, steps_per_epoch) if progress_bar else None
+            logs = loop.train_epoch(
+                inputs.training_batches(epoch, steps_per_epoch), steps_per_epoch, on_step
+            )
+            if not math.isfinite(logs["loss"]):
+                committed = state["epoch"] if state is not None else epoch
+                raise ValueError(
+                    f"training diverged: the loss was not finite in epoch {epoch + 1}; lower "
+                    f"--lr (now {config.lr}) or add --warmup-epochs. The run folder keeps the "
+                    f"last finite epoch ({committed})"
+                )
+            average_replica_local_variables(cluster, model)
+            if config.bn_statistics == "population":
+                # Algorithm 2 before validating: the numbers that pick best.keras are those of
+                # the statistics that every saved model carries.
+                start = time.perf_counter()
+                batches = inputs.statistics_batches(
+                    epoch, min(config.bn_statistics_batches, steps_per_epoch)
+                )
+                if keras.backend.backend() != "tensorflow":
+                    batches = batches.as_numpy_iterator()
+                with cluster.scope():
+                    if recompute_population_statistics(model, batches):
+                        logs["bn_statistics_seconds"] = round(time.perf_counter() - start, 3)
+            if make_val_batches is not None:
+                for key, value in loop.evaluate(make_val_batches).items():
+                    logs[f"val_{key}"] = value
+            # Computed on every worker: on JAX the schedule's step is a multi-process array.
+            logs["learning_rate"] = current_learning_rate(model.optimizer)
+
+            def commit(epoch=epoch, logs=logs):
+                with cluster.host_local():
+                    for callback in chief_callbacks:
+                        callback.on_epoch_end(epoch, logs)
+                return checkpoint.state
+
+            committed = _on_chief(cluster, commit)
+            if cluster.is_chief:
+                state = committed
+            for callback in worker_callbacks:
+                callback.on_epoch_end(epoch, logs)
+    finally:
+        for callback in callbacks:
+            callback.on_train_end()
+    return state
+
+
+def _progress_bar(epoch: int, epochs: int, steps: int):
+    bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy", "top5_accuracy"])
+    print(f"Epoch {epoch + 1}/{epochs}", flush=True)
+
+    def update(step: int, logs: dict[str, float]) -> None:
+        bar.update(step + 1, values=list(logs.items()))
+
+    return update
 
 
 def write_final_artifacts(

@@ -25,7 +25,7 @@ Augmentation runs after the cache, so every epoch sees fresh random crops and fl
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -239,6 +239,8 @@ def make_pipeline(
     seed: int | None = None,
     drop_remainder: bool = False,
     horizontal_flip: bool | None = None,
+    select_batches: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
+    augment_seed: int | None = None,
 ) -> tf.data.Dataset:
     """Batches of model inputs from the `(image uint8, label int64)` examples of `load_dataset`.
 
@@ -264,6 +266,11 @@ def make_pipeline(
         drop_remainder: Drop the last partial batch (useful when a static batch size matters).
         horizontal_flip: Override the dataset's flip policy (`info.horizontal_flip`); None uses
             it.
+        select_batches: A function applied to the dataset of batches before preprocessing and
+            augmentation, e.g. `bnzoo.distribution.keep_worker_share`, which keeps one worker's
+            share of every global batch so that the worker preprocesses only its own images.
+        augment_seed: Seed of the augmentation's random stream; None uses `seed`. Workers that
+            share one shuffling order (one `seed`) pass different augmentation seeds.
 
     Returns:
         `tf.data.Dataset` of `(float32 [B, H', W', C], int32 [B])`.
@@ -309,6 +316,8 @@ def make_pipeline(
 
     if info.has_fixed_shape:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        if select_batches is not None:
+            ds = select_batches(ds)
         ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         # Images of different sizes cannot share a batch before they are fitted to one size.
@@ -318,13 +327,17 @@ def make_pipeline(
 
         ds = ds.map(preprocess_one, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        if select_batches is not None:
+            ds = select_batches(ds)
 
     if training and augment:
         padding = crop_padding_for(image_size)
         fill = tuple(-m / s for m, s in zip(mean, std, strict=True))
         # One seed per batch from a seeded random stream that restarts differently every
         # epoch: reproducible with `seed`, yet new crops each epoch.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        seeds = tf.data.Dataset.random(
+            seed=seed if augment_seed is None else augment_seed, rerandomize_each_iteration=True
+        ).batch(2)
 
         def augment_batch(batch, batch_seed):
             images, labels = batch

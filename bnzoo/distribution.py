@@ -1,0 +1,738 @@
+"""How a training run is spread over devices and processes: choosing the mode, creating the
+TensorFlow strategy or the JAX distribution, and splitting every global batch among them.
+
+Three modes, one command line (`train.py --distribute`):
+
+- `none`: one device.
+- `data_parallel`: every local device of one host. TensorFlow: `tf.distribute.MirroredStrategy`
+  over the local GPUs (or the logical CPUs when there is no GPU); JAX:
+  `keras.distribution.DataParallel` over the local devices.
+- `multi_worker`: several processes, usually on several hosts, each running the same command.
+  TensorFlow: `tf.distribute.MultiWorkerMirroredStrategy`, configured from `TF_CONFIG`; JAX:
+  `keras.distribution.initialize()` from `KERAS_DISTRIBUTION_JOB_ADDRESSES`,
+  `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCESS_ID`, then `DataParallel`
+  over every device of every process.
+- `auto` picks `multi_worker` when the environment names more than one worker, `data_parallel`
+  with more than one local accelerator, else `none`.
+
+`--batch-size` is always the global batch. Every worker builds the same seeded input pipeline,
+so all of them agree on the order of the examples, and keeps only its own share of each global
+batch before preprocessing it (`keep_worker_share`). Global batch t is therefore examples
+[t*B, (t+1)*B) of one shuffled stream whatever the number of workers and replicas: a run can
+resume on another number of workers, and with synchronized BN a two-worker run computes what
+one process computes. (Keras' and TensorFlow's automatic sharding split the *files* among
+workers, falling back to every worker reading everything and keeping every n-th element when
+there are fewer files than workers, as with most TFDS datasets; explicit sharding avoids both
+the fallback and its warning.)
+
+Worker 0 is the chief: the only process that touches the run folder. The others receive the
+run's state from it (`bnzoo.training_loop`), so they need neither write access to the folder nor
+a shared file system.
+
+Nothing here initializes TensorFlow's or JAX's runtime before `start_distribution`: multi-worker
+collectives must be configured before the runtime starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import keras
+
+#: What TensorFlow's coordination service waits for a worker's heartbeat before it declares the
+#: worker dead and aborts every collective (TF 2.21's default, not configurable through a public
+#: API). Measured on localhost: the surviving worker stops 8 s after `kill -9` of a non-chief
+#: worker, immediately after `kill -9` of the chief (its connection closes).
+TF_HEARTBEAT_TIMEOUT_SECONDS = 10
+#: The same for JAX's distributed runtime (`jax.distributed.initialize`'s default).
+JAX_HEARTBEAT_TIMEOUT_SECONDS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributionPlan:
+    """The mode a run uses and this process's place in it, decided from the command line and
+    the environment alone (no runtime started).
+
+    Attributes:
+        mode: "none", "data_parallel" or "multi_worker".
+        requested: what `--distribute` asked for ("auto" or one of the modes).
+        reason: why `auto` chose `mode` (empty when the mode was asked for).
+        backend: Keras' backend, "tensorflow" or "jax".
+        num_workers: processes taking part (1 unless multi_worker).
+        worker_index: this process's index; 0 is the chief.
+        cluster_source: where the cluster was described: "TF_CONFIG", "Slurm" (TensorFlow's
+            `SlurmClusterResolver`, when `srun` started the processes and TF_CONFIG is unset)
+            or "KERAS_DISTRIBUTION" (JAX); empty for one process.
+    """
+
+    mode: str
+    requested: str
+    reason: str
+    backend: str
+    num_workers: int = 1
+    worker_index: int = 0
+    cluster_source: str = ""
+
+    @property
+    def is_chief(self) -> bool:
+        return self.worker_index == 0
+
+
+def _tf_config_workers(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(number of workers, this worker's index) from `TF_CONFIG`, or None when it is unset.
+
+    MultiWorkerMirroredStrategy's cluster has an optional "chief" task and "worker" tasks; the
+    chief (or worker 0 without one) comes first.
+    """
+    text = environ.get("TF_CONFIG", "").strip()
+    if not text:
+        return None
+    try:
+        tf_config = json.loads(text)
+        cluster = tf_config.get("cluster", {})
+        task = tf_config.get("task", {})
+        chiefs = list(cluster.get("chief", []))
+        workers = list(cluster.get("worker", []))
+        task_type, task_index = task.get("type"), int(task.get("index", 0))
+    except (ValueError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f'TF_CONFIG is not valid JSON of the form {{"cluster": {{"worker": [...]}}, '
+            f'"task": {{"type": "worker", "index": 0}}}} ({error})'
+        ) from None
+    other = sorted(set(cluster) - {"chief", "worker"})
+    if other:
+        raise ValueError(
+            f"TF_CONFIG names {', '.join(other)} tasks; bnzoo trains with "
+            "MultiWorkerMirroredStrategy, whose cluster has only 'chief' and 'worker' tasks"
+        )
+    if task_type not in ("chief", "worker"):
+        raise ValueError(
+            f"TF_CONFIG's task type is {task_type!r}; expected 'worker' (or 'chief') with an index"
+        )
+    tasks = len(chiefs) + len(workers)
+    index = task_index if task_type == "chief" else len(chiefs) + task_index
+    if not 0 <= index < tasks:
+        raise ValueError(
+            f"TF_CONFIG's task {task_type}:{task_index} is not in its cluster of {tasks} tasks"
+        )
+    return tasks, index
+
+
+def _slurm_tasks(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(number of tasks, this task's rank) of a Slurm job step (`srun`), or None outside one."""
+    tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    rank = environ.get("SLURM_PROCID")
+    if not tasks or rank is None:
+        return None
+    try:
+        return int(tasks), int(rank)
+    except ValueError:
+        return None
+
+
+def _jax_processes(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(number of processes, this process's id) from `KERAS_DISTRIBUTION_*`, or None."""
+    count = environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "").strip()
+    if not count:
+        return None
+    try:
+        processes = int(count)
+        index = int(environ.get("KERAS_DISTRIBUTION_PROCESS_ID", "0"))
+    except ValueError:
+        raise ValueError(
+            "KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID must be "
+            f"integers, got {count!r} and {environ.get('KERAS_DISTRIBUTION_PROCESS_ID')!r}"
+        ) from None
+    if not 0 <= index < processes:
+        raise ValueError(
+            f"KERAS_DISTRIBUTION_PROCESS_ID={index} must be in [0, {processes}) "
+            "(KERAS_DISTRIBUTION_NUM_PROCESSES)"
+        )
+    if processes > 1 and not environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES", "").strip():
+        raise ValueError(
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES must name the coordinator (process 0) as "
+            "host:port when KERAS_DISTRIBUTION_NUM_PROCESSES > 1"
+        )
+    return processes, index
+
+
+def _local_accelerators(backend: str) -> int:
+    if backend == "jax":
+        import jax
+
+        return sum(1 for device in jax.local_devices() if device.platform != "cpu")
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU")) + len(tf.config.list_physical_devices("TPU"))
+
+
+def plan_distribution(
+    requested: str = "auto", *, environ: Mapping[str, str] | None = None
+) -> DistributionPlan:
+    """Resolve `--distribute` against the environment.
+
+    Raises:
+        ValueError: `multi_worker` without a cluster in the environment, or a malformed one.
+    """
+    environ = os.environ if environ is None else environ
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax"):
+        if requested not in ("auto", "none"):
+            raise ValueError(
+                f"--distribute {requested} needs the tensorflow or jax backend, not {backend!r}"
+            )
+        return DistributionPlan("none", requested, f"the {backend} backend", backend)
+    if backend == "tensorflow":
+        cluster, variables = _tf_config_workers(environ), "TF_CONFIG"
+    else:
+        cluster = _jax_processes(environ)
+        variables = "KERAS_DISTRIBUTION_*"
+    source = variables if cluster else ""
+    if backend == "tensorflow" and cluster is None:
+        slurm = _slurm_tasks(environ)
+        if slurm is not None and slurm[0] > 1:
+            cluster, source, variables = slurm, "Slurm", "the Slurm job step"
+    if backend == "jax" and cluster is not None:
+        source = "KERAS_DISTRIBUTION"
+    workers, index = cluster or (1, 0)
+    if requested == "multi_worker":
+        if cluster is None:
+            raise ValueError(
+                f"--distribute multi_worker needs the cluster in the environment ({variables} "
+                "on the backend "
+                f"{backend}); see docs/distributed.md, or use --distribute data_parallel"
+            )
+        return DistributionPlan("multi_worker", requested, "", backend, workers, index, source)
+    if requested in ("none", "data_parallel"):
+        if workers > 1:
+            raise ValueError(
+                f"--distribute {requested} runs one process, but {variables} has {workers} "
+                "workers; use --distribute multi_worker (or auto), or unset it"
+            )
+        return DistributionPlan(requested, requested, "", backend)
+    if requested != "auto":
+        raise ValueError(
+            f"--distribute must be auto, none, data_parallel or multi_worker, got {requested!r}"
+        )
+    if workers > 1:
+        reason = f"{workers} workers in {variables}"
+        return DistributionPlan("multi_worker", requested, reason, backend, workers, index, source)
+    accelerators = _local_accelerators(backend)
+    if accelerators > 1:
+        return DistributionPlan(
+            "data_parallel", requested, f"{accelerators} local accelerators", backend
+        )
+    reason = "one local accelerator" if accelerators == 1 else "no accelerator"
+    return DistributionPlan("none", requested, reason, backend)
+
+
+@dataclasses.dataclass
+class Distribution:
+    """A started distribution: the strategy (TensorFlow) or `keras.distribution` (JAX) and the
+    numbers every other part of the run needs.
+
+    Attributes:
+        plan: the `DistributionPlan` it was started from.
+        num_replicas: model replicas over all workers (devices, for JAX).
+        local_replicas: replicas of this process.
+        devices: this process's devices, as the backend names them.
+        strategy: the `tf.distribute.Strategy` (TensorFlow; the default strategy for `none`).
+        engine: "tf.distribute.MirroredStrategy" etc., for the opening line.
+    """
+
+    plan: DistributionPlan
+    num_replicas: int
+    local_replicas: int
+    devices: list[str]
+    strategy: Any = None
+    engine: str = ""
+    #: Traced collective functions, made once per distribution (`share_from_chief`, ...).
+    functions: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def is_chief(self) -> bool:
+        return self.plan.is_chief
+
+    @property
+    def num_workers(self) -> int:
+        return self.plan.num_workers
+
+    @property
+    def worker_index(self) -> int:
+        return self.plan.worker_index
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Where the model and optimizer must be created (the strategy's scope on TensorFlow)."""
+        if self.strategy is not None:
+            return self.strategy.scope()
+        return contextlib.nullcontext()
+
+    def host_local(self) -> contextlib.AbstractContextManager:
+        """Where the chief works alone (checkpoints, exports): on JAX, without the global
+        `keras.distribution`, so that what Keras creates meanwhile (saving builds a throwaway
+        optimizer; the inference copy of the model) lives on this process's devices. Created
+        under a multi-process distribution, each new variable would wait for the other
+        processes to agree on its value, which they never do while the chief works alone."""
+        if self.plan.backend != "jax" or self.plan.mode == "none":
+            return contextlib.nullcontext()
+        return _without_keras_distribution()
+
+    def per_replica_batch_size(self, global_batch_size: int) -> int:
+        """`global_batch_size / num_replicas`, or a ValueError naming the fix."""
+        replicas = self.num_replicas
+        if global_batch_size % replicas:
+            lower = global_batch_size - global_batch_size % replicas
+            examples = f"{lower} or {lower + replicas}" if lower else f"{replicas}"
+            raise ValueError(
+                f"--batch-size {global_batch_size} is the global batch and must divide evenly "
+                f"among the {replicas} replicas; use a multiple of {replicas} such as {examples}"
+            )
+        return global_batch_size // self.num_replicas
+
+    @property
+    def input_batches_per_worker(self) -> int:
+        """How many input-pipeline batches each worker contributes to one global batch: one per
+        local replica on TensorFlow (each replica dequeues its own), one per process on JAX
+        (a process feeds its devices one array that `DataParallel` splits)."""
+        return self.local_replicas if self.plan.backend == "tensorflow" else 1
+
+    def input_batch_size(self, global_batch_size: int) -> int:
+        """The batch size of one input-pipeline element: per replica on TensorFlow, per
+        process on JAX."""
+        per_replica = self.per_replica_batch_size(global_batch_size)
+        return per_replica * (self.local_replicas // self.input_batches_per_worker)
+
+    def describe(self, global_batch_size: int, sync_bn: bool) -> str:
+        """The opening line's account of the distribution: mode, replicas, batch split, BN."""
+        plan = self.plan
+        chosen = f"{plan.mode} (auto: {plan.reason})" if plan.requested == "auto" else plan.mode
+        parts = [f"distribute {chosen}"]
+        if self.engine:
+            parts.append(self.engine)
+        if plan.num_workers > 1:
+            role = "the chief" if plan.is_chief else "not the chief"
+            parts.append(f"worker {plan.worker_index} of {plan.num_workers} ({role})")
+        replicas = f"{self.num_replicas} replica{'' if self.num_replicas == 1 else 's'}"
+        if self.num_replicas > 1:
+            per_replica = self.per_replica_batch_size(global_batch_size)
+            replicas += f", global batch {global_batch_size} = {per_replica} per replica"
+        parts.append(replicas)
+        if self.num_replicas > 1:
+            parts.append(_batch_norm_note(self, per_replica, sync_bn))
+        elif sync_bn:
+            parts.append("--sync-bn changes nothing with one replica")
+        return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def _without_keras_distribution() -> Iterator[None]:
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
+def _batch_norm_note(distribution: Distribution, per_replica: int, sync_bn: bool) -> str:
+    if distribution.plan.backend == "jax":
+        note = "BN statistics over the global batch (a JAX DataParallel batch is one array)"
+        if sync_bn:
+            note += "; --sync-bn is a no-op here"
+        return note
+    if sync_bn:
+        return "BN statistics synchronized over the global batch (--sync-bn)"
+    return f"BN statistics per replica of {per_replica} examples (--sync-bn for global)"
+
+
+# --- Starting one --------------------------------------------------------------------------------
+
+
+def _tf_local_devices() -> list[str]:
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return [device.name for device in (gpus or tf.config.list_logical_devices("CPU"))]
+
+
+_MIRRORED_STRATEGIES_CREATED = 0
+
+
+def mirrored_strategy(devices: Sequence[str]):
+    """A `tf.distribute.MirroredStrategy` over `devices` that does not collide with the other
+    strategies of this process.
+
+    Every MirroredStrategy numbers its collective operations from the same start, so a second
+    strategy in one process (a second `train()` in a notebook, a test suite) reuses the first
+    one's collective keys and TensorFlow aborts its all-reduces ("Shape mismatch in the
+    collective instance 100"). Each strategy made here gets its own range of keys through
+    `MirroredStrategy._collective_key_base`, TensorFlow's hook for exactly this (it is
+    documented for tests); tests/test_distribution.py fails loudly if that stops working.
+    """
+    import tensorflow as tf
+
+    global _MIRRORED_STRATEGIES_CREATED
+    _MIRRORED_STRATEGIES_CREATED += 1
+    previous = tf.distribute.MirroredStrategy._collective_key_base
+    tf.distribute.MirroredStrategy._collective_key_base = 100_000 * _MIRRORED_STRATEGIES_CREATED
+    try:
+        return tf.distribute.MirroredStrategy(list(devices))
+    finally:
+        tf.distribute.MirroredStrategy._collective_key_base = previous
+
+
+def _start_tensorflow(plan: DistributionPlan, collective_timeout: float) -> Distribution:
+    import tensorflow as tf
+
+    if plan.mode == "none":
+        strategy = tf.distribute.get_strategy()
+        device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        return Distribution(plan, 1, 1, [device], strategy)
+    if plan.mode == "data_parallel":
+        devices = _tf_local_devices()
+        strategy = mirrored_strategy(devices)
+        replicas = strategy.num_replicas_in_sync
+        return Distribution(
+            plan, replicas, replicas, devices, strategy, "tf.distribute.MirroredStrategy"
+        )
+    options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=float(collective_timeout)
+    )
+    resolver = None
+    if plan.cluster_source == "Slurm":
+        # The hosts come from `scontrol show hostnames`, ports from 8888 up, GPUs per task
+        # from the node's GPUs and the tasks per node.
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options
+        )
+    except RuntimeError as error:
+        # TensorFlow can configure collectives only before its runtime starts.
+        raise RuntimeError(
+            "MultiWorkerMirroredStrategy must be created before TensorFlow runs any operation "
+            f"in this process: start the run from a fresh process (train.py) ({error})"
+        ) from error
+    replicas = strategy.num_replicas_in_sync
+    if replicas % plan.num_workers:
+        raise ValueError(
+            f"the {plan.num_workers} workers have {replicas} replicas in all, which is not the "
+            "same number on every worker; give every worker the same devices"
+        )
+    local = replicas // plan.num_workers
+    return Distribution(
+        plan,
+        replicas,
+        local,
+        _tf_local_devices()[:local],
+        strategy,
+        "tf.distribute.MultiWorkerMirroredStrategy",
+    )
+
+
+def _start_jax(plan: DistributionPlan) -> Distribution:
+    import jax
+
+    if plan.mode == "multi_worker":
+        if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+            # CPU devices of different processes talk through gloo; without it JAX refuses any
+            # computation that spans processes. GPUs and TPUs use their own collectives.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        keras.distribution.initialize()
+    if plan.mode == "none":
+        keras.distribution.set_distribution(None)
+        device = jax.local_devices()[0]
+        return Distribution(plan, 1, 1, [str(device)])
+    devices = jax.devices() if plan.mode == "multi_worker" else jax.local_devices()
+    # The input pipeline shards the data itself (keep_worker_share); Keras' automatic sharding
+    # would make every process preprocess every image first.
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
+    )
+    local = len(jax.local_devices())
+    return Distribution(
+        plan,
+        len(devices),
+        local,
+        [str(device) for device in jax.local_devices()],
+        engine="keras.distribution.DataParallel",
+    )
+
+
+@contextlib.contextmanager
+def start_distribution(
+    plan: DistributionPlan, *, collective_timeout: float = 600.0
+) -> Iterator[Distribution]:
+    """Create the strategy (TensorFlow) or set the Keras distribution (JAX) for `plan`.
+
+    On JAX the previous global `keras.distribution` is restored on exit. Must run before the
+    backend's runtime has started when `plan.mode` is multi_worker.
+
+    Args:
+        plan: from `plan_distribution`.
+        collective_timeout: TensorFlow multi-worker: seconds a collective operation may wait
+            for the other workers before the run fails.
+    """
+    if plan.backend == "jax":
+        previous = keras.distribution.distribution()
+        try:
+            yield _start_jax(plan)
+        finally:
+            keras.distribution.set_distribution(previous)
+        return
+    yield _start_tensorflow(plan, collective_timeout)
+
+
+# --- Splitting the data --------------------------------------------------------------------------
+
+
+def keep_worker_share(
+    batches,
+    *,
+    num_workers: int,
+    worker_index: int,
+    batches_per_worker: int,
+    steps: int | None = None,
+):
+    """This worker's share of a stream of input batches that every worker builds identically.
+
+    The stream's consecutive groups of `num_workers * batches_per_worker` input batches form
+    the global batches; worker w keeps the `batches_per_worker` batches at position w of each
+    group. `steps` keeps only that many global batches (a training epoch's full ones).
+
+    Applied to uint8 batches before preprocessing (`make_pipeline(select_batches=...)`), so a
+    worker decodes every image but preprocesses and augments only its own.
+    """
+    if steps is not None:
+        batches = batches.take(steps * num_workers * batches_per_worker)
+    if num_workers == 1:
+        return batches
+    return (
+        batches.batch(batches_per_worker, drop_remainder=True)
+        .shard(num_workers, worker_index)
+        .unbatch()
+    )
+
+
+def pad_to_whole_global_batches(batches, *, batch_size: int, num_examples: int, group: int):
+    """Evaluation batches that every replica can run in lock-step: each input batch padded to
+    `batch_size` with examples labelled -1, and all-padding batches appended up to a multiple
+    of `group` (input batches per global batch). One-hot encoding turns label -1 into a zero
+    vector, which gives padding the weight 0 in every metric.
+    """
+    import tensorflow as tf
+
+    def pad(images, labels):
+        missing = batch_size - tf.shape(images)[0]
+        images = tf.pad(images, [[0, missing]] + [[0, 0]] * (images.shape.rank - 1))
+        labels = tf.pad(labels, [[0, missing]], constant_values=-1)
+        return images, labels
+
+    batches = batches.map(pad)
+    count = -(-num_examples // batch_size)
+    extra = -count % group
+    if extra:
+        image_spec, label_spec = batches.element_spec
+        filler = tf.data.Dataset.from_tensors(
+            (
+                tf.zeros([batch_size, *image_spec.shape[1:]], image_spec.dtype),
+                tf.fill([batch_size], tf.constant(-1, label_spec.dtype)),
+            )
+        ).repeat(extra)
+        batches = batches.concatenate(filler)
+    return batches
+
+
+# --- Synchronized BN -----------------------------------------------------------------------------
+
+
+def _is_batch_norm(layer: keras.layers.Layer) -> bool:
+    from layers import BatchNormalization
+
+    return isinstance(layer, (BatchNormalization, keras.layers.BatchNormalization))
+
+
+def set_batch_norm_synchronized(model: keras.Model, synchronized: bool) -> keras.Model:
+    """A copy of `model` (same weights) whose BN layers have `synchronized` set.
+
+    Synchronized BN (TensorFlow only) computes each training batch's statistics over the global
+    batch of all replicas, with two all-reduces per BN layer and step; unsynchronized, each
+    replica normalizes with its own share, as the paper did (its 2015 multi-GPU training
+    normalized per GPU). Returns `model` itself when nothing changes.
+    """
+    bn_layers = [layer for layer in _walk(model) if _is_batch_norm(layer)]
+    if all(layer.synchronized == synchronized for layer in bn_layers):
+        return model
+
+    def clone(layer):
+        config = layer.get_config()
+        if _is_batch_norm(layer):
+            config["synchronized"] = synchronized
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _walk(model) -> Iterator[keras.layers.Layer]:
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _walk(layer)
+
+
+def describe_collective_failure(error: BaseException, plan: DistributionPlan) -> str | None:
+    """A one-line account of a lost worker, or None when `error` is something else."""
+    text = " ".join(str(error).split())
+    markers = (
+        "stopped sending heartbeats",
+        "Connection reset by peer",
+        "Socket closed",
+        "Collective ops is aborted",
+        "failed to connect",
+        "Deadline Exceeded",
+        "timed out",
+        "unhealthy",
+    )
+    if not any(marker.lower() in text.lower() for marker in markers):
+        return None
+    return (
+        f"worker {plan.worker_index} of {plan.num_workers}: another worker stopped or stopped "
+        "answering, so this one stops too; restart every worker with the same command to "
+        "resume after the last finished epoch"
+    )
+
+
+# --- Agreeing across workers and replicas ---------------------------------------------------------
+
+#: Collectives that wait for the chief's own work (writing a checkpoint, exporting) get this long,
+#: not `--collective-timeout`: how long that work takes depends on the model and the disk. A dead
+#: chief is still detected at once (its connections close).
+CHIEF_WAIT_TIMEOUT_SECONDS = 24 * 3600.0
+
+
+def _tf_chief_values(distribution: Distribution, read_tensors, timeout: float | None):
+    """Every replica gets the chief's (replica 0's) values of the tensors that `read_tensors()`
+    returns, as float64: an all-reduce SUM to which only replica 0 contributes."""
+    import tensorflow as tf
+
+    strategy = distribution.strategy
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+
+    def replica_fn():
+        context = tf.distribute.get_replica_context()
+        is_source = tf.equal(context.replica_id_in_sync_group, 0)
+        sent = [
+            tf.where(is_source, tf.cast(t, tf.float64), tf.zeros_like(t, tf.float64))
+            for t in read_tensors()
+        ]
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, sent, options=options)
+
+    reduced = strategy.run(tf.function(replica_fn, autograph=False))
+    return [strategy.experimental_local_results(value)[0] for value in reduced]
+
+
+def share_from_chief(distribution: Distribution, values: Sequence[float]) -> list[float]:
+    """The chief's `values` on every worker (the others pass placeholders of the same length).
+    Waits for the chief as long as it takes; used to hand out what only the chief knows and as
+    a barrier after the chief's own work."""
+    import numpy as np
+
+    if distribution.num_workers == 1:
+        return [float(value) for value in values]
+    vector = np.asarray(values, np.float64)
+    if distribution.plan.backend == "jax":
+        from jax.experimental import multihost_utils
+
+        shared = multihost_utils.broadcast_one_to_all(vector, is_source=distribution.is_chief)
+        return [float(value) for value in np.asarray(shared)]
+    share = distribution.functions.get("share_from_chief")
+    if share is None:
+        import tensorflow as tf
+
+        # One traced function for every call (a vector of any length), not one per call.
+        strategy = distribution.strategy
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=CHIEF_WAIT_TIMEOUT_SECONDS
+        )
+
+        def replica_fn(vector):
+            context = tf.distribute.get_replica_context()
+            is_source = tf.equal(context.replica_id_in_sync_group, 0)
+            sent = tf.where(is_source, vector, tf.zeros_like(vector))
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, sent, options=options)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)], autograph=False)
+        def share(vector):
+            return strategy.run(replica_fn, args=(vector,))
+
+        distribution.functions["share_from_chief"] = share
+    shared = distribution.strategy.experimental_local_results(share(vector))[0]
+    return [float(value) for value in shared.numpy()]
+
+
+def broadcast_variables_from_chief(distribution: Distribution, variables: Sequence) -> None:
+    """Give every worker the chief's values of `variables` (Keras variables: the model's and
+    the optimizer's). Only the chief reads the checkpoint; this is how the others resume."""
+    if distribution.num_workers == 1 or not variables:
+        return
+    import numpy as np
+
+    if distribution.plan.backend == "jax":
+        from jax.experimental import multihost_utils
+
+        local = [np.asarray(keras.ops.convert_to_numpy(v)) for v in variables]
+        shared = multihost_utils.broadcast_one_to_all(local, is_source=distribution.is_chief)
+        for variable, value in zip(variables, shared, strict=True):
+            variable.assign(np.asarray(value))
+        return
+    shared = _tf_chief_values(
+        distribution, lambda: [v.value for v in variables], CHIEF_WAIT_TIMEOUT_SECONDS
+    )
+    with distribution.scope():
+        for variable, value in zip(variables, shared, strict=True):
+            variable.assign(keras.ops.cast(value, variable.dtype))
+
+
+def average_replica_local_variables(distribution: Distribution, model: keras.Model) -> int:
+    """Average, over all replicas, the model's variables that each replica updates on its own.
+
+    Keras' own BatchNormalization creates its moving statistics with aggregation "none": under
+    tf.distribute every replica keeps its own moving averages, and a saved model would hold
+    whichever replica saved it. bnzoo's layer uses aggregation "mean", which averages every
+    update, so its replicas never differ. The moving average is linear, so averaging once per
+    epoch gives exactly what averaging every update gives. Returns how many were averaged.
+    """
+    if distribution.num_replicas == 1 or distribution.plan.backend != "tensorflow":
+        return 0
+    import tensorflow as tf
+
+    local = [
+        v
+        for v in model.non_trainable_variables
+        if v.aggregation == "none" and keras.backend.standardize_dtype(v.dtype).startswith("float")
+    ]
+    if not local:
+        return 0
+    strategy = distribution.strategy
+    key = f"average_replica_local_variables/{id(model)}"
+    average = distribution.functions.get(key)
+    if average is None:
+
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            return context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in local])
+
+        average = tf.function(lambda: strategy.run(replica_fn), autograph=False)
+        distribution.functions[key] = average
+    averaged = average()
+    with distribution.scope():
+        for variable, value in zip(local, averaged, strict=True):
+            variable.assign(strategy.experimental_local_results(value)[0])
+    return len(local)

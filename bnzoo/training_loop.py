@@ -1,0 +1,347 @@
+"""The training and evaluation steps of a run, on one device or many, on TensorFlow or JAX.
+
+One loop serves every mode. On TensorFlow it is written against tf.distribute's public API, as
+TF Model Garden (Orbit) does: `strategy.distribute_datasets_from_function` feeds each replica,
+`strategy.run` runs the step on every replica, gradients are summed by the optimizer's
+all-reduce, and the step's statistics by one `all_reduce`. The same code runs under the default
+strategy (one device), `MirroredStrategy` (local devices) and `MultiWorkerMirroredStrategy`
+(several hosts); Keras' `model.fit` does not run under the last one with Keras 3.15 and
+TensorFlow 2.21 (keras-team/keras#20585, tensorflow/tensorflow#72388). On JAX the step is a
+pure function of the model's state (`stateless_call`, `stateless_apply`) compiled with
+`jax.jit`; under `keras.distribution.DataParallel` the batch is one array sharded over the
+devices and XLA inserts the gradient all-reduce.
+
+Both compute what `model.fit` reports:
+
+- `loss`: the mean over the epoch's steps of the step's loss, which is the mean cross-entropy of
+  the global batch (label smoothing included) plus any regularization losses. Each replica
+  divides its sum by the global batch size, so the replicas' gradients add up to the gradient
+  of the global batch's loss.
+- `accuracy`, `top5_accuracy`: `keras.metrics.categorical_accuracy` and
+  `top_k_categorical_accuracy(k=5)` over every example of the epoch.
+- Evaluation: the same three over every example of the split, the last batch padded with
+  examples of weight 0 so that every replica runs the same number of equally shaped steps.
+
+Mixed precision: the logits are cast to float32 before the loss, and the loss goes through the
+optimizer's `scale_loss` (identity, or dynamic loss scaling under `mixed_float16`, where
+`model.compile` wraps the optimizer in `keras.optimizers.LossScaleOptimizer`, as `fit` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from bnzoo.distribution import Distribution
+
+#: Builds this worker's input batches `(images, one-hot labels)`: see `bnzoo.training_data`.
+BatchesFactory = Callable[[], Any]
+#: Called after every training step with the step index and the running logs.
+StepCallback = Callable[[int, dict[str, float]], None]
+
+TOP_K = 5
+
+
+def _per_example_statistics(loss_fn, labels, logits):
+    """Per-example loss, accuracy and top-5 accuracy, in float32."""
+    logits = ops.cast(logits, "float32")
+    labels = ops.cast(labels, "float32")
+    loss = loss_fn(labels, logits)
+    accuracy = ops.cast(keras.metrics.categorical_accuracy(labels, logits), "float32")
+    top5 = ops.cast(keras.metrics.top_k_categorical_accuracy(labels, logits, k=TOP_K), "float32")
+    return loss, accuracy, top5
+
+
+class TrainingLoop:
+    """Runs training epochs and evaluations of a compiled model; see the module docstring.
+
+    Args:
+        model: a model compiled with its optimizer (inside `distribution.scope()`).
+        distribution: the started distribution.
+        loss_fn: per-example loss (a Keras loss with `reduction=None`).
+        global_batch_size: examples per step over all replicas.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        distribution: Distribution,
+        loss_fn: keras.losses.Loss,
+        global_batch_size: int,
+    ):
+        self.model = model
+        self.distribution = distribution
+        self.loss_fn = loss_fn
+        self.global_batch_size = global_batch_size
+
+    def train_epoch(
+        self, make_batches: BatchesFactory, steps: int, on_step: StepCallback | None = None
+    ) -> dict[str, float]:
+        """Train `steps` steps on the batches of `make_batches()`; returns the epoch's `loss`,
+        `accuracy` and `top5_accuracy`."""
+        # The sums stay on the device until the epoch ends (unless a progress bar shows them),
+        # so that no step waits for the host to read the previous one's numbers.
+        totals = None
+        for step, sums in enumerate(self._train_steps(make_batches, steps)):
+            totals = sums if totals is None else totals + sums
+            if on_step is not None:
+                on_step(step, self._train_logs(self._to_host(totals), step + 1))
+        return self._train_logs(self._to_host(totals), steps)
+
+    def evaluate(self, make_batches: BatchesFactory) -> dict[str, float]:
+        """`loss`, `accuracy` and `top5_accuracy` over every (non-padding) example."""
+        totals = None
+        for sums in self._evaluation_steps(make_batches):
+            totals = sums if totals is None else totals + sums
+        totals = self._to_host(totals) if totals is not None else np.zeros(4)
+        count = max(totals[3], 1.0)
+        return {
+            "loss": totals[0] / count,
+            "accuracy": totals[1] / count,
+            "top5_accuracy": totals[2] / count,
+        }
+
+    def _train_logs(self, totals: np.ndarray, steps: int) -> dict[str, float]:
+        examples = steps * self.global_batch_size
+        return {
+            "loss": float(totals[0] / steps),
+            "accuracy": float(totals[1] / examples),
+            "top5_accuracy": float(totals[2] / examples),
+        }
+
+    def _train_steps(self, make_batches: BatchesFactory, steps: int):
+        """Yields each step's sums (loss, correct, top-5 correct) as a device array."""
+        raise NotImplementedError
+
+    def _to_host(self, sums) -> np.ndarray:
+        return np.asarray(keras.ops.convert_to_numpy(sums), np.float64)
+
+    def _evaluation_steps(self, make_batches: BatchesFactory):
+        raise NotImplementedError
+
+
+class TensorFlowLoop(TrainingLoop):
+    """The loop on tf.distribute: `strategy.run` of one step per `tf.function` call."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        import tensorflow as tf
+
+        super().__init__(*args, **kwargs)
+        # Keras' own rule for jit_compile="auto": XLA on a single GPU, not under tf.distribute
+        # and not on CPU-only machines (where it is slower for these models).
+        jit_compile = bool(self.model.jit_compile) and self.distribution.num_replicas == 1
+        self._train_step = tf.function(self._distributed_train_step, jit_compile=None)
+        self._evaluation_step = tf.function(self._distributed_evaluation_step)
+        self._replica_train = (
+            tf.function(self._replica_train_step, jit_compile=True)
+            if jit_compile
+            else self._replica_train_step
+        )
+
+    def _distribute(self, make_batches: BatchesFactory):
+        strategy = self.distribution.strategy
+        return strategy.distribute_datasets_from_function(lambda context: make_batches())
+
+    def _train_steps(self, make_batches: BatchesFactory, steps: int):
+        strategy = self.distribution.strategy
+        iterator = iter(self._distribute(make_batches))
+        for _ in range(steps):
+            sums = self._train_step(iterator)
+            yield strategy.experimental_local_results(sums)[0]
+
+    def _evaluation_steps(self, make_batches: BatchesFactory):
+        strategy = self.distribution.strategy
+        for batch in self._distribute(make_batches):
+            sums = self._evaluation_step(batch)
+            yield strategy.experimental_local_results(sums)[0]
+
+    def _distributed_train_step(self, iterator):
+        images, labels = next(iterator)
+        return self.distribution.strategy.run(self._replica_train, args=(images, labels))
+
+    def _distributed_evaluation_step(self, batch):
+        return self.distribution.strategy.run(self._replica_evaluation_step, args=batch)
+
+    def _replica_train_step(self, images, labels):
+        import tensorflow as tf
+
+        model = self.model
+        optimizer = model.optimizer
+        num_replicas = self.distribution.num_replicas
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example, accuracy, top5 = _per_example_statistics(self.loss_fn, labels, logits)
+            # Each replica's share of the global batch's mean loss: summed over replicas by
+            # the gradient all-reduce, the gradients are those of the global batch.
+            loss = ops.sum(per_example) / float(self.global_batch_size)
+            if model.losses:
+                loss = loss + ops.sum(ops.stack(model.losses)) / float(num_replicas)
+            scaled_loss = optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        sums = ops.stack([loss, ops.sum(accuracy), ops.sum(top5)])
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, sums)
+
+    def _replica_evaluation_step(self, images, labels):
+        import tensorflow as tf
+
+        model = self.model
+        logits = model(images, training=False)
+        per_example, accuracy, top5 = _per_example_statistics(self.loss_fn, labels, logits)
+        # Padding examples have an all-zero one-hot label: weight 0.
+        weights = ops.sum(ops.cast(labels, "float32"), axis=-1)
+        loss_sum = ops.sum(per_example * weights)
+        if model.losses:
+            # As in Keras' evaluate: the regularization losses are part of every batch's loss.
+            loss_sum = loss_sum + ops.sum(ops.stack(model.losses)) * ops.sum(weights)
+        sums = ops.stack(
+            [loss_sum, ops.sum(accuracy * weights), ops.sum(top5 * weights), ops.sum(weights)]
+        )
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, sums)
+
+
+class JaxLoop(TrainingLoop):
+    """The loop on JAX: jitted pure steps on the model's state; under
+    `keras.distribution.DataParallel` each process passes its share of the global batch and the
+    step sees one global array."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        import jax
+
+        super().__init__(*args, **kwargs)
+        model = self.model
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        state_shardings = None
+        if keras.distribution.distribution() is not None:
+            state_shardings = tuple(
+                [v.value.sharding for v in variables] for variables in self._state_variables()
+            )
+        self._train_step = jax.jit(
+            self._pure_train_step, donate_argnums=0, out_shardings=(state_shardings, None)
+        )
+        self._evaluation_step = jax.jit(self._pure_evaluation_step)
+
+    def _state_variables(self):
+        model = self.model
+        return (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+        )
+
+    def _state(self):
+        return tuple([v.value for v in variables] for variables in self._state_variables())
+
+    def _assign_state(self, state) -> None:
+        for variables, values in zip(self._state_variables(), state, strict=True):
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(value)
+
+    def _global_batch(self, images, labels):
+        """Numpy arrays of this process's examples -> arrays the jitted step can take."""
+        distribution = keras.distribution.distribution()
+        if distribution is None:
+            return images, labels
+        import jax
+
+        arrays = []
+        for array in (images, labels):
+            layout = distribution.get_data_layout(array.shape)
+            arrays.append(jax.make_array_from_process_local_data(layout.backend_layout, array))
+        return tuple(arrays)
+
+    def _pure_train_step(self, state, images, labels):
+        import jax
+
+        model = self.model
+        optimizer = model.optimizer
+        trainable, non_trainable, optimizer_values = state
+
+        def loss_and_updates(trainable, non_trainable):
+            logits, non_trainable, losses = model.stateless_call(
+                trainable, non_trainable, images, training=True, return_losses=True
+            )
+            per_example, accuracy, top5 = _per_example_statistics(self.loss_fn, labels, logits)
+            loss = ops.mean(per_example)
+            if losses:
+                loss = loss + ops.sum(ops.stack(losses))
+            with keras.StatelessScope(
+                state_mapping=list(zip(optimizer.variables, optimizer_values, strict=True))
+            ):
+                scaled_loss = optimizer.scale_loss(loss)
+            return scaled_loss, (loss, accuracy, top5, non_trainable)
+
+        gradient_fn = jax.value_and_grad(loss_and_updates, has_aux=True)
+        (_, (loss, accuracy, top5, non_trainable)), gradients = gradient_fn(
+            trainable, non_trainable
+        )
+        trainable, optimizer_values = optimizer.stateless_apply(
+            optimizer_values, gradients, trainable
+        )
+        sums = ops.stack([loss, ops.sum(accuracy), ops.sum(top5)])
+        return (trainable, non_trainable, optimizer_values), sums
+
+    def _pure_evaluation_step(self, trainable, non_trainable, images, labels):
+        model = self.model
+        logits, _, losses = model.stateless_call(
+            trainable, non_trainable, images, training=False, return_losses=True
+        )
+        per_example, accuracy, top5 = _per_example_statistics(self.loss_fn, labels, logits)
+        weights = ops.sum(ops.cast(labels, "float32"), axis=-1)
+        loss_sum = ops.sum(per_example * weights)
+        if losses:
+            loss_sum = loss_sum + ops.sum(ops.stack(losses)) * ops.sum(weights)
+        return ops.stack(
+            [loss_sum, ops.sum(accuracy * weights), ops.sum(top5 * weights), ops.sum(weights)]
+        )
+
+    def _train_steps(self, make_batches: BatchesFactory, steps: int):
+        state = self._state()
+        try:
+            for images, labels in make_batches().take(steps).as_numpy_iterator():
+                state, sums = self._train_step(state, *self._global_batch(images, labels))
+                yield sums
+        finally:
+            # The variables hold the trained values again, also when an error stopped the epoch
+            # (the donated buffers of the last state are gone otherwise).
+            self._assign_state(state)
+
+    def _evaluation_steps(self, make_batches: BatchesFactory):
+        trainable, non_trainable, _ = self._state()
+        for images, labels in make_batches().as_numpy_iterator():
+            yield self._evaluation_step(
+                trainable, non_trainable, *self._global_batch(images, labels)
+            )
+
+    def _to_host(self, sums) -> np.ndarray:
+        return _host_value(sums)
+
+
+def _host_value(array) -> np.ndarray:
+    """A replicated (possibly multi-process) JAX array's value, from this process's copy."""
+    shards = getattr(array, "addressable_shards", None)
+    if shards:
+        return np.asarray(shards[0].data, np.float64)
+    return np.asarray(array, np.float64)
+
+
+def make_training_loop(
+    model: keras.Model,
+    distribution: Distribution,
+    loss_fn: keras.losses.Loss,
+    global_batch_size: int,
+) -> TrainingLoop:
+    """The loop for the current Keras backend."""
+    if keras.backend.backend() == "jax":
+        return JaxLoop(model, distribution, loss_fn, global_batch_size)
+    if keras.backend.backend() == "tensorflow":
+        return TensorFlowLoop(model, distribution, loss_fn, global_batch_size)
+    raise ValueError(
+        f"train.py trains on the tensorflow or jax backend, not {keras.backend.backend()!r}; "
+        "set KERAS_BACKEND"
+    )

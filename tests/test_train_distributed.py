@@ -1,0 +1,290 @@
+"""train.py beyond one process (issue 9): two TensorFlow workers on localhost (TF_CONFIG) train
+one run folder and, with synchronized BN, compute what one process computes; a killed worker
+stops the other within seconds and a restart resumes; data_parallel on the two logical CPUs of
+conftest.py resumes on one device; JAX trains with two processes (gloo CPU collectives)."""
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from bnzoo.cli import run_cli
+from bnzoo.config import TrainConfig
+from bnzoo.run_folder import RunPaths, read_checkpoint_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    "train_split": "train[:512]",
+    "val_split": "train[512:600]",  # 88 examples: the last batch is padded
+    "test_split": "test[:128]",
+    "epochs": 2,
+    "batch_size": 64,
+    # No dropout: its masks depend on how the batch is split, BN's statistics must not.
+    "model_args": {"widths": [8, 16], "dropout_rate": 0.0},
+}
+
+
+def argv_of(config_values, output_dir, *extra):
+    argv = []
+    for key, value in config_values.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "model_args":
+            for name, arg in value.items():
+                argv += ["--model-arg", f"{name}={json.dumps(arg)}"]
+        else:
+            argv += [flag, str(value)]
+    return [*argv, *extra, "--output-dir", output_dir]
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def start_workers(argv, tmp_path, name, count=2, backend="tensorflow"):
+    """`count` train.py processes forming one cluster on localhost, each in its own empty
+    working directory; returns [(process, stdout path, stderr path, cwd)]."""
+    ports = free_ports(count)
+    workers = []
+    for index in range(count):
+        env = {**os.environ, "PYTHONPATH": ROOT, "KERAS_BACKEND": backend}
+        if backend == "tensorflow":
+            cluster = {"worker": [f"localhost:{port}" for port in ports]}
+            env["TF_CONFIG"] = json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            )
+        else:
+            env["KERAS_DISTRIBUTION_JOB_ADDRESSES"] = f"localhost:{ports[0]}"
+            env["KERAS_DISTRIBUTION_NUM_PROCESSES"] = str(count)
+            env["KERAS_DISTRIBUTION_PROCESS_ID"] = str(index)
+        cwd = tmp_path / f"{name}-worker{index}"
+        cwd.mkdir()
+        out, err = cwd.parent / f"{name}-{index}.out", cwd.parent / f"{name}-{index}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "train.py"), *argv],
+                cwd=cwd,
+                env=env,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        workers.append((process, out, err, cwd))
+    return workers
+
+
+def finish(workers, timeout=600):
+    deadline = time.monotonic() + timeout
+    for process, *_ in workers:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for other, *_ in workers:
+                other.kill()
+            raise
+    return [
+        (process.returncode, out.read_text(), err.read_text()) for process, out, err, _ in workers
+    ]
+
+
+def history(run_dir):
+    with open(RunPaths(run_dir).history, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    return [{key: float(value) for key, value in row.items() if value} for row in rows]
+
+
+def moving_statistics(path):
+    import layers  # noqa: F401
+    import models  # noqa: F401
+
+    model = keras.models.load_model(path, compile=False)
+    return {
+        weight.path: keras.ops.convert_to_numpy(weight)
+        for weight in model.weights
+        if "moving_" in weight.path
+    }
+
+
+@pytest.mark.slow
+def test_two_workers_with_sync_bn_compute_what_one_process_computes(tmp_path):
+    """Same global batches (every worker keeps its half of each), same initial weights, BN over
+    the global batch: the two-worker run's losses, accuracies and moving statistics are one
+    process's up to float rounding. Only the chief writes, and only into the run folder."""
+    from bnzoo.training import train
+
+    one = str(tmp_path / "one")
+    two = str(tmp_path / "two")
+    extra = ["--sync-bn", "--bn-statistics", "moving"]
+    workers = start_workers(argv_of(TINY, two, *extra), tmp_path, "sync")
+    config = TrainConfig(
+        **TINY, sync_bn=True, bn_statistics="moving", distribute="none", output_dir=one
+    )
+    train(config, log=lambda line: None)
+    (rc0, out0, err0), (rc1, out1, err1) = finish(workers)
+    assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
+
+    assert "worker 0 of 2 (the chief); 2 replicas, global batch 64 = 32 per replica" in out0
+    assert "BN statistics synchronized over the global batch (--sync-bn)" in out0
+    assert "worker 1 of 2 (not the chief)" in out1 and "run folder" not in out1
+    epoch_lines = [line for line in out0.splitlines() if line.startswith("epoch ")]
+    assert [line.split("lr")[0] for line in epoch_lines] == [
+        line.split("lr")[0] for line in out1.splitlines() if line.startswith("epoch ")
+    ]
+
+    expected, actual = history(one), history(two)
+    assert [row["epoch"] for row in actual] == [1, 2]
+    # Rounding differs (the one process runs TensorFlow's fused BN kernel, the workers two
+    # all-reduces) and 16 SGD steps at a learning rate of 0.1 amplify it a little.
+    for key, tolerance in (("loss", 1e-4), ("learning_rate", 1e-6), ("val_loss", 2e-3)):
+        np.testing.assert_allclose(
+            [row[key] for row in actual],
+            [row[key] for row in expected],
+            rtol=tolerance,
+            err_msg=key,
+        )
+    for key in ("accuracy", "val_accuracy"):
+        np.testing.assert_allclose(
+            [row[key] for row in actual], [row[key] for row in expected], atol=2 / 88, err_msg=key
+        )
+    reference = moving_statistics(os.path.join(one, "model.keras"))
+    for name, value in moving_statistics(os.path.join(two, "model.keras")).items():
+        np.testing.assert_allclose(value, reference[name], rtol=2e-3, atol=1e-4, err_msg=name)
+
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    for _, _, _, cwd in workers:
+        assert os.listdir(cwd) == [], cwd
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_other_in_seconds_and_a_restart_resumes(tmp_path):
+    run_dir = str(tmp_path / "run")
+    paths = RunPaths(run_dir)
+    values = {**TINY, "train_split": "train[:1536]", "batch_size": 32, "test_split": "none"}
+    argv = argv_of(values, run_dir)
+    workers = start_workers(argv, tmp_path, "first")
+    (chief, *_), (victim, *_) = workers
+    try:
+        deadline = time.monotonic() + 300
+        while read_checkpoint_state(paths.last_checkpoint) is None:
+            assert chief.poll() is None and victim.poll() is None, workers[0][2].read_text()
+            assert time.monotonic() < deadline, "the first epoch never finished"
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the second epoch's 48 steps
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        chief.wait(timeout=120)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        for process, *_ in workers:
+            if process.poll() is None:
+                process.kill()
+    assert read_checkpoint_state(paths.last_checkpoint)["epoch"] == 1, "killed too late"
+    err = workers[0][2].read_text()
+    assert chief.returncode == 1, err[-3000:]
+    # TensorFlow's heartbeat timeout is 10 s; the rest is slack for a loaded machine.
+    assert stopped_after < 60
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        "train.py: error: worker 0 of 2: another worker stopped or stopped answering, so this "
+        "one stops too; restart every worker with the same command to resume after the last "
+        "finished epoch"
+    )
+
+    (rc0, out0, err0), (rc1, _, err1) = finish(start_workers(argv, tmp_path, "restart"))
+    assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
+    assert f"resuming {run_dir} after epoch 1 of 2" in out0
+    assert [line.split()[1] for line in out0.splitlines() if line.startswith("epoch ")] == ["2/2"]
+    assert [row["epoch"] for row in history(run_dir)] == [1, 2]
+    import layers  # noqa: F401
+    import models  # noqa: F401
+
+    checkpoint = keras.models.load_model(paths.last_checkpoint)
+    assert int(checkpoint.optimizer.iterations) == 2 * 1536 // 32
+
+
+class StopAfterFirstEpoch(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_data_parallel_run_resumes_on_one_device(tmp_path):
+    """Two replicas train the first epoch; one device trains the second. The checkpoint holds
+    no per-replica state, and the global batch (hence the data order) does not change."""
+    from bnzoo.training import train
+
+    run_dir = str(tmp_path / "run")
+    lines = []
+
+    def log_then_stop(line):
+        lines.append(line)
+        if line.startswith("epoch 1/2"):
+            raise StopAfterFirstEpoch
+
+    config = TrainConfig(**TINY, distribute="data_parallel", output_dir=run_dir)
+    with pytest.raises(StopAfterFirstEpoch):
+        train(config, log=log_then_stop)
+    assert "distribute data_parallel; tf.distribute.MirroredStrategy; 2 replicas" in lines[1]
+    assert read_checkpoint_state(RunPaths(run_dir).last_checkpoint)["epoch"] == 1
+
+    resumed = []
+    result = train(TrainConfig(**TINY, distribute="none", output_dir=run_dir), log=resumed.append)
+    assert resumed[0] == f"resuming {run_dir} after epoch 1 of 2"
+    assert "distribute none; 1 replica" in resumed[1]
+    assert (result.epochs_completed, result.resumed_from_epoch) == (2, 1)
+    assert [row["epoch"] for row in history(run_dir)] == [1, 2]
+    import models  # noqa: F401
+
+    checkpoint = keras.models.load_model(RunPaths(run_dir).last_checkpoint)
+    assert int(checkpoint.optimizer.iterations) == 2 * 512 // 64
+
+
+@pytest.mark.slow
+def test_a_batch_that_does_not_divide_among_replicas_is_one_line(tmp_path, capsys):
+    train_script = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "train.py"))
+    module = importlib.util.module_from_spec(train_script)
+    train_script.loader.exec_module(module)
+    output_dir = str(tmp_path / "run")
+    argv = argv_of({**TINY, "batch_size": 63}, output_dir, "--distribute", "data_parallel")
+    assert run_cli(module.main, argv, prog="train.py") == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "train.py: error: --batch-size 63 is the global batch and must divide evenly among the "
+        "2 replicas; use a multiple of 2 such as 62 or 64\n"
+    )
+    assert not os.path.exists(output_dir)
+
+
+@pytest.mark.slow
+def test_two_jax_processes_train_one_run_folder(tmp_path):
+    """keras.distribution.initialize from KERAS_DISTRIBUTION_*, DataParallel over both
+    processes' devices, gloo for the CPU collectives; only process 0 writes."""
+    run_dir = str(tmp_path / "run")
+    workers = start_workers(argv_of(TINY, run_dir), tmp_path, "jax", backend="jax")
+    (rc0, out0, err0), (rc1, out1, err1) = finish(workers)
+    assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
+    assert "keras.distribution.DataParallel; worker 0 of 2 (the chief); 2 replicas" in out0
+    assert "BN statistics over the global batch" in out0
+    epochs = [
+        [line.split("lr")[0] for line in out.splitlines() if line.startswith("epoch ")]
+        for out in (out0, out1)
+    ]
+    assert len(epochs[0]) == 2 and epochs[0] == epochs[1]
+    paths = RunPaths(run_dir)
+    for path in (paths.model, paths.metrics, os.path.join(paths.saved_model, "saved_model.pb")):
+        assert os.path.exists(path), path
+    assert [row["epoch"] for row in history(run_dir)] == [1, 2]
+    for _, _, _, cwd in workers:
+        assert os.listdir(cwd) == [], cwd
