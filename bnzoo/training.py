@@ -8,14 +8,17 @@ Resuming rebuilds the model and optimizer from the config exactly as a fresh run
 settings that Keras does not serialize, such as the weight-decay exclusions, are identical),
 then loads the checkpoint's weights and optimizer variables into them, and calls `fit` with
 `initial_epoch`. The learning-rate schedule is a function of the optimizer's restored step
-counter, so it continues where it stopped.
+counter, so it continues where it stopped. Extending a run (`--epochs` raised) works the same
+way, with the schedule of the new `--epochs` (see `bnzoo.run_folder.check_run_folder`).
+
+A run that fails or is interrupted before its first epoch is committed leaves nothing behind
+(`discard_unstarted_run`): there is nothing to resume, and a leftover folder would only make the
+corrected command fail as "a different run".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import inspect
 import json
 import os
 import sys
@@ -26,12 +29,17 @@ import keras
 
 from bnzoo.atomic_files import save_model_atomically
 from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
-from bnzoo.config import RESERVED_MODEL_ARGS, TrainConfig, default_output_dir, save_config
+from bnzoo.cli import UsageError
+from bnzoo.config import CUMULATIVE, TrainConfig, default_output_dir, load_config, save_config
+from bnzoo.memory import check_input_batch_fits, check_training_step_fits
+from bnzoo.model_args import check_model_options
 from bnzoo.optimization import build_loss, build_metrics, build_optimizer
 from bnzoo.run_folder import (
     STATE_FORMAT,
     RunPaths,
     check_run_folder,
+    committed_epochs,
+    discard_unstarted_run,
     is_complete,
     locked_run_folder,
     read_checkpoint_state,
@@ -46,6 +54,19 @@ Log = Callable[[str], None]
 
 def _print(message: str) -> None:
     print(message, flush=True)
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 epoch`, `3 epochs`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def describe_image_shape(image_shape: tuple[int | None, int | None, int]) -> str:
+    """`28x28x1`, or `varying sizes x3` for an image folder of mixed sizes."""
+    height, width, channels = image_shape
+    if height is None or width is None:
+        return f"varying sizes x{channels}"
+    return f"{height}x{width}x{channels}"
 
 
 def resolve_image_size(
@@ -72,23 +93,24 @@ def build_model(
 ) -> keras.Model:
     """`models.create_model` with the dataset's input shape and classes, returning logits.
 
-    `--model-arg` keys are checked against the builder's signature first: a typo would
-    otherwise surface as a TypeError from deep inside the builder.
+    `--model-arg` keys and types are checked against the builder first (a typo would otherwise
+    surface as a TypeError from deep inside it), and the input batch and the training step's
+    activations against the machine's memory.
+
+    Raises:
+        UsageError: a model option the builder rejects (its own ValueError, one line).
+        ValueError: the input size cannot fit in memory at `config.batch_size`.
     """
     import models
 
-    spec = models.get_model_spec(config.model)
-    parameters = inspect.signature(spec.builder).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    options = sorted(name for name in parameters if name not in RESERVED_MODEL_ARGS)
-    for key in config.model_args:
-        if not takes_any and key not in parameters:
-            close = difflib.get_close_matches(key, options, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(
-                f"--model-arg {key}=...: {config.model} has no option {key!r}{hint} "
-                f"(its options: {', '.join(options)})"
-            )
+    check_model_options(config)
+    height, width, _ = input_shape
+    size_text = (
+        f"--image-size {height}x{width}"
+        if config.image_size is not None
+        else f"the input size {height}x{width} (the dataset's own; pass --image-size to shrink it)"
+    )
+    check_input_batch_fits(tuple(input_shape), config.batch_size, size_text)
     kwargs = dict(config.model_args)
     kwargs.update(
         input_shape=tuple(input_shape),
@@ -97,10 +119,71 @@ def build_model(
         normalization=None if config.normalization == "none" else config.normalization,
     )
     if config.bn_momentum is not None:
-        kwargs["bn_momentum"] = config.bn_momentum
+        kwargs["bn_momentum"] = None if config.bn_momentum == CUMULATIVE else config.bn_momentum
     if config.bn_epsilon is not None:
         kwargs["bn_epsilon"] = config.bn_epsilon
-    return models.create_model(config.model, **kwargs)
+    try:
+        model = models.create_model(config.model, **kwargs)
+    except (ValueError, TypeError) as error:
+        if isinstance(error, TypeError) and not config.model_args:
+            raise  # not the user's keywords: a bug
+        arguments = " ".join(f"{key}={value!r}" for key, value in config.model_args.items())
+        raise UsageError(
+            f"{config.model} cannot be built"
+            + (f" with --model-arg {arguments}" if arguments else "")
+            + f" for {height}x{width} inputs: {' '.join(str(error).split())}"
+        ) from None
+    except MemoryError:
+        raise ValueError(
+            f"{size_text}: building {config.model} ran out of memory; use a smaller --image-size"
+        ) from None
+    check_training_step_fits(model, config.batch_size, size_text)
+    return model
+
+
+def describe_evaluation_splits(config: TrainConfig) -> str:
+    """`validating on X, testing on Y`, noting that an image folder's slices are stratified."""
+    parts = [
+        f"validating on {config.val_split}" if config.val_split else "no validation split",
+        f"testing on {config.test_split}" if config.test_split else "no test split",
+    ]
+    if config.dataset.startswith("image_folder:"):
+        parts.append("(image-folder slices are stratified by class, file order seed 1337)")
+    return ", ".join(parts[:2]) + (f" {parts[2]}" if len(parts) > 2 else "")
+
+
+def check_training_data(config: TrainConfig, train_info, log: Log = _print) -> None:
+    """What the loaded data must satisfy before training: at least two classes and a full
+    batch; warns when the validation or test split overlaps the training split.
+
+    Raises:
+        ValueError: one class, or fewer training examples than `--batch-size`.
+    """
+    from bnzoo.data import overlapping_examples
+
+    if train_info.num_classes < 2:
+        raise ValueError(
+            f"{config.dataset} has {plural(train_info.num_classes, 'class')} "
+            f"({', '.join(train_info.class_names)}); a classifier needs at least two, e.g. one "
+            "sub-folder per class"
+        )
+    if train_info.num_examples < config.batch_size:
+        raise ValueError(
+            f"--train-split {config.train_split} has "
+            f"{plural(train_info.num_examples, 'example')}, fewer than --batch-size "
+            f"{config.batch_size}; lower --batch-size or use a larger split"
+        )
+    for flag, split in (("--val-split", config.val_split), ("--test-split", config.test_split)):
+        if not split:
+            continue
+        shared = overlapping_examples(
+            config.dataset, config.train_split, split, data_dir=config.data_dir
+        )
+        if shared:
+            log(
+                f"warning: {flag} {split} overlaps --train-split {config.train_split} "
+                f"({plural(shared, 'example')} in both): its accuracy will be optimistic"
+            )
 
 
 def inference_copy(model: keras.Model) -> keras.Model:
@@ -158,11 +241,12 @@ def _one_hot(num_classes: int):
 
 
 def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None = None) -> RunResult:
-    """Run (or resume, or finish) the training run described by `config`.
+    """Run (or resume, extend, or finish) the training run described by `config`.
 
-    Everything that can fail on bad user input (dataset, splits, model name, input size, batch
-    size) is checked before the run folder is touched, so a typo never leaves a half-made run
-    that the corrected command would refuse as "a different run".
+    Everything that can fail on bad user input (options, model, dataset, splits, input size,
+    batch size, memory) is checked before the run folder is touched, and a run that fails or is
+    interrupted before its first epoch is committed is removed again: a mistake never leaves a
+    half-made run that the corrected command would refuse as "a different run".
 
     Args:
         config: the run; `config.output_dir` None means `runs/<date>-<model>-<dataset>`.
@@ -174,29 +258,60 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
         A `RunResult`; `metrics` holds the test split's metrics (also in metrics.json).
 
     Raises:
-        ValueError / FileNotFoundError: bad configuration, data or run folder.
+        UsageError (a ValueError): a bad option or model argument.
+        ValueError / FileNotFoundError: bad data or run folder, not enough memory, divergence.
+        KeyboardInterrupt: SIGINT or SIGTERM (`bnzoo.cli.Terminated`), re-raised with a message
+            that says how to continue.
     """
     config.validate()
+    check_model_options(config)
     if config.output_dir is None:
         config.output_dir = default_output_dir(config)
     paths = RunPaths(config.output_dir)
-    mode = check_run_folder(paths.run_dir, config)
+    mode = check_run_folder(paths.run_dir, config, log=log)
     state = read_checkpoint_state(paths.last_checkpoint) if mode == "resume" else None
-    if state is not None and state["epoch"] > config.epochs:
-        raise ValueError(f"{paths.last_checkpoint} is past epoch {config.epochs}: not this run")
     if is_complete(paths, config, state):
         metrics = _read_json(paths.metrics) if config.test_split else None
         summary = f"; test accuracy {metrics['accuracy']:.2%}" if metrics else ""
         log(
-            f"{paths.run_dir} is already complete ({state['epoch']} "
-            f"epoch{'' if state['epoch'] == 1 else 's'}{summary}); "
-            "pass --overwrite to train it again"
+            f"{paths.run_dir} is already complete ({plural(state['epoch'], 'epoch')}{summary}); "
+            "raise --epochs to train it further, or pass --overwrite to train it again"
         )
         return RunResult(paths.run_dir, state["epoch"], state["epoch"], True, metrics)
+    if mode == "resume":
+        saved_epochs = load_config(paths.run_dir).epochs
+        if saved_epochs != config.epochs:
+            log(
+                f"{paths.run_dir}: --epochs {saved_epochs} -> {config.epochs}; the learning-rate "
+                f"schedule from here on is the {config.epochs}-epoch one"
+            )
+    for warning in config.ignored_settings():
+        log(f"warning: {warning}")
 
+    from bnzoo.data import naming_undecodable_images
+
+    existed = os.path.exists(paths.run_dir)
     previous_policy = keras.mixed_precision.global_policy()
     try:
-        return _run(config, paths, mode, state, log, progress_bar)
+        with naming_undecodable_images():
+            return _run(config, paths, mode, state, log, progress_bar)
+    except KeyboardInterrupt as interrupt:
+        discarded = discard_unstarted_run(paths, remove_folder=not existed)
+        epochs = committed_epochs(paths)
+        if discarded or not epochs:
+            message = (
+                "interrupted before the first epoch finished; nothing was kept, so rerunning the "
+                "same command starts the run again"
+            )
+        else:
+            message = (
+                f"interrupted after {plural(epochs, 'epoch')} of {config.epochs} were saved in "
+                f"{paths.run_dir}; rerunning the same command resumes from there"
+            )
+        raise type(interrupt)(message) from None
+    except BaseException:
+        discard_unstarted_run(paths, remove_folder=not existed)
+        raise
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -230,11 +345,7 @@ def _run(
         val_ds, val_info = load_dataset(config.dataset, split=config.val_split, **data_kwargs)
     if config.test_split:
         test_ds, _ = load_dataset(config.dataset, split=config.test_split, **data_kwargs)
-    if train_info.num_examples < config.batch_size:
-        raise ValueError(
-            f"--train-split {config.train_split} has {train_info.num_examples} examples, fewer "
-            f"than --batch-size {config.batch_size}; lower --batch-size or use a larger split"
-        )
+    check_training_data(config, train_info, log)
     image_size = resolve_image_size(config, train_info.image_shape, spec.min_input_size)
     height, width = image_size or train_info.image_shape[:2]
     input_shape = (height, width, train_info.image_shape[2])
@@ -251,12 +362,13 @@ def _run(
     with locked_run_folder(paths):
         if mode == "new":
             remove_run_artifacts(paths)
-            # config.yaml first: a kill right after it leaves a folder that resumes.
-            save_config(config, paths.run_dir)
         else:
             remove_temporary_files(paths)
             # Read again under the lock: a process that held it may have committed since.
             state = read_checkpoint_state(paths.last_checkpoint)
+        # config.yaml first: a kill right after it leaves a folder that resumes. A resumed run
+        # rewrites it too, recording a raised --epochs and where the data is now.
+        save_config(config, paths.run_dir)
         os.makedirs(paths.checkpoints, exist_ok=True)
 
         initial_epoch = 0
@@ -270,9 +382,9 @@ def _run(
             state = {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}
         write_history_csv(paths.history, state["history"])
 
-        shape_note = "x".join(map(str, train_info.image_shape))
+        shape_note = describe_image_shape(train_info.image_shape)
         if image_size:
-            shape_note += f" -> {height}x{width}"
+            shape_note += f" -> {height}x{width}x{train_info.image_shape[2]}"
         if initial_epoch:
             log(f"resuming {paths.run_dir} after epoch {initial_epoch} of {config.epochs}")
         else:
@@ -281,8 +393,9 @@ def _run(
         log(
             f"training {config.model} ({model.count_params():,} parameters, normalization "
             f"{config.normalization}, {policy}, {device}) on {config.dataset} {config.train_split} "
-            f"({train_info.num_examples} examples, {shape_note}): {config.epochs} epochs of "
-            f"{steps_per_epoch} steps"
+            f"({plural(train_info.num_examples, 'example')}, {shape_note}): "
+            f"{plural(config.epochs, 'epoch')} of {plural(steps_per_epoch, 'step')}; "
+            f"{describe_evaluation_splits(config)}"
         )
 
         # 3. Train the remaining epochs.
@@ -333,11 +446,12 @@ def _run(
                 shuffle=False,  # make_pipeline shuffles, with a real buffer
             )
             if checkpoint.diverged_epoch is not None:
+                kept = checkpoint.state["epoch"]
                 raise ValueError(
                     "training diverged: the loss was not finite in epoch "
-                    f"{checkpoint.diverged_epoch}; lower --lr (now {config.lr}) or add "
-                    "--warmup-epochs. The run folder keeps the last finite epoch "
-                    f"({checkpoint.state['epoch']})"
+                    f"{checkpoint.diverged_epoch}; lower --lr (now {config.lr:g}) or add "
+                    "--warmup-epochs"
+                    + (f". The run folder keeps the last finite epoch ({kept})" if kept else "")
                 )
             state = checkpoint.state
 
@@ -398,10 +512,10 @@ def write_final_artifacts(
             },
         )
         evaluation.save_metrics_json(metrics, paths.metrics)
+        top5 = f", top-5 {metrics['top5_accuracy']:.2%}" if "top5_accuracy" in metrics else ""
         log(
-            f"test accuracy {metrics['accuracy']:.2%}, top-5 {metrics['top5_accuracy']:.2%}, "
-            f"loss {metrics['loss']:.4f} on {metrics['num_examples']} examples "
-            f"-> {paths.metrics}"
+            f"test accuracy {metrics['accuracy']:.2%}{top5}, loss {metrics['loss']:.4f} on "
+            f"{plural(metrics['num_examples'], 'example')} -> {paths.metrics}"
         )
     try:
         plotting.plot_training_curves(history, paths.curves)
