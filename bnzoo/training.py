@@ -152,15 +152,12 @@ def describe_evaluation_splits(config: TrainConfig) -> str:
     return ", ".join(parts[:2]) + (f" {parts[2]}" if len(parts) > 2 else "")
 
 
-def check_training_data(config: TrainConfig, train_info, log: Log = _print) -> None:
-    """What the loaded data must satisfy before training: at least two classes and a full
-    batch; warns when the validation or test split overlaps the training split.
+def check_training_data(config: TrainConfig, train_info) -> None:
+    """What the training split must satisfy: at least two classes and a full batch.
 
     Raises:
         ValueError: one class, or fewer training examples than `--batch-size`.
     """
-    from bnzoo.data import overlapping_examples
-
     if train_info.num_classes < 2:
         raise ValueError(
             f"{config.dataset} has {plural(train_info.num_classes, 'class')} "
@@ -173,6 +170,26 @@ def check_training_data(config: TrainConfig, train_info, log: Log = _print) -> N
             f"{plural(train_info.num_examples, 'example')}, fewer than --batch-size "
             f"{config.batch_size}; lower --batch-size or use a larger split"
         )
+
+
+def load_evaluation_split(config: TrainConfig, flag: str, split: str):
+    """`load_dataset` for the validation or test split, its errors naming the flag (the split
+    may be a default the user never typed)."""
+    from bnzoo.data import load_dataset
+
+    try:
+        return load_dataset(
+            config.dataset, split=split, data_dir=config.data_dir, manual_dir=config.manual_dir
+        )
+    except ValueError as error:
+        raise ValueError(f"{flag} {split}: {error} (or {flag} none to go without)") from None
+
+
+def warn_about_overlapping_splits(config: TrainConfig, log: Log = _print) -> None:
+    """A warning line for each of the validation and test splits that shares examples with the
+    training split: its accuracy would be measured partly on training data."""
+    from bnzoo.data import overlapping_examples
+
     for flag, split in (("--val-split", config.val_split), ("--test-split", config.test_split)):
         if not split:
             continue
@@ -340,12 +357,13 @@ def _run(
     # 1. Everything a user can get wrong, before any file is written.
     spec = models.get_model_spec(config.model)
     train_ds, train_info = load_dataset(config.dataset, split=config.train_split, **data_kwargs)
+    check_training_data(config, train_info)
     val_ds = val_info = test_ds = None
     if config.val_split:
-        val_ds, val_info = load_dataset(config.dataset, split=config.val_split, **data_kwargs)
+        val_ds, val_info = load_evaluation_split(config, "--val-split", config.val_split)
     if config.test_split:
-        test_ds, _ = load_dataset(config.dataset, split=config.test_split, **data_kwargs)
-    check_training_data(config, train_info, log)
+        test_ds, _ = load_evaluation_split(config, "--test-split", config.test_split)
+    warn_about_overlapping_splits(config, log)
     image_size = resolve_image_size(config, train_info.image_shape, spec.min_input_size)
     height, width = image_size or train_info.image_shape[:2]
     input_shape = (height, width, train_info.image_shape[2])

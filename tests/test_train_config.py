@@ -2,7 +2,9 @@
 identity. No TensorFlow needed: these run in milliseconds."""
 
 import datetime
+import json
 import os
+import zipfile
 
 import pytest
 import yaml
@@ -16,7 +18,13 @@ from bnzoo.config import (
     parse_train_args,
     save_config,
 )
-from bnzoo.run_folder import check_run_folder
+from bnzoo.run_folder import (
+    STATE_FORMAT,
+    STATE_MEMBER,
+    RunPaths,
+    check_run_folder,
+    discard_unstarted_run,
+)
 
 
 def write_yaml(path, values):
@@ -74,7 +82,7 @@ def test_config_file_accepts_dashed_keys_and_null(tmp_path):
 
 def test_config_file_values_are_checked_like_flags(tmp_path):
     path = write_yaml(tmp_path / "run.yaml", {"batch_size": 0})
-    with pytest.raises(UsageError, match="--batch-size: must be a positive integer, got '0'"):
+    with pytest.raises(UsageError, match=r"--batch-size: must be a positive integer .*, got '0'"):
         parse_train_args(["--config", path])
 
 
@@ -127,19 +135,19 @@ def test_model_args_owned_by_train_py_are_refused(key):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--batch-size", "0"], "--batch-size: must be a positive integer, got '0'"),
+        (["--batch-size", "0"], r"--batch-size: must be a positive integer .*, got '0'"),
         (["--epochs", "-1"], "--epochs: must be a positive integer"),
         (["--optimizer", "adagrad"], "--optimizer: invalid choice: 'adagrad'"),
-        (["--lr", "0"], "--lr must be positive"),
-        (["--label-smoothing", "1.0"], r"--label-smoothing must be in \[0, 1\)"),
+        (["--lr", "0"], r"--lr: must be in \(0, 10\]"),
+        (["--label-smoothing", "1.0"], r"--label-smoothing: must be in \[0, 1\)"),
         (["--warmup-epochs", "5", "--epochs", "3"], "--warmup-epochs must be"),
         (["--image-size", "0"], "--image-size: expected SIZE or HEIGHT,WIDTH"),
-        (["--bn-epsilon", "0"], "--bn-epsilon must be positive"),
+        (["--bn-epsilon", "0"], r"--bn-epsilon: must be in \(0, 1\]"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
-def test_bad_values_are_value_errors_naming_the_flag(argv, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_values_are_usage_errors_naming_the_flag(argv, message):
+    with pytest.raises(UsageError, match=message):
         parse_train_args(argv)
 
 
@@ -199,13 +207,63 @@ def test_run_folder_holding_the_same_run_resumes(tmp_path):
     assert check_run_folder(tmp_path, moved) == "resume"
 
 
+def commit_epochs(run_dir, epochs):
+    """A checkpoints/last.keras that says `epochs` epochs are committed (only its training
+    state: check_run_folder reads nothing else)."""
+    path = RunPaths(str(run_dir)).last_checkpoint
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        state = {"format": STATE_FORMAT, "epoch": epochs, "history": [], "best": None}
+        archive.writestr(STATE_MEMBER, json.dumps(state))
+
+
 def test_run_folder_holding_a_different_run_is_refused_unless_overwrite(tmp_path):
     save_config(TrainConfig(epochs=3, lr=0.1), tmp_path)
-    different = TrainConfig(epochs=5, lr=0.1)
-    with pytest.raises(ValueError, match=r"holds a different run \(epochs: 3 -> 5\).*--overwrite"):
+    commit_epochs(tmp_path, 1)
+    different = TrainConfig(epochs=3, lr=0.2)
+    with pytest.raises(ValueError, match=r"holds a different run \(lr: 0.1 -> 0.2\).*--overwrite"):
         check_run_folder(tmp_path, different)
     different.overwrite = True
     assert check_run_folder(tmp_path, different) == "new"
+
+
+def test_a_different_run_that_never_finished_an_epoch_is_replaced_saying_so(tmp_path):
+    save_config(TrainConfig(lr=0.1), tmp_path)
+    lines = []
+    assert check_run_folder(tmp_path, TrainConfig(lr=0.2), log=lines.append) == "new"
+    assert lines == [
+        f"replacing {tmp_path}: it holds a different run (lr: 0.1 -> 0.2) that never "
+        "finished an epoch"
+    ]
+
+
+def test_raising_epochs_extends_the_run_and_lowering_them_below_the_trained_is_refused(
+    tmp_path,
+):
+    save_config(TrainConfig(epochs=3), tmp_path)
+    commit_epochs(tmp_path, 3)
+    assert check_run_folder(tmp_path, TrainConfig(epochs=4)) == "resume"
+    assert check_run_folder(tmp_path, TrainConfig(epochs=3)) == "resume"
+    with pytest.raises(ValueError, match="already trained 3 epochs, more than --epochs 2"):
+        check_run_folder(tmp_path, TrainConfig(epochs=2))
+
+
+def test_a_run_that_never_committed_an_epoch_is_discarded_but_a_committed_one_is_kept(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(TrainConfig(), run)
+    (run / ".lock").write_text("")
+    assert discard_unstarted_run(RunPaths(str(run)), remove_folder=True)
+    assert not run.exists()
+    run.mkdir()
+    (run / "mine.txt").write_text("the user's")
+    save_config(TrainConfig(), run)
+    assert discard_unstarted_run(RunPaths(str(run)), remove_folder=True)
+    assert os.listdir(run) == ["mine.txt"]  # only the run's own files go
+    save_config(TrainConfig(), run)
+    commit_epochs(run, 1)
+    assert not discard_unstarted_run(RunPaths(str(run)), remove_folder=True)
+    assert (run / "config.yaml").exists()
 
 
 def test_folder_holding_only_a_lock_file_is_a_run_killed_at_birth(tmp_path):
