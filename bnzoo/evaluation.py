@@ -189,7 +189,8 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
     for index, name in enumerate(names):
         value = metrics["per_class_accuracy"][name]
         shown = "   n/a" if value is None else f"{value:6.1%}"
-        lines.append(f"  {name:<{width}}  {shown}  ({sum(matrix[index])} examples)")
+        count = sum(matrix[index])
+        lines.append(f"  {name:<{width}}  {shown}  ({count} example{'' if count == 1 else 's'})")
     if len(names) <= 20:
         # Rows are labelled "index name"; columns by the same index, for want of room.
         cell = max(5, len(str(max(max(row) for row in matrix))) + 1)

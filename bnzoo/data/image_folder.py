@@ -8,11 +8,11 @@ Class names are the sorted sub-folder names (label i is the i-th name). Images a
 recursively inside each class folder by extension (.jpg, .jpeg, .png, .bmp, .gif, any case);
 other files are ignored. The folder is one split, `train`, sliced with TFDS split syntax
 (`train[:90%]`, `train[90%:]`, `train[:512]`, `train[:10%]+train[-10%:]`). Slices are taken from
-one fixed, class-stratified order (`stratified_order`, seeded with `FILE_ORDER_SEED`): each
-class is shuffled and the classes are interleaved in proportion, so any slice holds each class
-in its share of the folder (to within one image) and the same expression selects the same
-files on every machine. `train[:80%]`, `train[80%:90%]` and `train[90%:]` (train.py's defaults
-for image folders) are therefore a stratified train/validation/test partition.
+one fixed, class-stratified order (`stratified_order`, seeded with `FILE_ORDER_SEED`), so the
+same expression selects the same files on every machine: `train[:80%]`, `train[80%:90%]` and
+`train[90%:]` (train.py's defaults for image folders) are a stratified train/validation/test
+partition, each class within one image of its 80/10/10 % share, and any other slice mixes the
+classes in roughly their shares.
 
 Sizes and channels are read from each file's header, and the end of each file is checked for
 its format's end marker (a few bytes each, no decoding), when the dataset is loaded: a
@@ -258,24 +258,55 @@ def check_images_complete(paths: Sequence[str], complete: Sequence[bool]) -> Non
                 )
 
 
-def stratified_order(labels: Sequence[int], seed: int = FILE_ORDER_SEED) -> np.ndarray:
-    """A seeded order of examples in which every class is spread evenly.
+#: Where the default splits (`train[:80%]`, `train[80%:90%]`, `train[90%:]`) cut the order: the
+#: order is built so that these three parts are exactly stratified.
+STRATIFIED_CUTS_PERCENT = (80, 90)
 
-    Each class is shuffled, and its j-th example (of n) gets the position `(j + u) / n` with u
-    uniform in [0, 1); sorting all examples by position interleaves the classes in proportion.
-    Any contiguous slice of the order, e.g. `[:80%]`, then holds each class's share of the slice
-    to within one example: slices are stratified.
+
+def _interleave(members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Concatenate per-class index arrays so that every class is spread evenly: the j-th of a
+    class's n members gets the position (j + u) / n, u uniform in [0, 1), and positions are
+    sorted. Any run of the result then holds each class roughly in its share."""
+    indices = np.concatenate(members) if members else np.zeros([0], np.int64)
+    positions = np.concatenate(
+        [(np.arange(len(m)) + rng.uniform(size=len(m))) / max(len(m), 1) for m in members]
+        or [np.zeros([0])]
+    )
+    return indices[np.argsort(positions, kind="stable")]
+
+
+def stratified_order(labels: Sequence[int], seed: int = FILE_ORDER_SEED) -> np.ndarray:
+    """A seeded order of the examples that makes the default splits a stratified partition.
+
+    The order is cut where `train[:80%]` and `train[90%:]` cut it (TFDS's rounding). Each part
+    gets from every class its share of what is left, rounded by largest remainder, so each
+    class's count in `train[:80%]`, `train[80%:90%]` and `train[90%:]` is within one image of
+    80/10/10 % of the class (sklearn's `stratify`, as slices). Within each part the classes are
+    shuffled and interleaved in proportion, so other slices (`train[:50%]`, `train[:512]`) mix
+    the classes in roughly their shares too.
     """
     labels = np.asarray(labels)
+    total = len(labels)
     rng = np.random.default_rng(seed)
-    positions = np.empty(len(labels))
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        shuffled = members[rng.permutation(len(members))]
-        positions[shuffled] = (np.arange(len(members)) + rng.uniform(size=len(members))) / len(
-            members
-        )
-    return np.argsort(positions, kind="stable")
+    classes = np.unique(labels)
+    remaining = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    cuts = [len(select_split(total, f"train[:{p}%]")) for p in STRATIFIED_CUTS_PERCENT]
+    sizes = np.diff([0, *cuts, total])
+    parts = []
+    for size in sizes[:-1]:
+        left = sum(len(members) for members in remaining.values())
+        ideal = np.array([len(remaining[c]) * size / max(left, 1) for c in classes])
+        counts = np.floor(ideal).astype(int)
+        # Largest remainder; random among equal remainders, so no class is always favoured.
+        ranking = np.lexsort((rng.uniform(size=len(classes)), -(ideal - counts)))
+        counts[ranking[: size - counts.sum()]] += 1
+        members = []
+        for c, count in zip(classes, counts, strict=True):
+            members.append(np.array(remaining[c][:count], np.int64))
+            remaining[c] = remaining[c][count:]
+        parts.append(_interleave(members, rng))
+    parts.append(_interleave([np.array(remaining[c], np.int64) for c in classes], rng))
+    return np.concatenate(parts)
 
 
 def folder_path(name: str) -> str:
