@@ -29,7 +29,7 @@ import keras
 
 from bnzoo.atomic_files import save_model_atomically
 from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
-from bnzoo.cli import UsageError
+from bnzoo.cli import Terminated, UsageError
 from bnzoo.config import CUMULATIVE, TrainConfig, default_output_dir, load_config, save_config
 from bnzoo.memory import check_input_batch_fits, check_training_step_fits
 from bnzoo.model_args import check_model_options
@@ -314,16 +314,17 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
             return _run(config, paths, mode, state, log, progress_bar)
     except KeyboardInterrupt as interrupt:
         discarded = discard_unstarted_run(paths, remove_folder=not existed)
-        epochs = committed_epochs(paths)
-        if discarded or not epochs:
+        epochs = 0 if discarded else committed_epochs(paths)
+        how = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+        if not epochs:
             message = (
-                "interrupted before the first epoch finished; nothing was kept, so rerunning the "
+                f"{how} before the first epoch finished; nothing was kept, so rerunning the "
                 "same command starts the run again"
             )
         else:
             message = (
-                f"interrupted after {plural(epochs, 'epoch')} of {config.epochs} were saved in "
-                f"{paths.run_dir}; rerunning the same command resumes from there"
+                f"{how}; {paths.run_dir} holds {epochs} of {plural(config.epochs, 'epoch')}: "
+                "rerunning the same command resumes from there"
             )
         raise type(interrupt)(message) from None
     except BaseException:

@@ -288,3 +288,53 @@ def test_unknown_key_in_a_run_config_is_an_error(tmp_path):
     (tmp_path / "config.yaml").write_text("model: plain_cnn\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
         load_config(tmp_path)
+
+
+def test_image_folders_default_to_the_stratified_80_10_10_slices(tmp_path):
+    config = parse_train_args(["--dataset", f"image_folder:{tmp_path}"])
+    assert (config.train_split, config.val_split, config.test_split) == (
+        "train[:80%]",
+        "train[80%:90%]",
+        "train[90%:]",
+    )
+    explicit = parse_train_args(
+        ["--dataset", f"image_folder:{tmp_path}", "--val-split", "none", "--test-split", "auto"]
+    )
+    assert (explicit.val_split, explicit.test_split) == (None, "train[90%:]")
+
+
+def test_an_image_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(dataset="image_folder:flowers").dataset == f"image_folder:{tmp_path}/flowers"
+
+
+def test_bn_momentum_has_a_spelling_for_the_cumulative_average():
+    assert parse_train_args(["--bn-momentum", "cumulative"]).bn_momentum == "cumulative"
+    assert parse_train_args(["--bn-momentum", "none"]).bn_momentum is None
+    with pytest.raises(UsageError, match="got 'sometimes'"):
+        TrainConfig(bn_momentum="sometimes").validate()
+
+
+def test_settings_that_have_no_effect_are_warned_about_unless_they_are_the_defaults():
+    assert TrainConfig(optimizer="adam").ignored_settings() == []
+    assert TrainConfig(optimizer="adam", momentum=0.5, lr_decay_rate=0.5).ignored_settings() == [
+        "--momentum 0.5 has no effect with --optimizer adam (it is SGD's momentum)",
+        "--lr-decay-rate 0.5 has no effect with --lr-schedule cosine (it is the exponential "
+        "schedule's factor per epoch)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr": float("inf")}, r"--lr must be a finite number in \(0, 10\], got inf"),
+        ({"epochs": 2.0}, "--epochs must be a positive integer"),
+        ({"seed": True}, r"--seed must be an integer in \[0, 4294967295\], got True"),
+        ({"image_size": (32.5, 32)}, "--image-size must be one or two positive integers"),
+        ({"val_split": ""}, "--val-split must not be empty, got ''; use none for no split"),
+        ({"model": ""}, "--model must not be empty"),
+    ],
+)
+def test_python_configs_are_checked_like_the_command_line(values, message):
+    with pytest.raises(UsageError, match=message):
+        TrainConfig(**values).validate()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bnzoo.config import TrainConfig
+from bnzoo.memory import activation_elements, check_input_batch_fits, check_training_step_fits
 from bnzoo.optimization import WarmupSchedule, build_optimizer, build_schedule
 from bnzoo.run_folder import (
     STATE_MEMBER,
@@ -24,7 +25,7 @@ from bnzoo.run_folder import (
     save_checkpoint,
     write_history_csv,
 )
-from bnzoo.training import resolve_image_size
+from bnzoo.training import build_model, resolve_image_size, warn_about_overlapping_splits
 
 
 def value(variable):
@@ -252,3 +253,50 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     open(tmp_path / "my_notes.txt", "w").close()
     remove_run_artifacts(paths)
     assert os.listdir(tmp_path) == ["my_notes.txt"]
+
+
+def test_bn_momentum_cumulative_builds_the_layers_cumulative_average():
+    import layers
+
+    config = TrainConfig(bn_momentum="cumulative", model_args={"widths": [4]}).validate()
+    model = build_model(config, (8, 8, 1), 3)
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    assert norms and all(layer.momentum is None for layer in norms)
+    config = TrainConfig(bn_momentum=0.9, model_args={"widths": [4]}).validate()
+    model = build_model(config, (8, 8, 1), 3)
+    assert {layer.momentum for layer in model.layers if hasattr(layer, "moving_mean")} == {0.9}
+
+
+def test_the_activation_estimate_counts_every_layer_output_per_example():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8*8*4 = 256
+    x = keras.layers.GlobalAveragePooling2D()(x)  # 4
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))  # 3
+    assert activation_elements(model) == 64 + 256 + 4 + 3
+
+
+def test_a_training_step_beyond_memory_is_refused_with_the_estimate(monkeypatch):
+    from bnzoo import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: (1024**3, "memory"))
+    inputs = keras.Input((512, 512, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(16, 3, padding="same", name="c")(inputs))
+    # (3 + 16) * 512 * 512 floats per image: 19 MiB; 64 images: 1.2 GiB > 1 GiB.
+    with pytest.raises(ValueError, match=r"^--image-size 512x512: .* about 1\.2 GiB, more than"):
+        check_training_step_fits(model, 64, "--image-size 512x512")
+    check_training_step_fits(model, 32, "--image-size 512x512")  # 0.6 GiB fits
+    with pytest.raises(ValueError, match="one batch of 1000 float32 images needs about 2.9 GiB"):
+        check_input_batch_fits((512, 512, 3), 1000, "--image-size 512x512")
+
+
+def test_overlapping_validation_and_test_splits_get_a_warning_line():
+    lines = []
+    config = TrainConfig(train_split="train[:90%]", val_split="train[80%:]", test_split="test")
+    warn_about_overlapping_splits(config, lines.append)
+    assert lines == [
+        "warning: --val-split train[80%:] overlaps --train-split train[:90%] (6000 examples in "
+        "both): its accuracy will be optimistic"
+    ]
+    lines.clear()
+    warn_about_overlapping_splits(TrainConfig(), lines.append)
+    assert lines == []
