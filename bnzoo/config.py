@@ -421,6 +421,7 @@ def optional(convert):
         return convert(text)
 
     parse.__name__ = getattr(convert, "__name__", "value")
+    parse.accepts_none = True  # type: ignore[attr-defined]  (read by config files' null)
     return parse
 
 
@@ -511,7 +512,7 @@ def parse_literal(text: str) -> Any:
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             if text.strip().startswith(_LITERAL_OPENERS):
                 raise ValueError(
                     f"{text!r} is not a valid literal (unbalanced brackets or quotes?); e.g. "
@@ -821,6 +822,10 @@ def read_yaml_mapping(path: str, what: str, error: type[ValueError] = UsageError
             raise error(f"{what}: {problem}") from None
         except yaml.YAMLError as problem:
             raise error(f"{what}: not valid YAML ({' '.join(str(problem).split())})") from None
+        except UnicodeDecodeError:
+            raise error(f"{what}: not a text (UTF-8) file") from None
+        except RecursionError:
+            raise error(f"{what}: nested too deeply to be a config file") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -903,6 +908,8 @@ def _option_tokens(
             tokens += [flag, f"{arg_key}={text}"]
         return tokens
     if value is None:
+        if not getattr(action.type, "accepts_none", False):
+            raise UsageError(f"{what}: {key} needs a value, got null")
         return [flag, "none"]
     if isinstance(value, bool):
         raise UsageError(

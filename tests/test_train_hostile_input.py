@@ -50,6 +50,9 @@ from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR
         (["--model-arg", "widths="], "widths= needs a value"),
         (["--model-arg", "name=x/y"], "--model-arg name=... is not allowed"),
         (["--model-arg", "when=2024-01-01"], "is a date; a model argument must be"),
+        (["--model-arg", "widths=" + "[" * 100_000], "is not a valid literal"),
+        (["--lr", "-1e-3"], "argument --lr: must be in (0, 10], got '-1e-3'"),
+        (["--image-size", "32x32x3"], "argument --image-size: expected SIZE or HEIGHT,WIDTH"),
     ],
 )
 def test_bad_flags_exit_2_in_one_line_naming_the_flag(argv, message, tmp_path, run_script):
@@ -75,11 +78,15 @@ def test_bad_flags_exit_2_in_one_line_naming_the_flag(argv, message, tmp_path, r
         ("output_dir: ''\n", "argument --output-dir: must not be empty"),
         ("- a list\n", "expected a mapping of option: value"),
         ("bogus: 1\n", "unknown option 'bogus'"),
+        ("dataset: null\n", "dataset needs a value, got null"),
+        ("train_split: ~\n", "train_split needs a value, got null"),
+        ("model_args: {widths: " + "[" * 5000 + "}\n", "nested too deeply"),
+        ("lr: \xff\n", "not a text (UTF-8) file"),
     ],
 )
 def test_bad_config_files_exit_2_in_one_line(text, message, tmp_path, run_script):
     path = tmp_path / "run.yaml"
-    path.write_text(text)
+    path.write_bytes(text.encode("latin-1") if "\xff" in text else text.encode())
     result = run_script.run(
         "train.py", "--config", path, "--output-dir", tmp_path / "run", cwd=tmp_path
     )

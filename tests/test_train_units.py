@@ -278,15 +278,21 @@ def test_the_activation_estimate_counts_every_layer_output_per_example():
 def test_a_training_step_beyond_memory_is_refused_with_the_estimate(monkeypatch):
     from bnzoo import memory
 
-    monkeypatch.setattr(memory, "available_memory", lambda: (1024**3, "memory"))
-    inputs = keras.Input((512, 512, 3))
+    monkeypatch.setattr(memory, "host_memory", lambda: (2 * 1024**3, "available memory"))
+    monkeypatch.setattr(memory, "gpu_memory", lambda: None)
+    inputs = keras.Input((256, 256, 3))
     model = keras.Model(inputs, keras.layers.Conv2D(16, 3, padding="same", name="c")(inputs))
-    # (3 + 16) * 512 * 512 floats per image: 19 MiB; 64 images: 1.2 GiB > 1 GiB.
-    with pytest.raises(ValueError, match=r"^--image-size 512x512: .* about 1\.2 GiB, more than"):
-        check_training_step_fits(model, 64, "--image-size 512x512")
-    check_training_step_fits(model, 32, "--image-size 512x512")  # 0.6 GiB fits
-    with pytest.raises(ValueError, match="one batch of 1000 float32 images needs about 2.9 GiB"):
-        check_input_batch_fits((512, 512, 3), 1000, "--image-size 512x512")
+    # Per image: (3 + 16) * 256 * 256 activations * 4 bytes = 4.75 MiB, plus the pipeline's
+    # 3 * 256 * 256 * 64 bytes = 12 MiB; at 128 images 2.1 GiB > 2 GiB, at 64 images 1.05 GiB.
+    with pytest.raises(ValueError, match=r"^--image-size 256x256: one training step .* 2\.1 GiB"):
+        check_training_step_fits(model, 128, "--image-size 256x256")
+    check_training_step_fits(model, 64, "--image-size 256x256")
+    with pytest.raises(ValueError, match=r"input pipeline for batches of 200 images needs about"):
+        check_input_batch_fits((256, 256, 3), 200, "--image-size 256x256")
+    # With a GPU, the model's part is held against the GPU's memory.
+    monkeypatch.setattr(memory, "gpu_memory", lambda: 256 * 1024**2)
+    with pytest.raises(ValueError, match=r"more than this machine's 256\.0 MiB of GPU memory"):
+        check_training_step_fits(model, 64, "--image-size 256x256")
 
 
 def test_overlapping_validation_and_test_splits_get_a_warning_line():
