@@ -297,6 +297,7 @@ def check_run_folder(
     """
     run_dir = os.fspath(run_dir)
     if not os.path.exists(run_dir):
+        _check_creatable(run_dir)
         return "new"
     if not os.path.isdir(run_dir):
         raise ValueError(f"--output-dir {run_dir} is a file, not a folder; choose another path")
@@ -336,6 +337,23 @@ def check_run_folder(
             "to start over"
         )
     return "resume"
+
+
+def _check_creatable(run_dir: str) -> None:
+    """Refuse, before any data is loaded, a run folder that cannot be created: one inside a
+    file, or under a folder this process cannot write to."""
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(
+            f"--output-dir {run_dir}: {parent} is a file, not a folder; choose another path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--output-dir {run_dir}: cannot create it, {parent} is not writable; choose another "
+            "path"
+        )
 
 
 def discard_unstarted_run(paths: RunPaths, remove_folder: bool) -> bool:

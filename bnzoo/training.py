@@ -328,7 +328,8 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
             )
         raise type(interrupt)(message) from None
     except BaseException:
-        discard_unstarted_run(paths, remove_folder=not existed)
+        if discard_unstarted_run(paths, remove_folder=not existed):
+            log(f"removed {paths.run_dir}: the run stopped before finishing an epoch")
         raise
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -377,7 +378,13 @@ def _run(
     model.compile(optimizer=optimizer, loss=build_loss(config), metrics=build_metrics())
 
     # 2. The run folder, locked against a second train.py before anything in it is touched.
-    os.makedirs(paths.run_dir, exist_ok=True)
+    try:
+        os.makedirs(paths.run_dir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"--output-dir {paths.run_dir}: cannot create it ({error.strerror}); choose another "
+            "folder"
+        ) from None
     with locked_run_folder(paths):
         if mode == "new":
             remove_run_artifacts(paths)

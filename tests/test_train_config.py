@@ -338,3 +338,9 @@ def test_settings_that_have_no_effect_are_warned_about_unless_they_are_the_defau
 def test_python_configs_are_checked_like_the_command_line(values, message):
     with pytest.raises(UsageError, match=message):
         TrainConfig(**values).validate()
+
+
+def test_a_run_folder_that_cannot_be_created_is_refused_before_the_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(ValueError, match=r"notes.txt is a file, not a folder"):
+        check_run_folder(tmp_path / "notes.txt" / "runs" / "x", TrainConfig())
