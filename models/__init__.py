@@ -1,4 +1,4 @@
-"""bnzoo's model zoo: builders and a registry, keras.applications-style.
+"""bnzoo's model zoo: builders, a registry and pretrained weights, keras.applications-style.
 
 Every builder takes `include_top, weights, input_tensor, input_shape, pooling, classes,
 classifier_activation, name`, plus a normalization switch (`normalization="batch_norm"`,
@@ -7,50 +7,109 @@ classifier_activation, name`, plus a normalization switch (`normalization="batch
 ```python
 import models
 
-models.list_models()  # ['bn_inception', 'bn_inception_paper', 'bn_inception_slim', ...]
+models.list_models()  # ['bn_inception', 'bn_inception_slim', 'inception_v1', ...]
 model = models.create_model("plain_cnn", input_shape=(32, 32, 3), classifier_activation=None)
-features = models.bn_inception(include_top=False, pooling="avg", width_multiplier=0.5)
+features = models.bn_inception(include_top=False, pooling="avg", weights="imagenet")
+pyramid = models.create_feature_extractor("inception_v3", input_shape=(299, 299, 3))
 models.profile_model(model).multiply_adds
 ```
 
-`python -m models` lists every registered model with its parameters, multiply-adds and default
-input size; `python -m models NAME` prints one model's summary.
+`python -m models` lists every registered model with its parameters, multiply-adds, input size
+and pretrained weights; `python -m models NAME` prints one model's summary.
+
+Importing the package is cheap: Keras (and with it TensorFlow) is imported on the first use of
+any name below, so `python -m models --help` answers without it.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "bn_inception": "models.bn_inception",
+    "inception_v1": "models.inception_v1",
+    "inception_v3": "models.inception_v3",
+    "paper_mlp": "models.paper_mlp",
+    "plain_cnn": "models.plain_cnn",
+    "ModelProfile": "models.building_blocks",
+    "count_multiply_adds": "models.building_blocks",
+    "count_parameters": "models.building_blocks",
+    "normalization_layer": "models.building_blocks",
+    "profile_model": "models.building_blocks",
+    "ModelSpec": "models.registry",
+    "create_model": "models.registry",
+    "get_model_spec": "models.registry",
+    "list_models": "models.registry",
+    "register_model": "models.registry",
+    "WeightSet": "models.pretrained",
+    "convert_weights": "models.pretrained",
+    "get_weights": "models.pretrained",
+    "list_weights": "models.pretrained",
+    "create_feature_extractor": "models.features",
+    "freeze_backbone": "models.features",
+    "ImagePreprocessing": "models.preprocessing",
+    "preprocess_input": "models.preprocessing",
+}
+#: Modules whose import registers builders (and their weights) in the registry.
+BUILDER_MODULES = (
+    "models.bn_inception",
+    "models.inception_v1",
+    "models.inception_v3",
+    "models.paper_mlp",
+    "models.plain_cnn",
+)
+
+__all__ = sorted(_EXPORTS)
+
+
+def load_builders() -> None:
+    """Import every builder module (registering its models) and bind the public names."""
+    for module in BUILDER_MODULES:
+        importlib.import_module(module)
+    package = sys.modules[__name__]
+    for name, module in _EXPORTS.items():
+        if name not in package.__dict__:
+            package.__dict__[name] = getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        load_builders()
+        return sys.modules[__name__].__dict__[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """The package module: a builder's name means the builder, never its module.
+
+    `models.bn_inception` is both a submodule and the function it defines. Importing the
+    submodule makes Python bind the module to the package attribute, which would hide the
+    function; the eager `from models.bn_inception import bn_inception` of a classic `__init__`
+    rebinds it right after. Here the import system's binding is ignored instead, so
+    `models.bn_inception(...)` stays the builder whatever was imported first (the submodule
+    itself is `sys.modules["models.bn_inception"]`).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 # The trainer's learning-rate schedule lives inside the optimizer of every checkpoint it writes;
 # importing it registers it with Keras, so `import layers, models` is enough to load any `.keras`
-# file bnzoo writes (model.keras, checkpoints/last.keras, checkpoints/best.keras).
-import bnzoo.optimization  # noqa: F401
-from models.bn_inception import bn_inception
-from models.building_blocks import (
-    ModelProfile,
-    count_multiply_adds,
-    count_parameters,
-    normalization_layer,
-    profile_model,
-)
-from models.paper_mlp import paper_mlp
-from models.plain_cnn import plain_cnn
-from models.registry import (
-    ModelSpec,
-    create_model,
-    get_model_spec,
-    list_models,
-    register_model,
-)
-
-__all__ = [
-    "ModelProfile",
-    "ModelSpec",
-    "bn_inception",
-    "count_multiply_adds",
-    "count_parameters",
-    "create_model",
-    "get_model_spec",
-    "list_models",
-    "normalization_layer",
-    "paper_mlp",
-    "plain_cnn",
-    "profile_model",
-    "register_model",
-]
+# file bnzoo writes (model.keras, checkpoints/last.keras, checkpoints/best.keras). It imports
+# Keras, so it is skipped only while `python -m models` locates its `__main__` (sys.argv[0] is
+# "-m" then): the command line parses its arguments before importing TensorFlow.
+if sys.argv[:1] != ["-m"]:
+    import bnzoo.optimization  # noqa: E402, F401

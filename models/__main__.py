@@ -1,11 +1,17 @@
-"""`python -m models`: what the zoo holds and what each model costs.
+"""`python -m models`: what the zoo holds, what each model costs, which weights it has.
 
 ```
-python -m models                          # every model: parameters, multiply-adds, input size
+python -m models                          # every model: parameters, multiply-adds, input, weights
 python -m models "bn_inception*"          # only the names matching a wildcard
-python -m models bn_inception             # one model's layer-by-layer summary and totals
+python -m models bn_inception             # one model's layer-by-layer summary, totals, weights
 python -m models plain_cnn --input-shape 32,32,3 --classes 100 --normalization none
+python -m models --weights                # every pretrained weight set: accuracy, preprocessing
+python -m models convert bn_inception bn_inception-52deb4733.pth bn_inception.weights.h5
 ```
+
+Arguments are parsed before TensorFlow is imported, so `--help` and command-line mistakes
+answer at once; TensorFlow's C++ start-up logging is silenced (`bnzoo.cli`). Exit status: 0,
+2 for a bad command line (an unknown model or option), 1 when a file cannot be converted.
 """
 
 from __future__ import annotations
@@ -13,6 +19,22 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from bnzoo.cli import UsageError, import_tensorflow_quietly, run_cli
+
+CONVERT_EPILOG = (
+    "The source is the file a weight set is published as: Cadene's bn_inception-52deb4733.pth "
+    "for bn_inception, TF-slim's inception_v2.ckpt for bn_inception_slim. The model is built "
+    "with the weight set's arguments, loaded and saved with model.save_weights; load the result "
+    "with weights='DESTINATION'."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors raised (one line, exit status 2 through run_cli)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
 
 
 def _parse_input_shape(text: str) -> tuple[int, ...]:
@@ -35,10 +57,11 @@ def _format_count(count: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m models",
-        description="List bnzoo's models with their parameters and multiply-adds, or "
-        "summarize one model.",
+        description="List bnzoo's models with their parameters, multiply-adds and pretrained "
+        "weights, or summarize one model. `python -m models convert --help` converts "
+        "published weights into a Keras weights file.",
     )
     parser.add_argument(
         "name",
@@ -56,8 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--normalization",
         choices=["batch_norm", "keras", "none"],
-        help="the normalization switch (default: the model's, batch_norm)",
+        help="the normalization switch (default: the model's)",
     )
+    parser.add_argument(
+        "--weights",
+        action="store_true",
+        help="list the pretrained weight sets (reported accuracy, preprocessing, source) "
+        "instead of the models",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m models convert",
+        description="Convert a published checkpoint into a Keras .weights.h5 file.",
+        epilog=CONVERT_EPILOG,
+    )
+    parser.add_argument("model", help="a model with pretrained weights, e.g. bn_inception")
+    parser.add_argument("source", help="the published file (.pth, TF checkpoint)")
+    parser.add_argument("destination", help="the Keras weights file to write (*.weights.h5)")
+    parser.add_argument("--tag", default="imagenet", help="the weight set (default: imagenet)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
 
@@ -72,11 +116,38 @@ def _builder_arguments(args: argparse.Namespace) -> dict:
     return arguments
 
 
+def _table(header: Sequence[str], rows: list[Sequence[str]], left: set[int]) -> str:
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            cell.ljust(width) if column in left else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _weight_tags(name: str) -> str:
+    from models import pretrained
+
+    return ", ".join(w.tag for w in pretrained.list_weights(name)) or "-"
+
+
 def list_table(names: Sequence[str], arguments: dict) -> str:
     """The table `python -m models` prints: one row per model."""
     import models
 
-    header = ("model", "parameters", "trainable", "multiply-adds", "input", "description")
+    header = (
+        "model",
+        "parameters",
+        "trainable",
+        "multiply-adds",
+        "input",
+        "weights",
+        "description",
+    )
     rows = []
     for name in names:
         spec = models.get_model_spec(name)
@@ -88,24 +159,38 @@ def list_table(names: Sequence[str], arguments: dict) -> str:
                 f"{profile.trainable_parameters:,}",
                 _format_count(profile.multiply_adds),
                 "x".join(str(size) for size in profile.input_shape),
+                _weight_tags(name),
                 spec.description,
             )
         )
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    lines = []
-    for row in [header, *rows]:
-        cells = [
-            cell.ljust(width) if column in (0, 4, 5) else cell.rjust(width)
-            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return _table(header, rows, left={0, 4, 5, 6})
+
+
+def weights_table() -> str:
+    """The table `python -m models --weights` prints: one row per pretrained weight set."""
+    import models
+
+    header = ("model", "weights", "top-1", "top-5", "preprocessing", "format", "reported by")
+    rows = [
+        (
+            w.model,
+            w.tag,
+            f"{w.top1:.2f}" if w.top1 is not None else "-",
+            f"{w.top5:.2f}" if w.top5 is not None else "-",
+            w.preprocessing,
+            w.source_format,
+            w.accuracy_source,
+        )
+        for name in models.list_models()
+        for w in models.list_weights(name)
+    ]
+    return _table(header, rows, left={0, 1, 4, 5, 6})
 
 
 def summary_text(name: str, arguments: dict) -> str:
-    """The text `python -m models NAME` prints: Keras' summary, then the totals."""
+    """The text `python -m models NAME` prints: Keras' summary, the totals, the weights."""
     import models
+    from models.preprocessing import MODES
 
     spec = models.get_model_spec(name)
     model = models.create_model(name, **arguments)
@@ -122,13 +207,53 @@ def summary_text(name: str, arguments: dict) -> str:
         f"multiply-adds:    {profile.multiply_adds:,} ({_format_count(profile.multiply_adds)})"
         " per example",
     ]
+    if spec.feature_layers:
+        strides = ", ".join(str(stride) for stride in sorted(spec.feature_layers))
+        lines.append(f"feature strides:  {strides} (models.create_feature_extractor)")
+    weight_sets = models.list_weights(name)
+    if not weight_sets:
+        lines.append("weights:          none pretrained")
+    for w in weight_sets:
+        accuracy = f"top-1 {w.top1}%, top-5 {w.top5}% ({w.accuracy_source})" if w.top1 else ""
+        lines += [
+            f"weights:          {w.tag!r}: {w.description}",
+            f"                  {accuracy}",
+            f"                  preprocessing {w.preprocessing!r}: {MODES[w.preprocessing]}",
+            f"                  from {w.url}",
+        ]
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def convert(argv: Sequence[str]) -> int:
+    args = build_convert_parser().parse_args(argv)
+    import_tensorflow_quietly()
     import models
 
+    models.get_model_spec(args.model)  # an unknown name is a command-line error
+    try:
+        models.get_weights(args.model, args.tag)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not args.destination.endswith(".weights.h5"):
+        raise UsageError(
+            f"destination {args.destination!r} must end in '.weights.h5' (Keras' weights format)"
+        )
+    path = models.convert_weights(args.model, args.source, args.destination, tag=args.tag)
+    print(f"wrote {path}; load it with models.create_model({args.model!r}, weights={path!r})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:
+        return convert(argv[1:])
+    args = build_parser().parse_args(argv)
+    import_tensorflow_quietly()
+    import models
+
+    if args.weights:
+        print(weights_table())
+        return 0
     arguments = _builder_arguments(args)
     try:
         if any(character in args.name for character in "*?["):
@@ -137,14 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(
                     f"no model matches {args.name!r}; registered: {', '.join(models.list_models())}"
                 )
-            print(list_table(names, arguments))
+            text = list_table(names, arguments)
         else:
-            print(summary_text(args.name, arguments))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            text = summary_text(args.name, arguments)
+    except ValueError as error:
+        # Everything here comes from the command line: the name, the shape, the classes.
+        raise UsageError(str(error)) from None
+    print(text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="python -m models"))

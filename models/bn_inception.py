@@ -18,12 +18,25 @@ Figure 5's filter counts are read two ways, and both are here (`module_table`):
   filters, so those modules output the 576 channels of Figure 5's output-size column and 4e
   outputs 1024.
 
+Two sets of ImageNet weights exist, one per reading, and each registered variant builds the
+exact network of one of them (`weights="imagenet"`):
+
+- `bn_inception`: the Caffe release (Xiong), as converted to PyTorch by Cadene's
+  `pretrainedmodels` (`bn_inception-52deb4733.pth`). Caffe's conventions are part of that
+  function, so the variant has them: symmetric padding for strided convolutions, pooling that
+  rounds output sizes up (ceil mode), average pools that count the padding, BN epsilon 1e-5,
+  inputs in BGR order minus the mean (104, 117, 128);
+- `bn_inception_slim`: TF-slim's `inception_v2_2016_08_28` checkpoint: TensorFlow's "same"
+  padding, a separable stem convolution with a bias and no BN (slim's arg scope normalizes
+  `conv2d` only), BN without `gamma`, epsilon 1e-3, dropout 0.2, inputs scaled to [-1, 1], and
+  a 1001-way classifier whose class 0 is "background" (dropped for `classes=1000`).
+
 Layer names follow the Caffe release with `/` replaced by `_` (Keras 3 forbids `/` in layer
 names): `conv1_7x7_s2`, `inception_3a_1x1`, `inception_3a_double_3x3_reduce`,
 `inception_3a_pool_proj`, ..., and each module's concatenated output is `inception_3a_output`:
 
 ```python
-model = models.bn_inception(include_top=False, input_shape=(224, 224, 3))
+model = models.bn_inception(include_top=False, weights="imagenet")
 features = keras.Model(model.input, model.get_layer("inception_4e_output").output)
 ```
 """
@@ -36,17 +49,17 @@ from typing import Any
 
 import keras
 
+from models import bn_inception_weights, pretrained
 from models.building_blocks import (
     classification_head,
     conv_norm_act,
-    load_weights,
     model_input,
+    preprocessing_layer,
     resolve_input_shape,
     resolve_normalization,
     scaled_depth,
     validate_head_arguments,
     validate_input_shape,
-    validate_weights,
 )
 from models.registry import register_model
 
@@ -112,9 +125,22 @@ SLIM_MODULES = tuple(
 
 MODULE_TABLES = {"caffe": CAFFE_MODULES, "slim": SLIM_MODULES}
 STEMS = ("conv", "separable")
+PADDINGS = ("caffe", "same")
+#: BN epsilon of each padding convention when `bn_epsilon=None`: Caffe's (and PyTorch's) 1e-5,
+#: Keras' and TF-slim's 1e-3.
+DEFAULT_EPSILONS = {"caffe": 1e-5, "same": 1e-3}
+
+#: The last layer at each stride (input size / feature map size), for feature extraction.
+FEATURE_LAYERS = {
+    2: "conv1_7x7_s2_relu",
+    4: "conv2_3x3_relu",
+    8: "inception_3b_output",
+    16: "inception_4d_output",
+    32: "inception_5b_output",
+}
 
 
-def inception_module(x: Any, module: InceptionModule, depth: Any, conv: Any) -> Any:
+def inception_module(x: Any, module: InceptionModule, depth: Any, conv: Any, padding: str) -> Any:
     """Figure 5's Inception module: four branches concatenated along channels.
 
     Args:
@@ -122,31 +148,101 @@ def inception_module(x: Any, module: InceptionModule, depth: Any, conv: Any) -> 
         module: the module's row of the table.
         depth: maps a table filter count to the built width (width multiplier, min depth).
         conv: the conv-BN-ReLU block, normalization arguments already bound.
+        padding: `"caffe"` or `"same"`; see `bn_inception`.
     """
     prefix = f"inception_{module.name}"
     stride = module.stride
+    caffe = padding == "caffe"
+    # Caffe pads a 3×3/2 convolution by one pixel on every side; TensorFlow's "same" pads only
+    # the bottom and right, which shifts every window by one pixel.
+    strided_padding = 1 if caffe and stride == 2 else "same"
     branches = []
     if module.n1x1:
         branches.append(conv(x, depth(module.n1x1), 1, name=f"{prefix}_1x1"))
 
     branch = conv(x, depth(module.n3x3_reduce), 1, name=f"{prefix}_3x3_reduce")
-    branches.append(conv(branch, depth(module.n3x3), 3, strides=stride, name=f"{prefix}_3x3"))
+    branches.append(
+        conv(
+            branch,
+            depth(module.n3x3),
+            3,
+            strides=stride,
+            padding=strided_padding,
+            name=f"{prefix}_3x3",
+        )
+    )
 
     # Two 3×3 convolutions see a 5×5 window with fewer weights than GoogLeNet's 5×5 (Appendix).
     branch = conv(x, depth(module.n_double_3x3_reduce), 1, name=f"{prefix}_double_3x3_reduce")
     branch = conv(branch, depth(module.n_double_3x3), 3, name=f"{prefix}_double_3x3_1")
     branches.append(
-        conv(branch, depth(module.n_double_3x3), 3, strides=stride, name=f"{prefix}_double_3x3_2")
+        conv(
+            branch,
+            depth(module.n_double_3x3),
+            3,
+            strides=stride,
+            padding=strided_padding,
+            name=f"{prefix}_double_3x3_2",
+        )
     )
 
-    pool_layer = (
-        keras.layers.MaxPooling2D if module.pool == "max" else keras.layers.AveragePooling2D
-    )
-    branch = pool_layer(3, strides=stride, padding="same", name=f"{prefix}_pool")(x)
+    if module.pool == "max" and stride == 2 and caffe:
+        branch = ceil_mode_max_pool(x, name=f"{prefix}_pool")
+    elif module.pool == "avg" and caffe:
+        # Caffe's average pool divides by 9 at the border too: it counts the zero padding.
+        branch = keras.layers.ZeroPadding2D(1, name=f"{prefix}_pool_pad")(x)
+        branch = keras.layers.AveragePooling2D(3, strides=1, name=f"{prefix}_pool")(branch)
+    else:
+        # A 3×3/1 max pool pads with -inf in both conventions; TensorFlow's average pool
+        # divides by the number of real inputs.
+        pool_layer = (
+            keras.layers.MaxPooling2D if module.pool == "max" else keras.layers.AveragePooling2D
+        )
+        branch = pool_layer(3, strides=stride, padding="same", name=f"{prefix}_pool")(x)
     if module.pool_proj:
         branch = conv(branch, depth(module.pool_proj), 1, name=f"{prefix}_pool_proj")
     branches.append(branch)
     return keras.layers.Concatenate(axis=-1, name=f"{prefix}_output")(branches)
+
+
+def ceil_mode_max_pool(x: Any, name: str) -> Any:
+    """Caffe's 3×3/2 max pool without padding, which rounds its output size up (ceil mode).
+
+    Windows start at 0, 2, 4, ... and the last one may hang over the bottom/right edge by one
+    pixel. That is a bottom/right padding of one, then a "valid" pool: `floor(H / 2)` outputs
+    for every `H`. The padding is zeros, which equals Caffe's "ignore what is outside" because
+    every pool in BN-Inception follows a ReLU (inputs >= 0).
+    """
+    x = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}_pad")(x)
+    return keras.layers.MaxPooling2D(3, strides=2, padding="valid", name=name)(x)
+
+
+def caffe_feature_sizes(size: int) -> tuple[int, int, int]:
+    """Height (or width) after conv1, at 3c's input and at 4e's input, with Caffe padding."""
+    after_conv1 = (size - 1) // 2 + 1  # 7×7/2 convolution padded by 3
+    at_3c = after_conv1 // 2 // 2  # two ceil-mode 3×3/2 pools
+    return after_conv1, at_3c, at_3c // 2
+
+
+def _check_caffe_size(input_shape: tuple, model_name: str) -> None:
+    """Caffe's rounding works only when 3c and 4e see even sizes (else the branches differ)."""
+
+    def works(size: int) -> bool:
+        _, at_3c, at_4e = caffe_feature_sizes(size)
+        return at_3c % 2 == 0 and at_4e % 2 == 0 and at_4e >= 2
+
+    for size in input_shape[:2]:
+        if size is None or works(size):
+            continue
+        below = next((s for s in range(size - 1, 31, -1) if works(s)), None)
+        above = next(s for s in range(size + 1, size + 64) if works(s))
+        suggestion = f"{below} or {above}" if below else str(above)
+        raise ValueError(
+            f"{model_name} with padding='caffe' cannot take {size}-pixel inputs "
+            f"(input_shape={tuple(input_shape)}): Caffe's rounding gives its stride-2 modules "
+            f"odd feature maps, whose branches then differ in size. Use {suggestion} (any "
+            "multiple of 32 works), or padding='same'."
+        )
 
 
 def bn_inception(
@@ -160,26 +256,37 @@ def bn_inception(
     name: str = "bn_inception",
     normalization: str | None = "batch_norm",
     bn_momentum: float = 0.99,
-    bn_epsilon: float = 1e-3,
+    bn_epsilon: float | None = None,
     stem: str = "conv",
     module_table: str = "caffe",
+    padding: str = "caffe",
     width_multiplier: float = 1.0,
     min_depth: int = 16,
     dropout_rate: float = 0.0,
+    bn_scale: bool = True,
+    normalize_stem: bool = True,
+    include_preprocessing: bool = False,
 ) -> keras.Model:
     """BN-Inception, the Batch Normalization paper's ImageNet network (Figure 5).
 
-    Defaults give the network as released in Caffe: 224×224×3 inputs, 1000 classes, a plain
-    7×7/2 stem convolution, Figure 5's filter counts summed as written (4c and 4d output 608
-    channels, 4e 1056), no dropout: 11,285,224 trainable parameters (11,305,256 with BN's moving
-    statistics) and 2.03 G multiply-adds at 224×224.
+    Defaults give the network as released in Caffe, the one `weights="imagenet"` loads:
+    224×224×3 inputs, 1000 classes, a plain 7×7/2 stem convolution, Figure 5's filter counts
+    summed as written (4c and 4d output 608 channels, 4e 1056), Caffe's padding and BN epsilon,
+    no dropout: 11,285,224 trainable parameters (11,305,256 with BN's moving statistics) and
+    2.03 G multiply-adds at 224×224. `models.create_model("bn_inception_slim")` is TF-slim's
+    reading (see the module docstring).
 
     Args:
         include_top: end with global average pooling and the `classes`-way classifier.
-        weights: None, or the path of a `.weights.h5` file saved from the same architecture.
+        weights: None, `"imagenet"` (the weight set these arguments build: the Caffe release
+            for the defaults, TF-slim's checkpoint for `bn_inception_slim`'s; downloaded once
+            and converted into Keras' cache), or a path: a `.weights.h5` file saved from the
+            same architecture, Cadene's `.pth` file, or TF-slim's checkpoint.
         input_tensor: optional Keras tensor to build the model on.
         input_shape: `(height, width, channels)`, at least 32×32; default `(224, 224, 3)`.
-            Height and width may be None: the network is fully convolutional.
+            Height and width may be None: the network is fully convolutional. With
+            `padding="caffe"`, sizes whose feature maps become odd before 3c or 4e are refused
+            (any multiple of 32 works, as do 224 and 227).
         pooling: with `include_top=False`, `None` (the 5b feature map), `"avg"` or `"max"`.
         classes: number of classes of the classifier.
         classifier_activation: activation of the classifier; `None` returns logits.
@@ -187,18 +294,32 @@ def bn_inception(
         normalization: `"batch_norm"` (bnzoo's layer), `"keras"` (Keras' layer) or `None`
             (no BN; convolutions regain their bias).
         bn_momentum: momentum of BN's moving statistics.
-        bn_epsilon: BN's epsilon.
+        bn_epsilon: BN's epsilon; None takes the padding convention's: 1e-5 with
+            `padding="caffe"` (Caffe's, part of the released weights' function), 1e-3 with
+            `"same"` (Keras' and TF-slim's).
         stem: `"conv"`, the Caffe release's 7×7/2 convolution, or `"separable"`, the paper's
             depthwise-separable 7×7/2 convolution with depth multiplier 8 (Appendix), cheaper
             in multiply-adds.
         module_table: `"caffe"` (4c/4d output 608 channels, 4e 1056) or `"slim"` (TF-slim's
             inception_v2: 576 and 1024); see the module docstring.
+        padding: `"caffe"`: the released Caffe network's arithmetic: strided convolutions padded
+            symmetrically (7×7/2 by 3, 3×3/2 by 1), 3×3/2 max pools that round up (ceil mode),
+            average pools that divide by 9 at the border. `"same"`: TensorFlow's "same"
+            padding everywhere (TF-slim), for any input size from 32 up.
         width_multiplier: scales every convolution's filter count, as TF-slim's
             `depth_multiplier`: `max(int(filters * width_multiplier), min_depth)`. Values below
             1 give narrow networks for tests and CPU experiments.
         min_depth: the floor of that scaling (only active when `width_multiplier < 1`).
         dropout_rate: dropout before the classifier; 0 as in the paper, which removed it
             (§4.2.1), 0.2 in TF-slim.
+        bn_scale: whether BN learns the scale `gamma`; TF-slim trains without it.
+        normalize_stem: whether the stem convolution is followed by BN. TF-slim's
+            inception_v2 gives its separable stem a bias and no BN (its arg scope attaches BN
+            to `conv2d` layers only), and its checkpoint has that layer.
+        include_preprocessing: start the model with the preprocessing of the weights these
+            arguments build (`models.preprocessing`): the model then takes RGB values in
+            [0, 255]. The Caffe weights' is `"caffe"` (BGR minus the mean), TF-slim's
+            `"inception"` (scaled to [-1, 1]).
 
     Returns:
         A `keras.Model`.
@@ -210,10 +331,10 @@ def bn_inception(
 
     model = models.bn_inception(classes=10, input_shape=(32, 32, 3), width_multiplier=0.25)
     model.get_layer("inception_3a_output").output.shape  # (None, 4, 4, 72)
+    features = models.bn_inception(include_top=False, pooling="avg", weights="imagenet")
     ```
     """
     normalization = resolve_normalization(normalization)
-    weights = validate_weights(weights)
     validate_head_arguments(
         include_top=include_top,
         pooling=pooling,
@@ -231,6 +352,11 @@ def bn_inception(
             f"Unknown module_table={module_table!r}. Use 'caffe' (4c/4d output 608 channels) "
             "or 'slim' (TF-slim's 576-channel reading)."
         )
+    if padding not in PADDINGS:
+        raise ValueError(
+            f"Unknown padding={padding!r}. Use 'caffe' (the released Caffe network's symmetric "
+            "padding and ceil-mode pooling) or 'same' (TensorFlow's, any input size)."
+        )
     if not width_multiplier > 0:
         raise ValueError(
             f"width_multiplier must be positive; received width_multiplier={width_multiplier}."
@@ -239,6 +365,8 @@ def bn_inception(
         raise ValueError(f"min_depth must be a positive integer; received min_depth={min_depth!r}.")
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1); received dropout_rate={dropout_rate}.")
+    if bn_epsilon is None:
+        bn_epsilon = DEFAULT_EPSILONS[padding]
 
     input_shape = validate_input_shape(
         resolve_input_shape(input_tensor, input_shape),
@@ -246,7 +374,30 @@ def bn_inception(
         min_size=MIN_INPUT_SIZE,
         model_name=name,
     )
+    if padding == "caffe":
+        _check_caffe_size(input_shape, name)
+    architecture = dict(
+        stem=stem,
+        module_table=module_table,
+        padding=padding,
+        bn_epsilon=bn_epsilon,
+        bn_scale=bn_scale,
+        normalize_stem=normalize_stem,
+        width_multiplier=width_multiplier,
+        normalization=normalization,
+    )
+    request = pretrained.resolve_weights(
+        bn_inception,
+        weights,
+        arguments=architecture,
+        include_top=include_top,
+        classes=classes,
+        input_channels=input_shape[-1],
+        model_name=name,
+    )
     image, inputs = model_input(input_tensor, input_shape)
+    if include_preprocessing:
+        image = preprocessing_layer(bn_inception, architecture, name)(image)
 
     depth = functools.partial(scaled_depth, multiplier=width_multiplier, min_depth=min_depth)
     conv = functools.partial(
@@ -254,6 +405,7 @@ def bn_inception(
         normalization=normalization,
         bn_momentum=bn_momentum,
         bn_epsilon=bn_epsilon,
+        bn_scale=bn_scale,
         activation="relu",
         kernel_initializer="he_normal",
     )
@@ -268,16 +420,18 @@ def bn_inception(
         depth(64),
         7,
         strides=2,
+        padding=3 if padding == "caffe" else "same",
         name="conv1_7x7_s2",
+        normalization=normalization if normalize_stem else None,
         separable_depth_multiplier=separable_depth_multiplier,
     )
-    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1_3x3_s2")(x)
+    x = _stem_pool(x, "pool1_3x3_s2", padding)
     x = conv(x, depth(64), 1, name="conv2_3x3_reduce")
     x = conv(x, depth(192), 3, name="conv2_3x3")
-    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool2_3x3_s2")(x)
+    x = _stem_pool(x, "pool2_3x3_s2", padding)
 
     for module in MODULE_TABLES[module_table]:
-        x = inception_module(x, module, depth, conv)
+        x = inception_module(x, module, depth, conv, padding)
 
     x = classification_head(
         x,
@@ -288,19 +442,28 @@ def bn_inception(
         dropout_rate=dropout_rate,
     )
     model = keras.Model(inputs, x, name=name)
-    load_weights(model, weights)
+    pretrained.load_weights(model, request, builder=bn_inception, include_top=include_top)
     return model
+
+
+def _stem_pool(x: Any, name: str, padding: str) -> Any:
+    if padding == "caffe":
+        return ceil_mode_max_pool(x, name)
+    return keras.layers.MaxPooling2D(3, strides=2, padding="same", name=name)(x)
 
 
 _VARIANTS = {
     "bn_inception": dict(
-        description="BN-Inception as released in Caffe: Figure 5, 7x7 stem conv, 4c/4d 608 ch",
+        description="BN-Inception as released in Caffe: Figure 5, 7x7 stem, 608-ch 4c/4d",
     ),
     "bn_inception_slim": dict(
         description="TF-slim inception_v2: separable stem, 576-ch 4c/4d, dropout 0.2",
         stem="separable",
         module_table="slim",
+        padding="same",
         dropout_rate=0.2,
+        bn_scale=False,
+        normalize_stem=False,
     ),
 }
 
@@ -309,5 +472,62 @@ for _name, _defaults in _VARIANTS.items():
         _name,
         default_input_shape=DEFAULT_INPUT_SHAPE,
         min_input_size=MIN_INPUT_SIZE,
+        feature_layers=FEATURE_LAYERS,
         **_defaults,
     )(bn_inception)
+
+pretrained.register_weights(
+    bn_inception,
+    model="bn_inception",
+    tag="imagenet",
+    builder_arguments=dict(
+        stem="conv",
+        module_table="caffe",
+        padding="caffe",
+        bn_epsilon=1e-5,
+        bn_scale=True,
+        normalize_stem=True,
+        width_multiplier=1.0,
+        normalization="batch_norm",
+    ),
+    source_format="pytorch",
+    url="http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth",
+    file_name="bn_inception-52deb4733.pth",
+    file_hash="52deb4733",
+    classes=1000,
+    preprocessing="caffe",
+    top1=73.524,
+    top5=91.562,
+    accuracy_source="Cadene/pretrained-models.pytorch README (224 center crop of a 256 resize)",
+    description="Caffe BN-Inception (Xiong), via Cadene's pretrainedmodels .pth",
+)
+pretrained.register_weights(
+    bn_inception,
+    model="bn_inception_slim",
+    tag="imagenet",
+    builder_arguments=dict(
+        stem="separable",
+        module_table="slim",
+        padding="same",
+        bn_epsilon=1e-3,
+        bn_scale=False,
+        normalize_stem=False,
+        width_multiplier=1.0,
+        normalization="batch_norm",
+    ),
+    source_format="tf_checkpoint",
+    url="http://download.tensorflow.org/models/inception_v2_2016_08_28.tar.gz",
+    file_name="inception_v2_2016_08_28.tar.gz",
+    file_hash=None,
+    archive_member="inception_v2.ckpt",
+    classes=1001,
+    preprocessing="inception",
+    top1=73.9,
+    top5=91.8,
+    accuracy_source="tensorflow/models research/slim README (224 center crop, 87.5% central)",
+    description="TF-slim inception_v2_2016_08_28 checkpoint (1001 classes, 0 = background)",
+)
+pretrained.register_converter(bn_inception, "pytorch", bn_inception_weights.from_caffe_state_dict)
+pretrained.register_converter(
+    bn_inception, "tf_checkpoint", bn_inception_weights.from_slim_checkpoint
+)

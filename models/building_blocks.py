@@ -56,6 +56,7 @@ def normalization_layer(
     *,
     momentum: float = 0.99,
     epsilon: float = 1e-3,
+    scale: bool = True,
     name: str | None = None,
 ) -> keras.layers.Layer | None:
     """A Batch Normalization layer over the last axis, or `None` when normalization is off.
@@ -64,14 +65,19 @@ def normalization_layer(
         normalization: `"batch_norm"`, `"keras"`, `None` or `"none"`; see `resolve_normalization`.
         momentum: moving-average momentum of the inference statistics.
         epsilon: added to the mini-batch variance before the square root (paper, Algorithm 1).
+        scale: learn the scale `gamma`. Inception-v3 (Keras, TF-slim) and TF-slim's
+            inception_v2 train without it: the ReLU that follows is scale-invariant up to the
+            next convolution, which can absorb it.
         name: layer name.
     """
     normalization = resolve_normalization(normalization)
     if normalization is None:
         return None
     if normalization == "keras":
-        return keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)
-    return BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)
+        return keras.layers.BatchNormalization(
+            momentum=momentum, epsilon=epsilon, scale=scale, name=name
+        )
+    return BatchNormalization(momentum=momentum, epsilon=epsilon, scale=scale, name=name)
 
 
 def conv_norm_act(
@@ -80,10 +86,12 @@ def conv_norm_act(
     kernel_size: int | tuple[int, int],
     *,
     name: str,
-    strides: int = 1,
+    strides: int | tuple[int, int] = 1,
+    padding: str | int = "same",
     normalization: str | None = "batch_norm",
     bn_momentum: float = 0.99,
     bn_epsilon: float = 1e-3,
+    bn_scale: bool = True,
     activation: str | None = "relu",
     kernel_initializer: Any = "he_normal",
     separable_depth_multiplier: int | None = None,
@@ -102,11 +110,17 @@ def conv_norm_act(
         filters: output channels.
         kernel_size: convolution window.
         name: name of the convolution and prefix of the BN and activation layers.
-        strides: convolution stride; padding is always "same", so an `s`-strided block maps
-            `H` to `ceil(H / s)`.
+        strides: convolution stride.
+        padding: `"same"` (TensorFlow's: an `s`-strided block maps `H` to `ceil(H / s)`, and
+            when the padding is odd the extra row goes at the bottom), `"valid"`, or an integer
+            `p`: `p` zero rows and columns on every side (a `ZeroPadding2D` layer named
+            `name + "_pad"`), then a valid convolution. The integer form is Caffe's and
+            PyTorch's padding, which differs from `"same"` for strided convolutions: a 3x3/2
+            convolution with padding 1 starts its windows one pixel earlier.
         normalization: `"batch_norm"`, `"keras"` or `None`.
         bn_momentum: BN moving-average momentum.
         bn_epsilon: BN epsilon.
+        bn_scale: whether BN learns the scale `gamma`.
         activation: any Keras activation identifier, or `None` for a linear block.
         kernel_initializer: initializer of the convolution kernel(s).
         separable_depth_multiplier: when set, a depthwise-separable convolution with this many
@@ -114,12 +128,16 @@ def conv_norm_act(
     """
     normalization = resolve_normalization(normalization)
     use_bias = normalization is None
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        if padding:
+            x = keras.layers.ZeroPadding2D(padding, name=f"{name}_pad")(x)
+        padding = "valid"
     if separable_depth_multiplier:
         x = keras.layers.SeparableConv2D(
             filters,
             kernel_size,
             strides=strides,
-            padding="same",
+            padding=padding,
             depth_multiplier=separable_depth_multiplier,
             use_bias=use_bias,
             depthwise_initializer=kernel_initializer,
@@ -131,13 +149,13 @@ def conv_norm_act(
             filters,
             kernel_size,
             strides=strides,
-            padding="same",
+            padding=padding,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             name=name,
         )(x)
     bn = normalization_layer(
-        normalization, momentum=bn_momentum, epsilon=bn_epsilon, name=f"{name}_bn"
+        normalization, momentum=bn_momentum, epsilon=bn_epsilon, scale=bn_scale, name=f"{name}_bn"
     )
     if bn is not None:
         x = bn(x)
@@ -272,16 +290,16 @@ def resolve_input_shape(
 def validate_weights(weights: str | os.PathLike | None) -> str | None:
     """`weights` must be None or the path of an existing `.weights.h5` file.
 
-    bnzoo ships no pretrained weights and never downloads: a path is the only way in.
+    For builders without pretrained weights (`models.pretrained` handles those that have some).
     """
     if weights is None:
         return None
     path = os.fspath(weights)
     if path == "imagenet":
         raise ValueError(
-            "weights='imagenet' is not available: bnzoo ships no pretrained weights and never "
-            "downloads. Pass weights=None, or the path of a '.weights.h5' file saved with "
-            "model.save_weights() from the same architecture."
+            "weights='imagenet' is not available for this model: it has no pretrained weights "
+            "(`python -m models` lists the models that do). Pass weights=None, or the path of a "
+            "'.weights.h5' file saved with model.save_weights() from the same architecture."
         )
     if not path.endswith(".weights.h5"):
         raise ValueError(
@@ -308,6 +326,33 @@ def load_weights(model: keras.Model, weights: str | None) -> None:
             f"({error}). Build the model with the same arguments (classes, widths, "
             "normalization, ...) as the model that saved the file."
         ) from error
+
+
+def preprocessing_layer(
+    builder: Any, architecture: dict[str, Any], model_name: str
+) -> keras.layers.Layer:
+    """The `ImagePreprocessing` layer of the weights `architecture` builds.
+
+    What `include_preprocessing=True` puts at the start of a model.
+
+    Raises:
+        ValueError: when no pretrained weights have this architecture, so no preprocessing
+            convention applies.
+    """
+    from models import pretrained
+    from models.preprocessing import ImagePreprocessing
+
+    # The input convention does not depend on the width: narrow copies of a pretrained
+    # architecture (tests, distillation) take the same inputs.
+    matches = pretrained.matching_weights(builder, architecture, ignore=("width_multiplier",))
+    if not matches:
+        raise ValueError(
+            f"include_preprocessing=True: no pretrained weights of {model_name} were trained "
+            "with these arguments, so there is no input convention to include. Build with a "
+            "weight set's arguments (`python -m models` lists them), or preprocess the inputs "
+            "yourself and pass include_preprocessing=False."
+        )
+    return ImagePreprocessing(matches[0].preprocessing, name="preprocessing")
 
 
 def validate_head_arguments(

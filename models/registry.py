@@ -38,6 +38,9 @@ class ModelSpec:
             defaults; a trainer pads or resizes smaller images up to it.
         default_kwargs: the variant's keyword arguments for `builder` (read-only).
         description: one line for listings.
+        feature_layers: `{stride: layer name}`: the last layer at each output stride (input
+            size over feature map size), for `create_feature_extractor`; a tuple of names
+            means the first one the built model has. Empty for models without feature maps.
     """
 
     name: str
@@ -48,6 +51,9 @@ class ModelSpec:
         default_factory=lambda: types.MappingProxyType({}), hash=False, compare=False
     )
     description: str = ""
+    feature_layers: Mapping[int, str | tuple[str, ...]] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}), hash=False, compare=False
+    )
 
 
 def register_model(
@@ -56,6 +62,7 @@ def register_model(
     default_input_shape: tuple[int, int, int],
     min_input_size: int,
     description: str = "",
+    feature_layers: Mapping[int, str | tuple[str, ...]] | None = None,
     **default_kwargs: Any,
 ) -> Callable[[Callable[..., keras.Model]], Callable[..., keras.Model]]:
     """Decorator registering a builder under `name` (default: the function's name).
@@ -77,6 +84,7 @@ def register_model(
         default_input_shape: `(height, width, channels)` the variant is meant for.
         min_input_size: the smallest height/width the builder accepts with these defaults.
         description: one line for `python -m models`.
+        feature_layers: `{stride: layer name}` of the model's feature maps (see `ModelSpec`).
         **default_kwargs: the variant's defaults for the builder's keyword arguments.
 
     Raises:
@@ -91,6 +99,7 @@ def register_model(
             min_input_size=int(min_input_size),
             default_kwargs=types.MappingProxyType(dict(default_kwargs)),
             description=description or _first_docstring_line(builder),
+            feature_layers=types.MappingProxyType(dict(feature_layers or {})),
         )
         existing = _REGISTRY.get(spec.name)
         if existing is not None and (
@@ -118,8 +127,17 @@ def _first_docstring_line(builder: Callable[..., Any]) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def _load_builders() -> None:
+    # The package imports its builder modules lazily (see models/__init__.py); asking the
+    # registry anything loads them, so it answers the same whatever was imported before.
+    import models
+
+    models.load_builders()
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching the fnmatch `pattern` (e.g. `"bn_*"`), sorted."""
+    _load_builders()
     return sorted(name for name in _REGISTRY if fnmatch.fnmatchcase(name, pattern))
 
 
@@ -129,6 +147,7 @@ def get_model_spec(name: str) -> ModelSpec:
     Raises:
         ValueError: for an unknown name, listing the closest registered names.
     """
+    _load_builders()
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):

@@ -41,7 +41,9 @@ MODULE_OUTPUTS = {
 }
 
 
-def figure_5_cost(rows=FIGURE_5, stem="conv", classes=1000, normalization=True):
+def figure_5_cost(
+    rows=FIGURE_5, stem="conv", classes=1000, normalization=True, bn_scale=True, normalize_stem=True
+):
     """(trainable parameters, all parameters, multiply-adds) of the table's network at 224."""
     # (kernel, input channels, output channels, output height)
     convs = [(1, 64, 64, 56), (3, 64, 192, 56)]
@@ -67,7 +69,9 @@ def figure_5_cost(rows=FIGURE_5, stem="conv", classes=1000, normalization=True):
     normalized_channels = 64 + sum(cout for _, _, cout, _ in convs)
     classifier = channels * classes + classes
     if normalization:  # gamma and beta trainable, moving mean and variance not
-        trainable = weights + 2 * normalized_channels + classifier
+        stem_bias = 0 if normalize_stem else 64  # TF-slim's stem: a bias, no BN
+        normalized_channels -= stem_bias
+        trainable = weights + (1 + bn_scale) * normalized_channels + stem_bias + classifier
         return trainable, trainable + 2 * normalized_channels, mults + channels * classes
     # Without BN every convolution has a bias.
     trainable = weights + normalized_channels + classifier
@@ -153,13 +157,19 @@ def test_every_convolution_is_followed_by_bn_then_relu(default_model):
         assert relu.get_config()["activation"] == "relu"
 
 
-def test_default_normalization_is_bnzoo_batch_normalization(default_model):
+def test_default_normalization_is_bnzoo_batch_normalization_with_caffes_epsilon(default_model):
     from layers import BatchNormalization
 
     assert isinstance(default_model.get_layer("inception_3a_1x1_bn"), BatchNormalization)
     assert default_model.get_layer("inception_3a_1x1_bn").momentum == pytest.approx(0.99)
-    assert default_model.get_layer("inception_3a_1x1_bn").epsilon == pytest.approx(1e-3)
+    # The Caffe release's BN epsilon, part of the function its weights compute.
+    assert default_model.get_layer("inception_3a_1x1_bn").epsilon == pytest.approx(1e-5)
     assert "dropout" not in {layer.name for layer in default_model.layers}
+    narrow = dict(input_shape=(32, 32, 3), width_multiplier=0.1, min_depth=4)
+    same = models.bn_inception(padding="same", **narrow)
+    assert same.get_layer("inception_3a_1x1_bn").epsilon == pytest.approx(1e-3)
+    explicit = models.bn_inception(bn_epsilon=1e-2, **narrow)
+    assert explicit.get_layer("inception_3a_1x1_bn").epsilon == pytest.approx(1e-2)
 
 
 def test_keras_normalization_has_the_default_parameter_count(default_model):
@@ -194,14 +204,25 @@ def test_separable_stem_is_the_papers_depth_multiplier_8_convolution():
     assert models.count_multiply_adds(model) == mults
 
 
-def test_slim_module_table_gives_576_channels_in_4c_and_4d():
+def test_slim_variant_is_tf_slims_inception_v2():
     model = models.create_model("bn_inception_slim")
     for module, shape in dict(
         MODULE_OUTPUTS, **{"4c": (14, 14, 576), "4d": (14, 14, 576), "4e": (7, 7, 1024)}
     ).items():
         assert tuple(model.get_layer(f"inception_{module}_output").output.shape) == (None, *shape)
-    trainable, _, _ = figure_5_cost(SLIM_ROWS, stem="separable")
-    assert models.count_parameters(model, trainable_only=True) == trainable == 11_188_288
+    # Slim's arg scope gives BN to conv2d layers only: its separable stem has a bias and no
+    # BN, and its BN has no gamma (batch_norm_scale=False).
+    trainable, total, _ = figure_5_cost(
+        SLIM_ROWS, stem="separable", bn_scale=False, normalize_stem=False
+    )
+    assert models.count_parameters(model, trainable_only=True) == trainable == 11_178_336
+    assert model.count_params() == total
+    stem = model.get_layer("conv1_7x7_s2")
+    assert stem.use_bias and "conv1_7x7_s2_bn" not in {layer.name for layer in model.layers}
+    assert model.get_layer("inception_3a_1x1_bn").gamma is None
+    assert model.get_layer("inception_3a_1x1_bn").epsilon == pytest.approx(1e-3)
+    # TensorFlow "same" padding: no explicit padding layers.
+    assert not [layer for layer in model.layers if layer.name.endswith("_pad")]
     # TF-slim's inception_v2 keeps dropout (keep_prob 0.8) before its classifier.
     assert model.get_layer("dropout").rate == pytest.approx(0.2)
 
@@ -229,7 +250,7 @@ def test_unknown_spatial_size_gives_a_fully_convolutional_model():
     model = models.bn_inception(
         input_shape=(None, None, 3), width_multiplier=0.1, min_depth=4, classes=7
     )
-    for height, width in [(32, 32), (64, 48)]:
+    for height, width in [(32, 32), (64, 96)]:
         images = np.random.default_rng(0).uniform(size=(2, height, width, 3)).astype("float32")
         assert model(images, training=False).shape == (2, 7)
 
@@ -270,3 +291,70 @@ def test_invalid_options_name_the_bad_value():
     ]:
         with pytest.raises(ValueError, match=message):
             models.bn_inception(**arguments)
+
+
+# ------------------------------------------------------------------------------------------
+# Caffe's arithmetic (padding="caffe", the released network's).
+# ------------------------------------------------------------------------------------------
+
+
+def caffe_max_pool(x, size=3, stride=2):
+    """Caffe's max pool without padding, ceil mode, for one (H, W, C) map (NumPy)."""
+    height, width = x.shape[:2]
+    out_h = -(-(height - size) // stride) + 1
+    out_w = -(-(width - size) // stride) + 1
+    out = np.empty((out_h, out_w, x.shape[2]), x.dtype)
+    for i in range(out_h):
+        for j in range(out_w):
+            window = x[i * stride : i * stride + size, j * stride : j * stride + size]
+            out[i, j] = window.max(axis=(0, 1))
+    return out
+
+
+@pytest.mark.parametrize("size", [7, 8, 14, 15])
+def test_ceil_mode_max_pool_is_caffes_for_odd_and_even_sizes(size):
+    from models.bn_inception import ceil_mode_max_pool
+
+    inputs = keras.Input((size, size, 2))
+    model = keras.Model(inputs, ceil_mode_max_pool(inputs, name="pool"))
+    x = np.random.default_rng(size).uniform(0, 1, (1, size, size, 2)).astype("float32")
+    expected = caffe_max_pool(x[0])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x))[0], expected)
+
+
+def test_caffe_average_pool_divides_by_nine_at_the_border():
+    model = models.bn_inception(
+        include_top=False, input_shape=(32, 32, 3), width_multiplier=0.05, min_depth=2
+    )
+    pool = keras.Model(model.input, model.get_layer("inception_3a_pool").output)
+    features = keras.Model(model.input, model.get_layer("pool2_3x3_s2").output)
+    x = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    before = keras.ops.convert_to_numpy(features(x))[0].astype("float64")
+    padded = np.pad(before, ((1, 1), (1, 1), (0, 0)))
+    expected = np.mean(
+        [
+            padded[i : i + before.shape[0], j : j + before.shape[1]]
+            for i in range(3)
+            for j in range(3)
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(pool(x))[0], expected, rtol=1e-5)
+
+
+def test_caffe_strided_convolutions_pad_symmetrically():
+    model = models.bn_inception(input_shape=(64, 64, 3), width_multiplier=0.05, min_depth=2)
+    assert model.get_layer("conv1_7x7_s2_pad").padding == ((3, 3), (3, 3))
+    assert model.get_layer("conv1_7x7_s2").padding == "valid"
+    assert model.get_layer("inception_3c_3x3_pad").padding == ((1, 1), (1, 1))
+    assert model.get_layer("inception_4e_double_3x3_2").padding == "valid"
+    assert model.get_layer("inception_3a_3x3").padding == "same"  # stride 1: symmetric anyway
+
+
+def test_caffe_padding_refuses_sizes_whose_branches_would_differ():
+    for size in (227, 256, 96, 32):
+        models.bn_inception(input_shape=(size, size, 3), width_multiplier=0.05, min_depth=2)
+    with pytest.raises(ValueError, match="cannot take 48-pixel inputs.*padding='same'"):
+        models.bn_inception(input_shape=(48, 48, 3))
+    model = models.bn_inception(input_shape=(48, 48, 3), padding="same", width_multiplier=0.05)
+    assert model.output.shape == (None, 1000)

@@ -106,12 +106,29 @@ def test_every_model_builds_at_its_min_input_size_and_rejects_smaller(name):
         models.create_model(name, input_shape=(spec.min_input_size - 1, 64, channels))
 
 
-def test_command_line_lists_models_with_parameters_multiply_adds_and_input_size(capsys):
+def test_command_line_lists_models_with_parameters_multiply_adds_input_size_and_weights(capsys):
     assert models_cli.main(["*_mlp"]) == 0
     table = capsys.readouterr().out
     header, rule, row = table.splitlines()
-    assert header.split()[:5] == ["model", "parameters", "trainable", "multiply-adds", "input"]
-    assert row.split()[:6] == ["paper_mlp", "100,610", "100,010", "99.40", "k", "28x28x1"]
+    assert header.split()[:6] == [
+        "model",
+        "parameters",
+        "trainable",
+        "multiply-adds",
+        "input",
+        "weights",
+    ]
+    assert row.split()[:7] == ["paper_mlp", "100,610", "100,010", "99.40", "k", "28x28x1", "-"]
+
+
+def test_command_line_lists_the_pretrained_weight_sets(capsys):
+    assert models_cli.main(["--weights"]) == 0
+    rows = {tuple(line.split()[:4]) for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows == {
+        ("bn_inception", "imagenet", "73.52", "91.56"),
+        ("bn_inception_slim", "imagenet", "73.90", "91.80"),
+        ("inception_v3", "imagenet", "77.90", "93.70"),
+    }
 
 
 def test_command_line_summarizes_one_model_and_applies_options(capsys):
@@ -125,10 +142,61 @@ def test_command_line_summarizes_one_model_and_applies_options(capsys):
     assert f"multiply-adds:    {expected.multiply_adds:,}" in text
 
 
-def test_command_line_reports_an_unknown_name_in_one_line(capsys):
-    assert models_cli.main(["bn_incepton"]) == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "Did you mean: bn_inception" in error
+def test_command_line_reports_bad_arguments_in_one_line_with_status_2(capsys):
+    from bnzoo.cli import run_cli
+
+    for argv, message in [
+        (["bn_incepton"], "Did you mean: bn_inception"),
+        (["plain_cnn", "--input-shape", "2,2,1"], "at least 4x4"),
+        (["resnet*"], "no model matches 'resnet*'"),
+        (["--normalization", "group"], "invalid choice: 'group'"),
+    ]:
+        assert run_cli(models_cli.main, argv, prog="python -m models") == 2, argv
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and message in error, error
+
+
+MODELS_CLI_IN_A_FRESH_PROCESS = """
+import runpy, sys
+sys.argv = ["python -m models", *sys.argv[1:]]
+try:
+    runpy.run_module("models", run_name="__main__", alter_sys=True)
+except SystemExit as exit:
+    print("exit", exit.code, "tensorflow" in sys.modules, "keras" in sys.modules)
+"""
+
+
+def run_models_cli(*args):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repository = pathlib.Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "PYTHONPATH": str(repository)}
+    environment.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the CLI must silence TensorFlow itself
+    return subprocess.run(
+        [sys.executable, "-c", MODELS_CLI_IN_A_FRESH_PROCESS, *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_command_line_help_answers_without_importing_tensorflow():
+    result = run_models_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m models" in result.stdout
+    assert result.stdout.strip().endswith("exit 0 False False")
+    assert result.stderr == ""
+
+
+def test_command_line_prints_no_tensorflow_logging():
+    result = run_models_cli("paper_mlp")
+    assert result.returncode == 0
+    assert "hidden_1_dense" in result.stdout
+    assert result.stderr == "", result.stderr
 
 
 def test_reloading_a_builder_module_re_registers_it(monkeypatch):
