@@ -143,13 +143,14 @@ def build_model(
 
 def describe_evaluation_splits(config: TrainConfig) -> str:
     """`validating on X, testing on Y`, noting that an image folder's slices are stratified."""
-    parts = [
-        f"validating on {config.val_split}" if config.val_split else "no validation split",
-        f"testing on {config.test_split}" if config.test_split else "no test split",
-    ]
-    if config.dataset.startswith("image_folder:"):
-        parts.append("(image-folder slices are stratified by class, file order seed 1337)")
-    return ", ".join(parts[:2]) + (f" {parts[2]}" if len(parts) > 2 else "")
+    from bnzoo.data.image_folder import FILE_ORDER_SEED, PREFIX
+
+    text = (f"validating on {config.val_split}" if config.val_split else "no validation split") + (
+        f", testing on {config.test_split}" if config.test_split else ", no test split"
+    )
+    if config.dataset.startswith(PREFIX):
+        text += f" (image-folder slices are stratified by class, file order seed {FILE_ORDER_SEED})"
+    return text
 
 
 def check_training_data(config: TrainConfig, train_info) -> None:
@@ -182,7 +183,8 @@ def load_evaluation_split(config: TrainConfig, flag: str, split: str):
             config.dataset, split=split, data_dir=config.data_dir, manual_dir=config.manual_dir
         )
     except ValueError as error:
-        raise ValueError(f"{flag} {split}: {error} (or {flag} none to go without)") from None
+        reason = str(error).rstrip(". ")
+        raise ValueError(f"{flag} {split}: {reason}; or pass {flag} none to go without") from None
 
 
 def warn_about_overlapping_splits(config: TrainConfig, log: Log = _print) -> None:
@@ -375,7 +377,9 @@ def _run(
     # few examples would give noisy statistics and a noisy moving-average update.
     steps_per_epoch = train_info.num_examples // config.batch_size
     optimizer = build_optimizer(config, model, steps_per_epoch)
-    model.compile(optimizer=optimizer, loss=build_loss(config), metrics=build_metrics())
+    model.compile(
+        optimizer=optimizer, loss=build_loss(config), metrics=build_metrics(train_info.num_classes)
+    )
 
     # 2. The run folder, locked against a second train.py before anything in it is touched.
     try:

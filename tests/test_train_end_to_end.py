@@ -511,6 +511,23 @@ def test_the_readme_image_folder_command_trains_on_a_stated_stratified_split(tmp
     # Stratified: each of the three classes has exactly one of the three test images.
     assert [sum(row) for row in metrics["confusion_matrix"]] == [1, 1, 1]
     assert "top5_accuracy" not in metrics  # 3 classes: every prediction is in the top 5
+    with open(tmp_path / "run" / "history.csv") as stream:
+        row = next(csv.DictReader(stream))
+    assert row["accuracy"] and row["top5_accuracy"] == "" and row["val_top5_accuracy"] == ""
+
+
+@pytest.mark.slow
+def test_a_default_split_too_small_for_a_tiny_image_folder_names_its_flag(tmp_path, capsys):
+    folder = write_image_folder(str(tmp_path / "images"), [(8, 8)] * 2)  # 6 images
+    status, _, err = train_cli(
+        ["--dataset", f"image_folder:{folder}", "--batch-size", "2"]
+        + ["--output-dir", str(tmp_path / "run")],
+        capsys,
+    )
+    assert status == 1 and err.count("\n") == 1
+    assert err.startswith("train.py: error: --val-split train[80%:90%]: split 'train[80%:90%]'")
+    assert err.endswith("; or pass --val-split none to go without\n")
+    assert not os.path.exists(tmp_path / "run")
 
 
 @pytest.mark.slow
