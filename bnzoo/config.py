@@ -319,6 +319,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise UsageError(f"--{_flag(name)} must not be empty, got {value!r}")
+        if self.dataset.strip() == IMAGE_FOLDER_PREFIX:
+            raise UsageError(
+                f"--dataset {IMAGE_FOLDER_PREFIX} needs a folder, e.g. "
+                f"{IMAGE_FOLDER_PREFIX}/path/to/images (one sub-folder per class)"
+            )
         for name in ("val_split", "test_split", "data_dir", "manual_dir", "output_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -851,9 +856,12 @@ def _config_file_argv(path: str, parser: ArgumentParser) -> list[str]:
     A run folder's own `config.yaml` runs in that folder, wherever it has moved and whatever the
     working directory: its `output_dir` becomes the file's folder (`--output-dir` still wins).
     """
+    if os.path.isdir(path):
+        inside = os.path.join(path, CONFIG_FILENAME)
+        hint = f"; did you mean --config {inside}?" if os.path.isfile(inside) else ""
+        raise FileNotFoundError(f"--config {path}: is a folder, not a file{hint}")
     if not os.path.isfile(path):
-        what = "is a folder, not a file" if os.path.isdir(path) else "no such file"
-        raise FileNotFoundError(f"--config {path}: {what}")
+        raise FileNotFoundError(f"--config {path}: no such file")
     values = read_yaml_mapping(path, f"--config {path}")
     actions = {
         action.dest: action

@@ -17,6 +17,8 @@ from bnzoo.cli import (
     run_cli,
 )
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def failing(error):
     def main(argv):
@@ -121,3 +123,29 @@ def test_output_file_checks_name_the_flag_and_the_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="is a folder"):
         check_output_file(str(tmp_path), "--output")
     check_output_file(str(tmp_path / "m.json"), "--output")  # fine: nothing raised
+
+
+@pytest.mark.parametrize(
+    "argv", [["--lr", "inf"], ["--bn-momentum", "0.5", "--normalization", "none"], ["--seed", "-1"]]
+)
+def test_argument_errors_are_answered_without_importing_tensorflow(argv, tmp_path):
+    import subprocess
+    import sys
+
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['train.py', *{argv!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, 'tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.stdout.split() == ["2", "False"], result.stderr

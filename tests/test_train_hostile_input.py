@@ -33,6 +33,7 @@ from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR
         (["--output-dir", ""], "argument --output-dir: must not be empty"),
         (["--val-split", ""], "argument --val-split: must not be empty (use none"),
         (["--dataset", " "], "argument --dataset: must not be empty"),
+        (["--dataset", "image_folder:"], "--dataset image_folder: needs a folder"),
         (
             ["--bn-momentum", "0.5", "--normalization", "none"],
             "--bn-momentum has no effect with --normalization none",
@@ -97,6 +98,13 @@ def test_bad_config_files_exit_2_in_one_line(text, message, tmp_path, run_script
 def test_a_missing_config_file_is_a_run_time_error_exit_1(tmp_path, run_script):
     result = run_script.run("train.py", "--config", tmp_path / "nope.yaml", cwd=tmp_path)
     assert "nope.yaml: no such file" in run_script.error_line(result, EXIT_USER_ERROR)
+
+
+def test_a_run_folder_given_as_config_points_at_its_config_yaml(tmp_path, run_script):
+    (tmp_path / "config.yaml").write_text("epochs: 1\n")
+    result = run_script.run("train.py", "--config", tmp_path, cwd=tmp_path)
+    line = run_script.error_line(result, EXIT_USER_ERROR)
+    assert line.endswith(f"is a folder, not a file; did you mean --config {tmp_path}/config.yaml?")
 
 
 def test_evaluate_output_into_a_missing_folder_fails_before_evaluating(tmp_path, run_script):
