@@ -1,8 +1,9 @@
-"""Evaluate a trained model: a SavedModel folder, a `.keras` file or a run folder.
+"""Evaluate a trained model: a SavedModel folder, a `.keras` or `.tflite` file, or a run folder.
 
     python evaluate.py runs/<run>                     # the run's dataset and test split
     python evaluate.py runs/<run>/saved_model --output metrics.json --confusion-matrix cm.png
     python evaluate.py model.keras --dataset fashion_mnist --split "train[90%:]"
+    python evaluate.py runs/<run>/model_int8.tflite   # after python -m bnzoo.export runs/<run>
 
 Prints loss, accuracy, top-5 accuracy, per-class accuracy, the confusion matrix and the
 throughput; `--output` writes the same metrics as JSON (the schema of a run's metrics.json).
@@ -22,12 +23,15 @@ from bnzoo.config import ArgumentParser, non_empty, optional, positive_int
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="evaluate.py",
-        description="Evaluate a SavedModel folder, a .keras file or a bnzoo run folder.",
+        description="Evaluate a SavedModel folder, a .keras or .tflite file or a bnzoo run folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument(
-        "path", metavar="PATH", type=non_empty, help="SavedModel folder, .keras file or run folder"
+        "path",
+        metavar="PATH",
+        type=non_empty,
+        help="SavedModel folder, .keras or .tflite file, or run folder",
     )
     parser.add_argument(
         "--dataset",
@@ -64,8 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_file(args.confusion_matrix, "--confusion-matrix")
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--confusion-matrix needs matplotlib: pip install matplotlib")
-    import_tensorflow_quietly()
     from bnzoo import evaluation
+
+    evaluation.locate_model(args.path)  # a path that is not a model fails before TensorFlow loads
+    import_tensorflow_quietly()
     from bnzoo.data import naming_undecodable_images
 
     with naming_undecodable_images():

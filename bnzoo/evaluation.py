@@ -2,9 +2,12 @@
 
 Every artifact is evaluated the same way: as a function from raw uint8 images (exactly as the
 dataset delivers them) to logits. For a SavedModel that function is its serving signature; for
-a `.keras` model it is `bnzoo.export.serving_function`, the very function the export wraps. So
-`evaluate.py runs/<run>/saved_model` and `evaluate.py runs/<run>/model.keras` measure the same
-thing, and `metrics.json` (written by `train.py`) has the same schema as `evaluate.py --output`.
+a `.keras` model it is `bnzoo.export.serving_function`, the very function the export wraps; for
+a `.tflite` model it is the model's `serving_default` signature in LiteRT's interpreter, which
+preprocesses inside like the SavedModel. So `evaluate.py runs/<run>/saved_model`,
+`evaluate.py runs/<run>/model.keras` and `evaluate.py runs/<run>/model_int8.tflite` measure the
+same thing, and `metrics.json` (written by `train.py`) has the same schema as
+`evaluate.py --output`.
 
 The metrics (schema of metrics.json)::
 
@@ -227,7 +230,7 @@ def save_confusion_matrix_png(metrics: dict[str, Any], path: str | os.PathLike) 
 class ModelSource:
     """What `evaluate.py PATH` found at PATH."""
 
-    kind: str  # "saved_model" or "keras"
+    kind: str  # "saved_model", "keras" or "tflite"
     model_path: str
     run_dir: str | None
     defaults: dict[str, Any]  # dataset, split, data_dir, manual_dir (from a run or export)
@@ -250,17 +253,19 @@ def _find_run_dir(path: str) -> str | None:
 
 
 def locate_model(path: str) -> ModelSource:
-    """Classify PATH as a run folder, a SavedModel folder or a `.keras` file.
+    """Classify PATH as a run folder, a SavedModel folder, a `.keras` or a `.tflite` file.
 
     Raises:
         FileNotFoundError: PATH does not exist.
         ValueError: PATH exists but is none of those (or a run folder without a model yet).
     """
     from bnzoo.export import read_export_metadata
+    from bnzoo.export.tflite import is_tflite_file, read_tflite_metadata
 
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path} does not exist; give a SavedModel folder, a .keras file or a run folder"
+            f"{path} does not exist; give a SavedModel folder, a .keras or .tflite file or a run "
+            "folder"
         )
     run_dir = None
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILENAME)):
@@ -282,11 +287,19 @@ def locate_model(path: str) -> ModelSource:
             )
         model_path, kind = path, "saved_model"
         run_dir = _find_run_dir(path)
+    elif is_tflite_file(path):
+        model_path, kind = path, "tflite"
+        run_dir = _find_run_dir(path)
+    elif path.endswith(".tflite"):
+        raise ValueError(
+            f"{path} is not a TFLite model (it lacks the TFL3 file identifier); write one from "
+            "a run with python -m bnzoo.export RUN"
+        )
     else:
         if not zipfile.is_zipfile(path):
             raise ValueError(
-                f"{path} is not a model: expected a .keras file (a zip archive), a SavedModel "
-                "folder or a bnzoo run folder"
+                f"{path} is not a model: expected a .keras file (a zip archive), a .tflite "
+                "file, a SavedModel folder or a bnzoo run folder"
             )
         with zipfile.ZipFile(path) as archive:
             if "config.json" not in archive.namelist():
@@ -306,8 +319,11 @@ def locate_model(path: str) -> ModelSource:
         }
         exported = read_export_metadata(os.path.join(run_dir, "saved_model"))
         preprocessing = exported.get("preprocessing")
-    if kind == "saved_model":
-        exported = read_export_metadata(model_path)
+    if kind in ("saved_model", "tflite"):
+        if kind == "saved_model":
+            exported = read_export_metadata(model_path)
+        else:
+            exported = read_tflite_metadata(model_path)
         if exported:
             defaults.setdefault("dataset", exported.get("dataset"))
             defaults.setdefault("split", exported.get("test_split") or "test")
@@ -392,7 +408,7 @@ def evaluate_path(
     data_dir: str | None = None,
     manual_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the model at PATH (SavedModel folder, `.keras` file or run folder).
+    """Evaluate the model at PATH (SavedModel folder, `.keras` or `.tflite` file, run folder).
 
     The dataset and split default to the run's (its config.yaml, or the export's metadata),
     then to Fashion-MNIST's test split; arguments override them.
@@ -414,6 +430,10 @@ def evaluate_path(
     examples, info = load_dataset(dataset, split=split, data_dir=data_dir, manual_dir=manual_dir)
     if source.kind == "saved_model":
         classifier = _saved_model_classifier(source.model_path, info.image_shape)
+    elif source.kind == "tflite":
+        from bnzoo.export.tflite import tflite_serving_function
+
+        classifier = tflite_serving_function(source.model_path, image_shape=info.image_shape)
     else:
         classifier = _keras_classifier(source.model_path, info, source.preprocessing)
     return evaluate_classifier(

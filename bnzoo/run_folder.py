@@ -13,6 +13,8 @@ A run folder (`runs/<date>-<model>-<dataset>/` by default) holds::
     saved_model/           the serving SavedModel (bnzoo.export)
     metrics.json           the test split's metrics (bnzoo.evaluation's schema)
     training_curves.png    loss, accuracy and learning rate per epoch
+    model.tflite           float32 and int8 TFLite models, written on request by
+    model_int8.tflite      `python -m bnzoo.export` (bnzoo.export.tflite)
 
 Crash safety rests on one rule: every file is written under a temporary name and moved into
 place with `os.replace` (`bnzoo.atomic_files`). `checkpoints/last.keras` is the commit point of an
@@ -109,6 +111,13 @@ class RunPaths:
     def curves(self) -> str:
         return os.path.join(self.run_dir, "training_curves.png")
 
+    @property
+    def tflite_models(self) -> list[str]:
+        """Written by `python -m bnzoo.export` from model.keras, not by `train`."""
+        from bnzoo.export.tflite import FLOAT_FILENAME, INT8_FILENAME
+
+        return [os.path.join(self.run_dir, name) for name in (FLOAT_FILENAME, INT8_FILENAME)]
+
     def artifacts(self) -> list[str]:
         """Everything `train` writes; `--overwrite` removes exactly these, nothing else."""
         return [
@@ -120,6 +129,7 @@ class RunPaths:
             self.saved_model,
             self.metrics,
             self.curves,
+            *self.tflite_models,
         ]
 
     def final_artifacts(self, config: TrainConfig) -> list[str]:

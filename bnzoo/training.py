@@ -516,6 +516,10 @@ def write_final_artifacts(
         "image_size": image_size,
     }
     final_model = inference_copy(model)
+    for path in paths.tflite_models:  # converted from the model.keras about to be replaced
+        if os.path.exists(path):
+            os.remove(path)
+            log(f"removed {path}, made from the previous model: rerun python -m bnzoo.export")
     save_model_atomically(final_model, paths.model)
     export.export_serving_model(
         final_model,

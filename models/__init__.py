@@ -17,8 +17,9 @@ models.profile_model(model).multiply_adds
 `python -m models` lists every registered model with its parameters, multiply-adds, input size
 and pretrained weights; `python -m models NAME` prints one model's summary.
 
-Importing the package is cheap: Keras (and with it TensorFlow) is imported on the first use of
-any name below, so `python -m models --help` answers without it.
+Importing the package registers every builder and every Keras object a bnzoo `.keras` file can
+hold; only `python -m models` defers that (and TensorFlow) until its arguments are parsed, so
+`--help` answers at once.
 """
 
 from __future__ import annotations
@@ -106,10 +107,13 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-# The trainer's learning-rate schedule lives inside the optimizer of every checkpoint it writes;
-# importing it registers it with Keras, so `import layers, models` is enough to load any `.keras`
-# file bnzoo writes (model.keras, checkpoints/last.keras, checkpoints/best.keras). It imports
-# Keras, so it is skipped only while `python -m models` locates its `__main__` (sys.argv[0] is
-# "-m" then): the command line parses its arguments before importing TensorFlow.
+# `import models` registers everything a `.keras` file written by bnzoo can refer to: the
+# builders' own layers (GoogLeNet's LRN, the weights' input preprocessing) and the trainer's
+# learning-rate schedule, which lives inside the optimizer of every checkpoint. So
+# `import layers, models` is enough for `keras.saving.load_model` on any file bnzoo writes.
+# This imports Keras and TensorFlow, so it is skipped only while `python -m models` locates its
+# `__main__` (sys.argv[0] is "-m" then): that command parses its arguments first and answers
+# `--help` without TensorFlow.
 if sys.argv[:1] != ["-m"]:
+    load_builders()
     import bnzoo.optimization  # noqa: E402, F401

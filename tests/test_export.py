@@ -75,7 +75,7 @@ def test_outputs_equal_the_keras_model_on_preprocessed_images(exported):
     np.testing.assert_array_equal(outputs["classes"].numpy(), expected_logits.argmax(axis=1))
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [0, 1, 3])
 def test_any_batch_size_is_served(exported, batch):
     path, images, expected_logits = exported
     outputs = tf.saved_model.load(path).signatures["serving_default"](images=images[:batch])
@@ -100,21 +100,106 @@ def test_keras_tfsm_layer_gives_the_same_outputs(exported):
     )
 
 
+# Every kind of input a Python caller can pass that is not uint8 raw pixels. Each used to be
+# converted silently somewhere: scaled floats become black images (0.5 -> 0), int64 wraps
+# modulo 256 (300 -> 44).
+NOT_UINT8 = {
+    "numpy_float32_scaled": lambda: np.full((2, *RAW_SHAPE), 0.5, np.float32),
+    "numpy_float64_raw": lambda: np.full((2, *RAW_SHAPE), 200.0),
+    "numpy_int64": lambda: np.full((2, *RAW_SHAPE), 300, np.int64),
+    "numpy_int32_in_range": lambda: np.full((2, *RAW_SHAPE), 7, np.int32),
+    "list_of_floats": lambda: np.full((2, *RAW_SHAPE), 0.5).tolist(),
+    "tensor_float32": lambda: tf.fill((2, *RAW_SHAPE), 0.5),
+    "tensor_int64": lambda: tf.fill((2, *RAW_SHAPE), tf.constant(300, tf.int64)),
+}
+WRONG_SHAPE = {
+    "rank3": lambda: np.zeros(RAW_SHAPE, np.uint8),  # one image without its batch axis
+    "32x32": lambda: np.zeros((2, 32, 32, 1), np.uint8),  # the model's size, not the dataset's
+    "rgb": lambda: np.zeros((2, 28, 28, 3), np.uint8),  # RGB for a grayscale model
+}
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return tf.saved_model.load(exported[0])
+
+
 @pytest.mark.parametrize(
-    "bad_images",
-    [
-        np.zeros((2, 28, 28, 1), np.float32),  # already scaled floats: wrong dtype
-        np.zeros((28, 28, 1), np.uint8),  # one image without its batch axis: wrong rank
-        np.zeros((2, 32, 32, 1), np.uint8),  # the model's size, not the dataset's
-        np.zeros((2, 28, 28, 3), np.uint8),  # RGB for a grayscale model
-    ],
-    ids=["float32", "rank3", "32x32", "rgb"],
+    "make_input", [*NOT_UINT8.values(), *WRONG_SHAPE.values()], ids=[*NOT_UINT8, *WRONG_SHAPE]
 )
-def test_wrong_dtype_rank_or_shape_is_rejected(exported, bad_images):
-    path, _, _ = exported
-    signature = tf.saved_model.load(path).signatures["serving_default"]
+def test_loaded_attribute_refuses_anything_but_uint8_images(loaded, make_input):
+    with pytest.raises(ValueError, match="Could not find matching concrete function"):
+        loaded.serving_default(make_input())
+    with pytest.raises(ValueError, match="Could not find matching concrete function"):
+        loaded.serving_default(images=make_input())
+
+
+@pytest.mark.parametrize(
+    "make_input", [*NOT_UINT8.values(), *WRONG_SHAPE.values()], ids=[*NOT_UINT8, *WRONG_SHAPE]
+)
+def test_tfsm_layer_refuses_anything_but_uint8_images(exported, make_input):
+    layer = keras.layers.TFSMLayer(exported[0], call_endpoint="serving_default")
+    with pytest.raises(ValueError):
+        layer(make_input())
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [NOT_UINT8["tensor_float32"], NOT_UINT8["tensor_int64"], *WRONG_SHAPE.values()],
+    ids=["tensor_float32", "tensor_int64", *WRONG_SHAPE],
+)
+def test_signature_refuses_tensors_of_another_dtype_or_shape(loaded, make_input):
+    signature = loaded.signatures["serving_default"]
     with pytest.raises((tf.errors.InvalidArgumentError, TypeError, ValueError)):
-        signature(images=tf.constant(bad_images))
+        signature(images=tf.constant(make_input()))
+
+
+def test_signature_casts_numpy_before_the_graph_runs_as_the_docs_warn(loaded):
+    """TensorFlow's Python binding converts a NumPy argument to the signature's dtype
+    (tf.TensorSpec.cast, NumPy's unsafe cast) before any exported op sees it, so no SavedModel
+    can refuse it there. The docs send Python callers to `loaded.serving_default`, which refuses
+    it (above). This pins the caveat: if TensorFlow starts refusing, the docs must change."""
+    scaled = np.full((2, *RAW_SHAPE), 0.5, np.float32)
+    signature = loaded.signatures["serving_default"]
+    served = signature(images=scaled)["logits"].numpy()
+    black = signature(images=np.zeros((2, *RAW_SHAPE), np.uint8))["logits"].numpy()
+    np.testing.assert_array_equal(served, black)
+
+
+@pytest.mark.parametrize("images", ["numpy", "tensor", "list"])
+def test_every_path_serves_uint8_images_as_numpy_tensor_or_list(exported, loaded, images):
+    path, raw, expected_logits = exported
+    value = {"numpy": raw, "tensor": tf.constant(raw), "list": raw.tolist()}[images]
+    outputs = [loaded.serving_default(value), loaded.signatures["serving_default"](images=value)]
+    if images != "list":  # Keras layers take arrays and tensors, not nested lists
+        layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+        outputs.append(layer(value))
+    for output in outputs:
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(output["logits"]), expected_logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_an_empty_batch_gives_empty_outputs_on_every_path(exported, loaded):
+    path, _, _ = exported
+    empty = np.zeros((0, *RAW_SHAPE), np.uint8)
+    layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+    for outputs in (
+        loaded.serving_default(empty),
+        loaded.signatures["serving_default"](images=tf.constant(empty)),
+        layer(empty),
+    ):
+        assert tuple(outputs["logits"].shape) == (0, 10)
+        assert tuple(outputs["probabilities"].shape) == (0, 10)
+        assert tuple(outputs["classes"].shape) == (0,)
+
+
+def test_serving_function_refuses_other_dtypes_in_process():
+    serve = serving_function(
+        make_model(), image_shape=RAW_SHAPE, mean=MEAN, std=STD, image_size=MODEL_SIZE
+    )
+    with pytest.raises(ValueError, match="expects uint8"):
+        serve(np.full((2, *RAW_SHAPE), 0.5, np.float32))
 
 
 def test_export_records_its_preprocessing_and_metadata(exported):

@@ -156,17 +156,8 @@ def test_command_line_reports_bad_arguments_in_one_line_with_status_2(capsys):
         assert error.count("\n") == 1 and message in error, error
 
 
-MODELS_CLI_IN_A_FRESH_PROCESS = """
-import runpy, sys
-sys.argv = ["python -m models", *sys.argv[1:]]
-try:
-    runpy.run_module("models", run_name="__main__", alter_sys=True)
-except SystemExit as exit:
-    print("exit", exit.code, "tensorflow" in sys.modules, "keras" in sys.modules)
-"""
-
-
-def run_models_cli(*args):
+def run_models_cli(*args, import_times=False):
+    """The real `python -m models ARGS` in a fresh process, as a user types it."""
     import os
     import pathlib
     import subprocess
@@ -175,8 +166,10 @@ def run_models_cli(*args):
     repository = pathlib.Path(__file__).resolve().parent.parent
     environment = {**os.environ, "PYTHONPATH": str(repository)}
     environment.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the CLI must silence TensorFlow itself
+    flags = ["-X", "importtime"] if import_times else []
     return subprocess.run(
-        [sys.executable, "-c", MODELS_CLI_IN_A_FRESH_PROCESS, *args],
+        [sys.executable, *flags, "-m", "models", *args],
+        cwd=repository,
         env=environment,
         capture_output=True,
         text=True,
@@ -185,11 +178,13 @@ def run_models_cli(*args):
 
 
 def test_command_line_help_answers_without_importing_tensorflow():
-    result = run_models_cli("--help")
-    assert result.returncode == 0, result.stderr
+    # -X importtime lists every module the process imports, on stderr.
+    result = run_models_cli("--help", import_times=True)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert "usage: python -m models" in result.stdout
-    assert result.stdout.strip().endswith("exit 0 False False")
-    assert result.stderr == ""
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+    assert "models.__main__" in imported or "models" in imported
+    assert not {name for name in imported if name.split(".")[0] in ("tensorflow", "keras")}
 
 
 def test_command_line_prints_no_tensorflow_logging():
@@ -207,3 +202,46 @@ def test_reloading_a_builder_module_re_registers_it(monkeypatch):
     # sys.modules, because the package attribute `models.paper_mlp` is the builder function.
     reloaded = importlib.reload(sys.modules["models.paper_mlp"])
     assert models.get_model_spec("paper_mlp").builder is reloaded.paper_mlp
+
+
+LOAD_WITH_LAYERS_AND_MODELS_ONLY = """
+import sys
+
+import keras
+import layers
+import models
+
+for path in sys.argv[1:]:
+    model = keras.saving.load_model(path)
+    print(sorted({type(layer).__name__ for layer in model.layers}))
+"""
+
+
+def test_keras_files_with_the_builders_own_layers_load_after_importing_layers_and_models(
+    tmp_path,
+):
+    """GoogLeNet's LRN and the weights' preprocessing are Keras layers of `models`: a user's
+    script that imports only `keras`, `layers` and `models` must load files that hold them."""
+    import os
+    import subprocess
+    import sys
+
+    import keras
+
+    from models.preprocessing import ImagePreprocessing
+
+    googlenet = models.inception_v1(include_top=False, input_shape=(32, 32, 3), pooling="avg")
+    preprocessing = keras.Sequential([keras.Input((8, 8, 3)), ImagePreprocessing("caffe")])
+    paths = [str(tmp_path / "googlenet.keras"), str(tmp_path / "preprocessing.keras")]
+    googlenet.save(paths[0])
+    preprocessing.save(paths[1])
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_LAYERS_AND_MODELS_ONLY, *paths],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LocalResponseNormalization" in result.stdout
+    assert "ImagePreprocessing" in result.stdout

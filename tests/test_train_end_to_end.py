@@ -425,7 +425,7 @@ def test_evaluate_script_error_is_one_line_on_stderr_in_a_real_process(tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"evaluate.py: error: {tmp_path / 'notes.txt'} is not a model: expected a .keras file "
-        "(a zip archive), a SavedModel folder or a bnzoo run folder"
+        "(a zip archive), a .tflite file, a SavedModel folder or a bnzoo run folder"
     ]
 
 
