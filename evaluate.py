@@ -12,11 +12,12 @@ throughput; `--output` writes the same metrics as JSON (the schema of a run's me
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
-from bnzoo.cli import import_tensorflow_quietly, run_cli
-from bnzoo.config import ArgumentParser, positive_int
+from bnzoo.cli import EXIT_STATUS_HELP, check_output_file, import_tensorflow_quietly, run_cli
+from bnzoo.config import ArgumentParser, non_empty, optional, positive_int
 
 
 def build_parser() -> ArgumentParser:
@@ -24,21 +25,35 @@ def build_parser() -> ArgumentParser:
         prog="evaluate.py",
         description="Evaluate a SavedModel folder, a .keras or .tflite file or a bnzoo run folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument(
-        "path", metavar="PATH", help="SavedModel folder, .keras or .tflite file, or run folder"
+        "path",
+        metavar="PATH",
+        type=non_empty,
+        help="SavedModel folder, .keras or .tflite file, or run folder",
     )
     parser.add_argument(
         "--dataset",
+        type=non_empty,
         help="TFDS name or image_folder:/path (default: the run's dataset, else fashion_mnist)",
     )
-    parser.add_argument("--split", help="TFDS split (default: the run's test split, else test)")
-    parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--data-dir", help="TFDS data directory")
-    parser.add_argument("--manual-dir", help="folder with the original IDX files")
-    parser.add_argument("--output", metavar="FILE.json", help="write the metrics as JSON")
     parser.add_argument(
-        "--confusion-matrix", metavar="FILE.png", help="write the confusion matrix as a PNG"
+        "--split", type=non_empty, help="TFDS split (default: the run's test split, else test)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--data-dir", type=optional(str), help="TFDS data directory")
+    parser.add_argument(
+        "--manual-dir", type=optional(str), help="folder with the original IDX files"
+    )
+    parser.add_argument(
+        "--output", metavar="FILE.json", type=non_empty, help="write the metrics as JSON"
+    )
+    parser.add_argument(
+        "--confusion-matrix",
+        metavar="FILE.png",
+        type=non_empty,
+        help="write the confusion matrix as a PNG",
     )
     group = parser.add_argument_group("batch normalization's statistics")
     group.add_argument(
@@ -66,6 +81,13 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Where the results go is checked before minutes of evaluation, not after.
+    if args.output:
+        check_output_file(args.output, "--output")
+    if args.confusion_matrix:
+        check_output_file(args.confusion_matrix, "--confusion-matrix")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--confusion-matrix needs matplotlib: pip install matplotlib")
     from bnzoo import evaluation
 
     # A path that is not a model, or not one whose statistics can be recomputed, fails before
@@ -74,17 +96,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.bn_statistics_split:
         evaluation.keras_model_for_recompute(args.path, source)
     import_tensorflow_quietly()
-    metrics = evaluation.evaluate_path(
-        args.path,
-        dataset=args.dataset,
-        split=args.split,
-        batch_size=args.batch_size,
-        data_dir=args.data_dir,
-        manual_dir=args.manual_dir,
-        bn_statistics_split=args.bn_statistics_split,
-        bn_statistics_batches=args.bn_statistics_batches,
-        bn_statistics_batch_size=args.bn_statistics_batch_size,
-    )
+    from bnzoo.data import naming_undecodable_images
+
+    with naming_undecodable_images():
+        metrics = evaluation.evaluate_path(
+            args.path,
+            dataset=args.dataset,
+            split=args.split,
+            batch_size=args.batch_size,
+            data_dir=args.data_dir,
+            manual_dir=args.manual_dir,
+            bn_statistics_split=args.bn_statistics_split,
+            bn_statistics_batches=args.bn_statistics_batches,
+            bn_statistics_batch_size=args.bn_statistics_batch_size,
+        )
     print(evaluation.format_metrics_table(metrics))
     if args.output:
         print(f"wrote {evaluation.save_metrics_json(metrics, args.output)}")

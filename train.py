@@ -4,6 +4,7 @@
     python train.py --model bn_inception --epochs 30 --lr-schedule cosine
     python train.py --config run.yaml --lr 0.05       # flags override the YAML file
     python train.py --config runs/<run>/config.yaml   # repeat (or resume) a run from its folder
+    python train.py --config runs/<run>/config.yaml --epochs 10   # train a finished run further
 
 Everything happens in `bnzoo.training.train`; this script only parses the command line. See
 `python train.py --help` and docs/training.md.

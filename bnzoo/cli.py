@@ -6,15 +6,29 @@ bad value and the fix, not a 40-frame TensorFlow traceback. `run_cli` draws that
 errors, argument errors) and *bugs* (everything else), which keep their traceback. `--debug`
 shows the traceback for user errors too.
 
+Exit statuses, the same for every script:
+
+- 0: success (including "this run is already complete").
+- 2: the command line is wrong by itself: an unknown option, model or `--model-arg`, a value of
+  the wrong type or outside its range, options that contradict each other, a `--config` file
+  that is not valid YAML or sets an option twice. Nothing was written.
+- 1: the command is well formed but fails when it runs: a dataset, split, file or folder that
+  cannot be found or read, a run folder that holds another run, an input too large for memory,
+  a run that diverged.
+- 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM; the message says how to continue.
+
 This module must stay importable without TensorFlow: argument errors are reported before the
 scripts import anything heavy, so `train.py --batch-size 0` answers in well under a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 # TensorFlow prints C++ start-up chatter (oneDNN, CUDA probing) on stderr when it is imported.
 # The scripts import this module first, so setting the level here keeps stderr to the one line
@@ -27,10 +41,89 @@ EXIT_USAGE = 2
 EXIT_USER_ERROR = 1
 #: Exit status after Ctrl-C, as a shell reports a SIGINT-terminated process.
 EXIT_INTERRUPTED = 130
+#: Exit status after SIGTERM (128 + 15), as a shell reports a SIGTERM-terminated process.
+EXIT_TERMINATED = 143
+
+#: The exit-status rule in one paragraph, for the scripts' --help.
+EXIT_STATUS_HELP = (
+    "Exit status: 0 on success; 2 when the command line itself is wrong (unknown option, model "
+    "or --model-arg, a value out of range, contradicting options, a bad --config file); 1 when "
+    "a well-formed command fails at run time (missing or unreadable data, a folder holding "
+    "another run, not enough memory, divergence); 130/143 after SIGINT/SIGTERM."
+)
 
 
 class UsageError(ValueError):
     """A bad command line or config file: argparse's error, raised instead of printed."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup runs (a
+    `kill`, a job scheduler's timeout) and the user reads how to continue."""
+
+
+def interrupted_status(error: KeyboardInterrupt) -> int:
+    """130 after SIGINT, 143 after SIGTERM."""
+    return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def sigterm_raises_terminated() -> Iterator[None]:
+    """Turn SIGTERM into a `Terminated` exception while the block runs (main thread only;
+    elsewhere Python cannot handle signals and the default stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Fail now, not after minutes of work, when `path` cannot be written.
+
+    Raises:
+        UsageError: the path is empty.
+        FileNotFoundError: its folder does not exist.
+        ValueError: it is a folder, or its folder is not writable.
+    """
+    if not path.strip():
+        raise UsageError(f"{flag} must name a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name inside it")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"{flag} {path}: folder {folder} does not exist; create it first or choose another path"
+        )
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: folder {folder} is not writable")
+
+
+@contextlib.contextmanager
+def silenced_native_stderr() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null while the block runs.
+
+    For native code that logs on stderr where Python cannot intercept it: TensorFlow's start-up
+    chatter, or libjpeg's "Premature end of JPEG data" when bnzoo decodes a suspect image only
+    to learn whether it is broken. A Python exception raised inside still reaches the caller.
+    """
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        os.close(devnull)
 
 
 def import_tensorflow_quietly() -> None:
@@ -44,20 +137,12 @@ def import_tensorflow_quietly() -> None:
     """
     if "tensorflow" in sys.modules:
         return
-    sys.stderr.flush()
-    saved_stderr = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
+    with silenced_native_stderr():
         import tensorflow
 
         # Listing the GPUs initializes the device platforms, which logs a CUDA-probe error on
         # machines with a CUDA build of TensorFlow but no GPU; train.py reports the device.
         tensorflow.config.list_physical_devices("GPU")
-    finally:
-        os.dup2(saved_stderr, 2)
-        os.close(saved_stderr)
-        os.close(devnull)
     # TFDS reports through absl's Python logger at WARNING, e.g. "Variant folder ... has no
     # dataset_info.json" while it probes a dataset that is not prepared yet; the CLI says what
     # matters itself, in one line.
@@ -101,7 +186,9 @@ def run_cli(
 
     Returns:
         The exit status: `main`'s, 0 for `None`, `EXIT_USAGE` for argument errors,
-        `EXIT_USER_ERROR` for other user errors, `EXIT_INTERRUPTED` after Ctrl-C.
+        `EXIT_USER_ERROR` for other user errors, `EXIT_INTERRUPTED` after Ctrl-C and
+        `EXIT_TERMINATED` after SIGTERM (see the module docstring). An interruption's message
+        is the exception's, when `main` gave it one (train.py says how to resume).
 
     A `--debug` anywhere in `argv` re-raises user errors with their traceback, for bug reports.
 
@@ -120,10 +207,12 @@ def run_cli(
     prog = prog or os.path.basename(sys.argv[0]) or "bnzoo"
     debug = "--debug" in args
     try:
-        status = main(args)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        with sigterm_raises_terminated():
+            status = main(args)
+    except KeyboardInterrupt as error:
+        default = "terminated" if isinstance(error, Terminated) else "interrupted"
+        print(f"{prog}: {one_line(error) if str(error) else default}", file=sys.stderr)
+        return interrupted_status(error)
     except _user_error_types() as error:
         if debug:
             raise

@@ -15,7 +15,8 @@ The metrics (schema of metrics.json)::
     num_examples                   examples in the split
     loss                           mean cross-entropy of the softmax (no label smoothing)
     accuracy, top5_accuracy        fraction correct; top-5 counts ties at the boundary as in,
-                                   like tf.math.in_top_k (with < 5 classes it is 1.0)
+                                   like tf.math.in_top_k. Omitted with 5 classes or fewer,
+                                   where every prediction is in the top 5
     per_class_accuracy             {class name: recall of that class, null if absent}
     class_names                    in label order
     confusion_matrix               counts, rows = true class, columns = predicted class
@@ -80,7 +81,7 @@ def compute_metrics(
         name: (float(confusion[i, i] / support[i]) if support[i] else None)
         for i, name in enumerate(class_names)
     }
-    return {
+    metrics = {
         "num_examples": int(count),
         "loss": loss,
         "accuracy": float((predictions == labels).mean()),
@@ -89,6 +90,9 @@ def compute_metrics(
         "class_names": list(class_names),
         "confusion_matrix": confusion.tolist(),
     }
+    if num_classes <= TOP_K:
+        del metrics["top5_accuracy"]  # always 1.0: it would only look like a result
+    return metrics
 
 
 def evaluate_classifier(
@@ -174,7 +178,10 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
         f"{'examples':<16}{metrics['num_examples']}",
         f"{'loss':<16}{metrics['loss']:.4f}",
         f"{'accuracy':<16}{metrics['accuracy']:.2%}",
-        f"{'top-5 accuracy':<16}{metrics['top5_accuracy']:.2%}",
+    ]
+    if "top5_accuracy" in metrics:
+        lines.append(f"{'top-5 accuracy':<16}{metrics['top5_accuracy']:.2%}")
+    lines += [
         f"{'speed':<16}{metrics['images_per_second']:,.0f} images/s",
         "",
         "per-class accuracy:",
@@ -185,14 +192,21 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
     for index, name in enumerate(names):
         value = metrics["per_class_accuracy"][name]
         shown = "   n/a" if value is None else f"{value:6.1%}"
-        lines.append(f"  {name:<{width}}  {shown}  ({sum(matrix[index])} examples)")
+        count = sum(matrix[index])
+        lines.append(f"  {name:<{width}}  {shown}  ({count} example{'' if count == 1 else 's'})")
     if len(names) <= 20:
+        # Rows are labelled "index name"; columns by the same index, for want of room.
         cell = max(5, len(str(max(max(row) for row in matrix))) + 1)
-        lines += ["", "confusion matrix (rows: true class, columns: predicted class):"]
-        lines.append("  " + " " * width + "".join(f"{i:>{cell}}" for i in range(len(names))))
+        digits = len(str(len(names) - 1))
+        label = digits + 1 + width
+        lines += [
+            "",
+            "confusion matrix (rows: true class, columns: predicted class, numbered as the rows):",
+        ]
+        lines.append("  " + " " * label + "".join(f"{i:>{cell}}" for i in range(len(names))))
         for index, name in enumerate(names):
             row = "".join(f"{count:>{cell}}" for count in matrix[index])
-            lines.append(f"  {name:<{width}}{row}  {index}")
+            lines.append(f"  {index:>{digits}} {name:<{width}}{row}")
     return "\n".join(lines)
 
 

@@ -159,11 +159,13 @@ def build_loss(
     )
 
 
-def build_metrics() -> list[keras.metrics.Metric]:
-    return [
-        keras.metrics.CategoricalAccuracy(name="accuracy"),
-        keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"),
-    ]
+def build_metrics(num_classes: int | None = None) -> list[keras.metrics.Metric]:
+    """Accuracy, and top-5 accuracy unless there are 5 classes or fewer (where every prediction
+    is in the top 5, so it would always read 100%)."""
+    metrics: list[keras.metrics.Metric] = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes is None or num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+    return metrics
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import zipfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bnzoo.atomic_files import (
@@ -276,19 +277,38 @@ def is_complete(paths: RunPaths, config: TrainConfig, state: dict[str, Any] | No
     )
 
 
-def check_run_folder(run_dir: str | os.PathLike, config: TrainConfig) -> str:
+def committed_epochs(paths: RunPaths) -> int:
+    """Epochs committed in the run folder (0 without a checkpoint)."""
+    state = read_checkpoint_state(paths.last_checkpoint)
+    return 0 if state is None else int(state["epoch"])
+
+
+def check_run_folder(
+    run_dir: str | os.PathLike,
+    config: TrainConfig,
+    log: Callable[[str], None] | None = None,
+) -> str:
     """Decide what to do with `run_dir` for `config`.
 
+    - A missing or empty folder (or `config.overwrite`): a new run.
+    - The same run: resume it. `--epochs` may differ: raising it extends a run, finished or
+      not, and the remaining epochs follow the schedule of the new `--epochs` (a cosine schedule
+      is stretched to end at the new last epoch, so the rate rises from where the shorter
+      schedule ended and anneals to 0 again; constant and exponential schedules just go on).
+      Lowering it below the epochs already trained is refused.
+    - A different run that never finished an epoch (killed in its first): there is nothing to
+      lose, so it is replaced, and `log` says so.
+
     Returns:
-        "new" when the folder is missing or empty (or `config.overwrite` is set: the caller
-        clears it), "resume" when it holds this same run.
+        "new" (the caller clears the folder's artifacts) or "resume".
 
     Raises:
-        ValueError: the folder holds a different run, or files that are not a bnzoo run, and
-            `config.overwrite` is not set.
+        ValueError: the folder holds a different run with trained epochs, files that are not a
+            bnzoo run, or more epochs than `config.epochs`, and `config.overwrite` is not set.
     """
     run_dir = os.fspath(run_dir)
     if not os.path.exists(run_dir):
+        _check_creatable(run_dir)
         return "new"
     if not os.path.isdir(run_dir):
         raise ValueError(f"--output-dir {run_dir} is a file, not a folder; choose another path")
@@ -296,16 +316,81 @@ def check_run_folder(run_dir: str | os.PathLike, config: TrainConfig) -> str:
         return "new"
     if not os.path.exists(os.path.join(run_dir, CONFIG_FILENAME)):
         # `.lock` is the lock file of `locked_run_folder`; alone, it means a run killed at birth.
-        if [name for name in os.listdir(run_dir) if name != ".lock"]:
+        if [name for name in os.listdir(run_dir) if name != LOCK_FILENAME]:
             raise ValueError(
                 f"--output-dir {run_dir} is not empty and holds no bnzoo run (no "
                 f"{CONFIG_FILENAME}); choose another --output-dir or pass --overwrite"
             )
         return "new"
-    differences = config_differences(load_config(run_dir), config)
+    saved = load_config(run_dir)
+    epochs = committed_epochs(RunPaths(run_dir))
+    differences = [
+        difference
+        for difference in config_differences(saved, config)
+        if not difference.startswith("epochs:")
+    ]
+    if differences and epochs == 0:
+        if log is not None:
+            log(
+                f"replacing {run_dir}: it holds a different run ({'; '.join(differences)}) "
+                "that never finished an epoch"
+            )
+        return "new"
     if differences:
         raise ValueError(
             f"{run_dir} holds a different run ({'; '.join(differences)}); pass --overwrite to "
             "replace it or choose another --output-dir"
         )
+    if config.epochs < epochs:
+        raise ValueError(
+            f"{run_dir} has already trained {epochs} epochs, more than --epochs "
+            f"{config.epochs}; use --epochs {epochs} or more to keep them, or pass --overwrite "
+            "to start over"
+        )
     return "resume"
+
+
+def _check_creatable(run_dir: str) -> None:
+    """Refuse, before any data is loaded, a run folder that cannot be created: one inside a
+    file, or under a folder this process cannot write to."""
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(
+            f"--output-dir {run_dir}: {parent} is a file, not a folder; choose another path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--output-dir {run_dir}: cannot create it, {parent} is not writable; choose another "
+            "path"
+        )
+
+
+def discard_unstarted_run(paths: RunPaths, remove_folder: bool) -> bool:
+    """Remove what a run wrote if it never committed an epoch; returns whether it did.
+
+    Called when a run fails or is interrupted: without a committed epoch there is nothing to
+    resume, and the leftover config.yaml would make the corrected command fail as "a different
+    run". Nothing happens while another process holds the folder's lock, or once an epoch is
+    committed. `remove_folder` also removes the folder itself when it is then empty (the run
+    created it).
+    """
+    if not os.path.isdir(paths.run_dir):
+        return False
+    try:
+        with locked_run_folder(paths):
+            try:
+                if committed_epochs(paths) > 0:
+                    return False
+            except ValueError:  # an unreadable checkpoint is not ours to judge
+                return False
+            remove_run_artifacts(paths)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(paths.run_dir, LOCK_FILENAME))
+    except ValueError:  # in use by another train.py
+        return False
+    if remove_folder:
+        with contextlib.suppress(OSError):
+            os.rmdir(paths.run_dir)
+    return True

@@ -12,15 +12,18 @@ rebuilds the model and optimizer from the config exactly as a fresh run would (s
 Keras does not serialize, such as the weight-decay exclusions, are identical), then loads the
 checkpoint's weights and optimizer variables into them and continues after the committed
 epoch. The learning-rate schedule is a function of the optimizer's restored step counter, so it
-continues where it stopped.
+continues where it stopped. Extending a run (`--epochs` raised) works the same way, with the
+schedule of the new `--epochs` (see `bnzoo.run_folder.check_run_folder`).
+
+A run that fails or is interrupted before its first epoch is committed leaves nothing behind
+(`discard_unstarted_run`, by the chief, the only process that writes): there is nothing to
+resume, and a leftover folder would only make the corrected command fail as "a different run".
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
-import inspect
 import json
 import math
 import os
@@ -33,7 +36,10 @@ import keras
 
 from bnzoo.atomic_files import save_model_atomically
 from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
-from bnzoo.config import RESERVED_MODEL_ARGS, TrainConfig, default_output_dir, save_config
+from bnzoo.cli import Terminated, UsageError
+from bnzoo.config import CUMULATIVE, TrainConfig, default_output_dir, load_config, save_config
+from bnzoo.memory import check_input_batch_fits, check_training_step_fits
+from bnzoo.model_args import check_model_options
 from bnzoo.optimization import (
     build_loss,
     build_metrics,
@@ -44,6 +50,8 @@ from bnzoo.run_folder import (
     STATE_FORMAT,
     RunPaths,
     check_run_folder,
+    committed_epochs,
+    discard_unstarted_run,
     is_complete,
     locked_run_folder,
     read_checkpoint_state,
@@ -58,6 +66,23 @@ Log = Callable[[str], None]
 
 def _print(message: str) -> None:
     print(message, flush=True)
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 epoch`, `3 epochs`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def describe_image_shape(image_shape: tuple[int | None, int | None, int]) -> str:
+    """`28x28x1`, or `varying sizes x3` for an image folder of mixed sizes."""
+    height, width, channels = image_shape
+    if height is None or width is None:
+        return f"varying sizes x{channels}"
+    return f"{height}x{width}x{channels}"
 
 
 def resolve_image_size(
@@ -80,27 +105,43 @@ def resolve_image_size(
 
 
 def build_model(
-    config: TrainConfig, input_shape: tuple[int, int, int], num_classes: int
+    config: TrainConfig,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    process_batch_size: int | None = None,
+    device_batch_size: int | None = None,
 ) -> keras.Model:
     """`models.create_model` with the dataset's input shape and classes, returning logits.
 
-    `--model-arg` keys are checked against the builder's signature first: a typo would
-    otherwise surface as a TypeError from deep inside the builder.
+    `--model-arg` keys and types are checked against the builder first (a typo would otherwise
+    surface as a TypeError from deep inside it), and the input batch and the training step's
+    activations against the machine's memory.
+
+    Args:
+        config: the run.
+        input_shape: the model's input (H, W, C).
+        num_classes: the classifier's outputs.
+        process_batch_size: the examples of each global batch that this process feeds and
+            trains on (its share under `--distribute multi_worker`); None: `--batch-size`.
+        device_batch_size: the examples one device trains on per step (the per-replica batch);
+            None: `process_batch_size`.
+
+    Raises:
+        UsageError: a model option the builder rejects (its own ValueError, one line).
+        ValueError: the input size cannot fit in memory at this batch size.
     """
     import models
 
-    spec = models.get_model_spec(config.model)
-    parameters = inspect.signature(spec.builder).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    options = sorted(name for name in parameters if name not in RESERVED_MODEL_ARGS)
-    for key in config.model_args:
-        if not takes_any and key not in parameters:
-            close = difflib.get_close_matches(key, options, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(
-                f"--model-arg {key}=...: {config.model} has no option {key!r}{hint} "
-                f"(its options: {', '.join(options)})"
-            )
+    check_model_options(config)
+    height, width, _ = input_shape
+    size_text = (
+        f"--image-size {height}x{width}"
+        if config.image_size is not None
+        else f"the input size {height}x{width} (the dataset's own; pass --image-size to shrink it)"
+    )
+    process_batch_size = process_batch_size or config.batch_size
+    check_input_batch_fits(tuple(input_shape), process_batch_size, size_text)
     kwargs = dict(config.model_args)
     kwargs.update(
         input_shape=tuple(input_shape),
@@ -109,10 +150,92 @@ def build_model(
         normalization=None if config.normalization == "none" else config.normalization,
     )
     if config.bn_momentum is not None:
-        kwargs["bn_momentum"] = config.bn_momentum
+        kwargs["bn_momentum"] = None if config.bn_momentum == CUMULATIVE else config.bn_momentum
     if config.bn_epsilon is not None:
         kwargs["bn_epsilon"] = config.bn_epsilon
-    return models.create_model(config.model, **kwargs)
+    try:
+        model = models.create_model(config.model, **kwargs)
+    except (ValueError, TypeError) as error:
+        if isinstance(error, TypeError) and not config.model_args:
+            raise  # not the user's keywords: a bug
+        arguments = " ".join(f"{key}={value!r}" for key, value in config.model_args.items())
+        raise UsageError(
+            f"{config.model} cannot be built"
+            + (f" with --model-arg {arguments}" if arguments else "")
+            + f" for {height}x{width} inputs: {' '.join(str(error).split())}"
+        ) from None
+    except MemoryError:
+        raise ValueError(
+            f"{size_text}: building {config.model} ran out of memory; use a smaller --image-size"
+        ) from None
+    check_training_step_fits(
+        model, process_batch_size, size_text, device_batch_size=device_batch_size
+    )
+    return model
+
+
+def describe_evaluation_splits(config: TrainConfig) -> str:
+    """`validating on X, testing on Y`, noting that an image folder's slices are stratified."""
+    from bnzoo.data.image_folder import FILE_ORDER_SEED, PREFIX
+
+    text = (f"validating on {config.val_split}" if config.val_split else "no validation split") + (
+        f", testing on {config.test_split}" if config.test_split else ", no test split"
+    )
+    if config.dataset.startswith(PREFIX):
+        text += f" (image-folder slices are stratified by class, file order seed {FILE_ORDER_SEED})"
+    return text
+
+
+def check_training_data(config: TrainConfig, train_info) -> None:
+    """What the training split must satisfy: at least two classes and a full batch.
+
+    Raises:
+        ValueError: one class, or fewer training examples than `--batch-size`.
+    """
+    if train_info.num_classes < 2:
+        raise ValueError(
+            f"{config.dataset} has {plural(train_info.num_classes, 'class')} "
+            f"({', '.join(train_info.class_names)}); a classifier needs at least two, e.g. one "
+            "sub-folder per class"
+        )
+    if train_info.num_examples < config.batch_size:
+        raise ValueError(
+            f"--train-split {config.train_split} has "
+            f"{plural(train_info.num_examples, 'example')}, fewer than --batch-size "
+            f"{config.batch_size}; lower --batch-size or use a larger split"
+        )
+
+
+def load_evaluation_split(config: TrainConfig, flag: str, split: str):
+    """`load_dataset` for the validation or test split, its errors naming the flag (the split
+    may be a default the user never typed)."""
+    from bnzoo.data import load_dataset
+
+    try:
+        return load_dataset(
+            config.dataset, split=split, data_dir=config.data_dir, manual_dir=config.manual_dir
+        )
+    except ValueError as error:
+        reason = str(error).rstrip(". ")
+        raise ValueError(f"{flag} {split}: {reason}; or pass {flag} none to go without") from None
+
+
+def warn_about_overlapping_splits(config: TrainConfig, log: Log = _print) -> None:
+    """A warning line for each of the validation and test splits that shares examples with the
+    training split: its accuracy would be measured partly on training data."""
+    from bnzoo.data import overlapping_examples
+
+    for flag, split in (("--val-split", config.val_split), ("--test-split", config.test_split)):
+        if not split:
+            continue
+        shared = overlapping_examples(
+            config.dataset, config.train_split, split, data_dir=config.data_dir
+        )
+        if shared:
+            log(
+                f"warning: {flag} {split} overlaps --train-split {config.train_split} "
+                f"({plural(shared, 'example')} in both): its accuracy will be optimistic"
+            )
 
 
 def inference_copy(model: keras.Model) -> keras.Model:
@@ -200,11 +323,12 @@ _GO, _COMPLETE, _FAILED = 0, 1, 2
 
 
 def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None = None) -> RunResult:
-    """Run (or resume, or finish) the training run described by `config`.
+    """Run (or resume, extend, or finish) the training run described by `config`.
 
-    Everything that can fail on bad user input (dataset, splits, model name, input size, batch
-    size) is checked before the run folder is touched, so a typo never leaves a half-made run
-    that the corrected command would refuse as "a different run".
+    Everything that can fail on bad user input (options, model, dataset, splits, input size,
+    batch size, memory) is checked before the run folder is touched, and a run that fails or is
+    interrupted before its first epoch is committed is removed again: a mistake never leaves a
+    half-made run that the corrected command would refuse as "a different run".
 
     With `--distribute multi_worker` every worker calls this with the same config; worker 0
     (the chief) alone reads and writes the run folder and hands the run's state to the others.
@@ -220,12 +344,16 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
         workers other than the chief).
 
     Raises:
-        ValueError / FileNotFoundError: bad configuration, data or run folder.
+        UsageError (a ValueError): a bad option or model argument.
+        ValueError / FileNotFoundError: bad data or run folder, not enough memory, divergence.
         ConnectionError: another worker of a multi-worker run stopped.
+        KeyboardInterrupt: SIGINT or SIGTERM (`bnzoo.cli.Terminated`), re-raised with a message
+            that says how to continue.
     """
     from bnzoo.distribution import plan_distribution, start_distribution
 
     config.validate()
+    check_model_options(config)
     if config.output_dir is None:
         config.output_dir = default_output_dir(config)
     paths = RunPaths(config.output_dir)
@@ -234,7 +362,7 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
     verdict = folder_error = None
     if plan.is_chief:
         try:
-            verdict = _inspect_run_folder(config, paths)
+            verdict = _inspect_run_folder(config, paths, log)
         except (ValueError, OSError) as error:
             if plan.num_workers == 1:
                 raise
@@ -242,24 +370,49 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
             folder_error = error
         if verdict is not None and verdict.complete and plan.num_workers == 1:
             return _report_complete(config, paths, verdict, log)
+    for warning in config.ignored_settings():
+        log(f"warning: {warning}")
 
+    from bnzoo.data import naming_undecodable_images
+
+    # Only the chief writes the run folder, so only the chief removes what a run that never
+    # committed an epoch left there; and only once it has judged the folder to be this run's.
+    owns_folder = verdict is not None
+    existed = os.path.exists(paths.run_dir)
     previous_policy = keras.mixed_precision.global_policy()
     try:
-        with start_distribution(plan, collective_timeout=config.collective_timeout) as cluster:
+        with (
+            naming_undecodable_images(),
+            start_distribution(plan, collective_timeout=config.collective_timeout) as cluster,
+        ):
             return _run(config, paths, cluster, verdict, folder_error, log, progress_bar)
-    except Exception as error:
-        _raise_if_worker_lost(error, plan)
+    except KeyboardInterrupt as interrupt:
+        discarded = owns_folder and discard_unstarted_run(paths, remove_folder=not existed)
+        raise type(interrupt)(
+            _interruption_message(interrupt, config, paths, plan, owns_folder, discarded)
+        ) from None
+    except BaseException as error:
+        if owns_folder and discard_unstarted_run(paths, remove_folder=not existed):
+            log(f"removed {paths.run_dir}: the run stopped before finishing an epoch")
+        if isinstance(error, Exception):
+            _raise_if_worker_lost(error, plan)
         raise
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _inspect_run_folder(config: TrainConfig, paths: RunPaths) -> _FolderVerdict:
-    mode = check_run_folder(paths.run_dir, config)
+def _inspect_run_folder(config: TrainConfig, paths: RunPaths, log: Log) -> _FolderVerdict:
+    mode = check_run_folder(paths.run_dir, config, log=log)
     state = read_checkpoint_state(paths.last_checkpoint) if mode == "resume" else None
-    if state is not None and state["epoch"] > config.epochs:
-        raise ValueError(f"{paths.last_checkpoint} is past epoch {config.epochs}: not this run")
-    return _FolderVerdict(mode, state, is_complete(paths, config, state))
+    complete = is_complete(paths, config, state)
+    if mode == "resume" and not complete:
+        saved_epochs = load_config(paths.run_dir).epochs
+        if saved_epochs != config.epochs:
+            log(
+                f"{paths.run_dir}: --epochs {saved_epochs} -> {config.epochs}; the learning-rate "
+                f"schedule from here on is the {config.epochs}-epoch one"
+            )
+    return _FolderVerdict(mode, state, complete)
 
 
 def _report_complete(
@@ -269,11 +422,45 @@ def _report_complete(
     metrics = _read_json(paths.metrics) if config.test_split else None
     summary = f"; test accuracy {metrics['accuracy']:.2%}" if metrics else ""
     log(
-        f"{paths.run_dir} is already complete ({state['epoch']} "
-        f"epoch{'' if state['epoch'] == 1 else 's'}{summary}); "
-        "pass --overwrite to train it again"
+        f"{paths.run_dir} is already complete ({plural(state['epoch'], 'epoch')}{summary}); "
+        "raise --epochs to train it further, or pass --overwrite to train it again"
     )
     return RunResult(paths.run_dir, state["epoch"], state["epoch"], True, metrics)
+
+
+def _interruption_message(
+    interrupt: KeyboardInterrupt,
+    config: TrainConfig,
+    paths: RunPaths,
+    plan,
+    owns_folder: bool,
+    discarded: bool,
+) -> str:
+    """What SIGINT/SIGTERM left and how to continue: the chief knows the run folder; another
+    worker of a multi-worker run only knows that the chief keeps the committed epochs."""
+    how = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+    rerun = (
+        "rerunning the same command"
+        if plan.num_workers == 1
+        else ("restarting every worker with the same command")
+    )
+    if not owns_folder:
+        if plan.is_chief:  # the chief had refused the folder: nothing of it was touched
+            return f"{how} before the run started"
+        return f"{how}; {rerun} resumes after the last epoch that worker 0 committed"
+    try:
+        epochs = 0 if discarded else committed_epochs(paths)
+    except ValueError:
+        epochs = 0
+    if not epochs:
+        return (
+            f"{how} before the first epoch finished; nothing was kept, so {rerun} starts the "
+            "run again"
+        )
+    return (
+        f"{how}; {paths.run_dir} holds {epochs} of {plural(config.epochs, 'epoch')}: {rerun} "
+        "resumes from there"
+    )
 
 
 def _raise_if_worker_lost(error: BaseException, plan) -> None:
@@ -347,17 +534,14 @@ def _run(
     # 1. Everything a user can get wrong, before any file is written (on every worker).
     spec = models.get_model_spec(config.model)
     train_ds, train_info = load_dataset(config.dataset, split=config.train_split, **data_kwargs)
+    check_training_data(config, train_info)
     val_ds = val_info = test_ds = None
     if config.val_split:
-        val_ds, val_info = load_dataset(config.dataset, split=config.val_split, **data_kwargs)
+        val_ds, val_info = load_evaluation_split(config, "--val-split", config.val_split)
     if config.test_split:
-        test_ds, _ = load_dataset(config.dataset, split=config.test_split, **data_kwargs)
-    if train_info.num_examples < config.batch_size:
-        raise ValueError(
-            f"--train-split {config.train_split} has {train_info.num_examples} examples, fewer "
-            f"than --batch-size {config.batch_size}; lower --batch-size or use a larger split"
-        )
-    cluster.per_replica_batch_size(config.batch_size)
+        test_ds, _ = load_evaluation_split(config, "--test-split", config.test_split)
+    warn_about_overlapping_splits(config, log if cluster.is_chief else _silent)
+    per_replica_batch = cluster.per_replica_batch_size(config.batch_size)
     image_size = resolve_image_size(config, train_info.image_shape, spec.min_input_size)
     height, width = image_size or train_info.image_shape[:2]
     input_shape = (height, width, train_info.image_shape[2])
@@ -365,11 +549,21 @@ def _run(
     # few examples would give noisy statistics and a noisy moving-average update.
     steps_per_epoch = train_info.num_examples // config.batch_size
     with cluster.scope():
-        model = build_model(config, input_shape, train_info.num_classes)
+        model = build_model(
+            config,
+            input_shape,
+            train_info.num_classes,
+            process_batch_size=per_replica_batch * cluster.local_replicas,
+            device_batch_size=per_replica_batch,
+        )
         if config.sync_bn and keras.backend.backend() == "tensorflow":
             model = set_batch_norm_synchronized(model, True)
         optimizer = build_optimizer(config, model, steps_per_epoch)
-        model.compile(optimizer=optimizer, loss=build_loss(config), metrics=build_metrics())
+        model.compile(
+            optimizer=optimizer,
+            loss=build_loss(config),
+            metrics=build_metrics(train_info.num_classes),
+        )
         # The optimizer's variables must exist before a checkpoint can fill them.
         model.optimizer.build(model.trainable_variables)
     inputs = RunInputs(config, cluster, train_ds, train_info, image_size)
@@ -379,17 +573,24 @@ def _run(
     with contextlib.ExitStack() as folder_lock:
 
         def open_run_folder() -> dict[str, Any]:
-            os.makedirs(paths.run_dir, exist_ok=True)
+            try:
+                os.makedirs(paths.run_dir, exist_ok=True)
+            except OSError as error:
+                raise ValueError(
+                    f"--output-dir {paths.run_dir}: cannot create it ({error.strerror}); choose "
+                    "another folder"
+                ) from None
             folder_lock.enter_context(locked_run_folder(paths))
             state = None
             if verdict.mode == "new":
                 remove_run_artifacts(paths)
-                # config.yaml first: a kill right after it leaves a folder that resumes.
-                save_config(config, paths.run_dir)
             else:
                 remove_temporary_files(paths)
                 # Read again under the lock: a process that held it may have committed since.
                 state = read_checkpoint_state(paths.last_checkpoint)
+            # config.yaml first: a kill right after it leaves a folder that resumes. A resumed
+            # run rewrites it too, recording a raised --epochs and where the data is now.
+            save_config(config, paths.run_dir)
             os.makedirs(paths.checkpoints, exist_ok=True)
             if state is not None:
                 # Outside the strategy's scope: loading creates throwaway Keras objects (an
@@ -410,9 +611,9 @@ def _run(
             (initial_epoch,) = (int(v) for v in share_from_chief(cluster, [initial_epoch]))
             broadcast_variables_from_chief(cluster, model.variables + model.optimizer.variables)
 
-        shape_note = "x".join(map(str, train_info.image_shape))
+        shape_note = describe_image_shape(train_info.image_shape)
         if image_size:
-            shape_note += f" -> {height}x{width}"
+            shape_note += f" -> {height}x{width}x{train_info.image_shape[2]}"
         if initial_epoch:
             log(f"resuming {paths.run_dir} after epoch {initial_epoch} of {config.epochs}")
         elif cluster.is_chief:
@@ -421,8 +622,9 @@ def _run(
         log(
             f"training {config.model} ({model.count_params():,} parameters, normalization "
             f"{config.normalization}, {policy}, {device}) on {config.dataset} {config.train_split} "
-            f"({train_info.num_examples} examples, {shape_note}): {config.epochs} "
-            f"epoch{'' if config.epochs == 1 else 's'} of {steps_per_epoch} steps; "
+            f"({plural(train_info.num_examples, 'example')}, {shape_note}): "
+            f"{plural(config.epochs, 'epoch')} of {plural(steps_per_epoch, 'step')}; "
+            f"{describe_evaluation_splits(config)}; "
             f"{cluster.describe(config.batch_size, config.sync_bn)}"
         )
 
@@ -505,7 +707,13 @@ def _train_epochs(
     from layers import recompute_population_statistics
 
     config = inputs.config
-    loop = make_training_loop(model, cluster, build_loss(config, reduction=None), config.batch_size)
+    loop = make_training_loop(
+        model,
+        cluster,
+        build_loss(config, reduction=None),
+        config.batch_size,
+        num_classes=inputs.train_info.num_classes,
+    )
     make_val_batches = inputs.evaluation_batches(val_ds, val_info) if val_ds is not None else None
     # Only the chief writes: checkpoints (which commit first, so TensorBoard never shows an
     # epoch that a kill then made the rerun train again) and TensorBoard scalars. Every worker
@@ -530,11 +738,12 @@ def _train_epochs(
                 inputs.training_batches(epoch, steps_per_epoch), steps_per_epoch, on_step
             )
             if not math.isfinite(logs["loss"]):
-                committed = state["epoch"] if state is not None else epoch
+                # The `epoch` epochs before this one are committed; with none, the chief
+                # removes the run folder again (`discard_unstarted_run`).
                 raise ValueError(
                     f"training diverged: the loss was not finite in epoch {epoch + 1}; lower "
-                    f"--lr (now {config.lr}) or add --warmup-epochs. The run folder keeps the "
-                    f"last finite epoch ({committed})"
+                    f"--lr (now {config.lr:g}) or add --warmup-epochs"
+                    + (f". The run folder keeps the last finite epoch ({epoch})" if epoch else "")
                 )
             average_replica_local_variables(cluster, model)
             if config.bn_statistics == "population":
@@ -636,10 +845,10 @@ def write_final_artifacts(
             },
         )
         evaluation.save_metrics_json(metrics, paths.metrics)
+        top5 = f", top-5 {metrics['top5_accuracy']:.2%}" if "top5_accuracy" in metrics else ""
         log(
-            f"test accuracy {metrics['accuracy']:.2%}, top-5 {metrics['top5_accuracy']:.2%}, "
-            f"loss {metrics['loss']:.4f} on {metrics['num_examples']} examples "
-            f"-> {paths.metrics}"
+            f"test accuracy {metrics['accuracy']:.2%}{top5}, loss {metrics['loss']:.4f} on "
+            f"{plural(metrics['num_examples'], 'example')} -> {paths.metrics}"
         )
     try:
         plotting.plot_training_curves(history, paths.curves)

@@ -18,9 +18,10 @@ Both compute what `model.fit` reports:
   divides its sum by the global batch size, so the replicas' gradients add up to the gradient
   of the global batch's loss.
 - `accuracy`, `top5_accuracy`: `keras.metrics.categorical_accuracy` and
-  `top_k_categorical_accuracy(k=5)` over every example of the epoch.
-- Evaluation: the same three over every example of the split, the last batch padded with
-  examples of weight 0 so that every replica runs the same number of equally shaped steps.
+  `top_k_categorical_accuracy(k=5)` over every example of the epoch. Top-5 accuracy is left out
+  with 5 classes or fewer, where every prediction is in the top 5 (as `build_metrics` does).
+- Evaluation: the same over every example of the split, the last batch padded with examples of
+  weight 0 so that every replica runs the same number of equally shaped steps.
 
 Mixed precision: the logits are cast to float32 before the loss, and the loss goes through the
 optimizer's `scale_loss` (identity, or dynamic loss scaling under `mixed_float16`, where
@@ -46,13 +47,23 @@ StepCallback = Callable[[int, dict[str, float]], None]
 TOP_K = 5
 
 
-def _per_example_statistics(loss_fn, labels, logits):
-    """Per-example loss, accuracy and top-5 accuracy, in float32."""
+def reports_top_k(num_classes: int | None) -> bool:
+    """Whether top-5 accuracy means anything: not with 5 classes or fewer (always 1)."""
+    return num_classes is None or num_classes > TOP_K
+
+
+def _per_example_statistics(loss_fn, labels, logits, top_k: bool = True):
+    """Per-example loss, accuracy and top-5 accuracy (zeros without `top_k`), in float32."""
     logits = ops.cast(logits, "float32")
     labels = ops.cast(labels, "float32")
     loss = loss_fn(labels, logits)
     accuracy = ops.cast(keras.metrics.categorical_accuracy(labels, logits), "float32")
-    top5 = ops.cast(keras.metrics.top_k_categorical_accuracy(labels, logits, k=TOP_K), "float32")
+    if top_k:
+        top5 = keras.metrics.top_k_categorical_accuracy(labels, logits, k=TOP_K)
+        top5 = ops.cast(top5, "float32")
+    else:
+        # JAX's top_k refuses k above the number of classes; the value is never reported.
+        top5 = ops.zeros_like(accuracy)
     return loss, accuracy, top5
 
 
@@ -64,6 +75,8 @@ class TrainingLoop:
         distribution: the started distribution.
         loss_fn: per-example loss (a Keras loss with `reduction=None`).
         global_batch_size: examples per step over all replicas.
+        num_classes: the classifier's classes; with 5 or fewer the logs have no
+            `top5_accuracy`. None: always report it.
     """
 
     def __init__(
@@ -72,17 +85,20 @@ class TrainingLoop:
         distribution: Distribution,
         loss_fn: keras.losses.Loss,
         global_batch_size: int,
+        num_classes: int | None = None,
     ):
         self.model = model
         self.distribution = distribution
         self.loss_fn = loss_fn
         self.global_batch_size = global_batch_size
+        self.num_classes = num_classes
+        self.top_k = reports_top_k(num_classes)
 
     def train_epoch(
         self, make_batches: BatchesFactory, steps: int, on_step: StepCallback | None = None
     ) -> dict[str, float]:
         """Train `steps` steps on the batches of `make_batches()`; returns the epoch's `loss`,
-        `accuracy` and `top5_accuracy`."""
+        `accuracy` and (see `num_classes`) `top5_accuracy`."""
         # The sums stay on the device until the epoch ends (unless a progress bar shows them),
         # so that no step waits for the host to read the previous one's numbers.
         totals = None
@@ -93,25 +109,24 @@ class TrainingLoop:
         return self._train_logs(self._to_host(totals), steps)
 
     def evaluate(self, make_batches: BatchesFactory) -> dict[str, float]:
-        """`loss`, `accuracy` and `top5_accuracy` over every (non-padding) example."""
+        """`loss`, `accuracy` and (see `num_classes`) `top5_accuracy` over every
+        (non-padding) example."""
         totals = None
         for sums in self._evaluation_steps(make_batches):
             totals = sums if totals is None else totals + sums
         totals = self._to_host(totals) if totals is not None else np.zeros(4)
         count = max(totals[3], 1.0)
-        return {
-            "loss": totals[0] / count,
-            "accuracy": totals[1] / count,
-            "top5_accuracy": totals[2] / count,
-        }
+        logs = {"loss": totals[0] / count, "accuracy": totals[1] / count}
+        if self.top_k:
+            logs["top5_accuracy"] = totals[2] / count
+        return logs
 
     def _train_logs(self, totals: np.ndarray, steps: int) -> dict[str, float]:
         examples = steps * self.global_batch_size
-        return {
-            "loss": float(totals[0] / steps),
-            "accuracy": float(totals[1] / examples),
-            "top5_accuracy": float(totals[2] / examples),
-        }
+        logs = {"loss": float(totals[0] / steps), "accuracy": float(totals[1] / examples)}
+        if self.top_k:
+            logs["top5_accuracy"] = float(totals[2] / examples)
+        return logs
 
     def _train_steps(self, make_batches: BatchesFactory, steps: int):
         """Yields each step's sums (loss, correct, top-5 correct) as a device array."""
@@ -174,7 +189,9 @@ class TensorFlowLoop(TrainingLoop):
         num_replicas = self.distribution.num_replicas
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            per_example, accuracy, top5 = _per_example_statistics(self.loss_fn, labels, logits)
+            per_example, accuracy, top5 = _per_example_statistics(
+                self.loss_fn, labels, logits, self.top_k
+            )
             # Each replica's share of the global batch's mean loss: summed over replicas by
             # the gradient all-reduce, the gradients are those of the global batch.
             loss = ops.sum(per_example) / float(self.global_batch_size)
@@ -191,7 +208,9 @@ class TensorFlowLoop(TrainingLoop):
 
         model = self.model
         logits = model(images, training=False)
-        per_example, accuracy, top5 = _per_example_statistics(self.loss_fn, labels, logits)
+        per_example, accuracy, top5 = _per_example_statistics(
+            self.loss_fn, labels, logits, self.top_k
+        )
         # Padding examples have an all-zero one-hot label: weight 0.
         weights = ops.sum(ops.cast(labels, "float32"), axis=-1)
         loss_sum = ops.sum(per_example * weights)
@@ -266,7 +285,9 @@ class JaxLoop(TrainingLoop):
             logits, non_trainable, losses = model.stateless_call(
                 trainable, non_trainable, images, training=True, return_losses=True
             )
-            per_example, accuracy, top5 = _per_example_statistics(self.loss_fn, labels, logits)
+            per_example, accuracy, top5 = _per_example_statistics(
+                self.loss_fn, labels, logits, self.top_k
+            )
             loss = ops.mean(per_example)
             if losses:
                 loss = loss + ops.sum(ops.stack(losses))
@@ -291,7 +312,9 @@ class JaxLoop(TrainingLoop):
         logits, _, losses = model.stateless_call(
             trainable, non_trainable, images, training=False, return_losses=True
         )
-        per_example, accuracy, top5 = _per_example_statistics(self.loss_fn, labels, logits)
+        per_example, accuracy, top5 = _per_example_statistics(
+            self.loss_fn, labels, logits, self.top_k
+        )
         weights = ops.sum(ops.cast(labels, "float32"), axis=-1)
         loss_sum = ops.sum(per_example * weights)
         if losses:
@@ -335,12 +358,13 @@ def make_training_loop(
     distribution: Distribution,
     loss_fn: keras.losses.Loss,
     global_batch_size: int,
+    num_classes: int | None = None,
 ) -> TrainingLoop:
-    """The loop for the current Keras backend."""
+    """The loop for the current Keras backend (arguments: `TrainingLoop`'s)."""
     if keras.backend.backend() == "jax":
-        return JaxLoop(model, distribution, loss_fn, global_batch_size)
+        return JaxLoop(model, distribution, loss_fn, global_batch_size, num_classes)
     if keras.backend.backend() == "tensorflow":
-        return TensorFlowLoop(model, distribution, loss_fn, global_batch_size)
+        return TensorFlowLoop(model, distribution, loss_fn, global_batch_size, num_classes)
     raise ValueError(
         f"train.py trains on the tensorflow or jax backend, not {keras.backend.backend()!r}; "
         "set KERAS_BACKEND"

@@ -6,6 +6,8 @@ carry `@pytest.mark.multi_backend`; on JAX every other test is skipped here.
 """
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -13,6 +15,7 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 BACKEND = keras.backend.backend()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if BACKEND == "tensorflow":
     import tensorflow as tf
@@ -118,3 +121,40 @@ def serve_with_tensorflow_only(tmp_path):
         return tf.io.parse_tensor(tf.io.read_file(outputs), tf.float32).numpy()
 
     return serve
+
+
+class ScriptRunner:
+    """Runs the repository's scripts (`train.py`, `evaluate.py`) in a subprocess, the way a
+    user does, and checks their error contract.
+
+    `run("train.py", "--lr", "inf")` returns the `CompletedProcess`; `error_line(result, 2)`
+    asserts the exit status and that stderr is exactly one `train.py: error: ...` line without a
+    traceback, and returns that line.
+    """
+
+    root = ROOT
+
+    def run(self, script, *argv, cwd=None, timeout=300, env=None):
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, script), *map(str, argv)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd or ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
+        )
+
+    @staticmethod
+    def error_line(result, status, script="train.py"):
+        assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"{script}: error: "), lines[0]
+        assert "Traceback" not in result.stderr
+        return lines[0]
+
+
+@pytest.fixture
+def run_script():
+    """A `ScriptRunner`: the scripts run in a real process, with one-line error checks."""
+    return ScriptRunner()

@@ -2,12 +2,20 @@
 their traceback, `--debug` shows it for user errors too."""
 
 import os
-import subprocess
-import sys
+import signal
 
 import pytest
 
-from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR, UsageError, one_line, run_cli
+from bnzoo.cli import (
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    EXIT_USER_ERROR,
+    Terminated,
+    UsageError,
+    check_output_file,
+    one_line,
+    run_cli,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,30 +84,68 @@ def test_one_line_names_the_file_of_a_bare_os_error():
     ],
 )
 def test_scripts_report_argument_errors_in_one_line_without_importing_tensorflow(
-    script, argv, message
+    script, argv, message, run_script
 ):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert result.returncode == 2
+    result = run_script.run(script, *argv)
     assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"{script}: error: ") and message in lines[0]
+    assert message in run_script.error_line(result, EXIT_USAGE, script)
 
 
-def test_scripts_help_exits_0_and_lists_option_groups():
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_scripts_help_exits_0_and_states_the_exit_status_rule(script, run_script):
+    result = run_script.run(script, "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "Exit status: 0 on success; 2 when the command line itself is wrong" in text
+    if script == "train.py":
+        for group in ("model:", "data:", "optimization:", "run:", "--lr-schedule", "--model-arg"):
+            assert group in result.stdout
+
+
+def test_sigterm_becomes_terminated_and_exits_143(capsys):
+    def main(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert run_cli(main, [], prog="x") == EXIT_TERMINATED == 143
+    assert capsys.readouterr().err == "x: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+
+
+def test_an_interruption_message_from_main_is_what_the_user_reads(capsys):
+    status = run_cli(failing(Terminated("interrupted after 2 epochs; rerun to resume")), [])
+    assert status == 143
+    assert capsys.readouterr().err.endswith(": interrupted after 2 epochs; rerun to resume\n")
+
+
+def test_output_file_checks_name_the_flag_and_the_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--output .*missing/m.json: folder .* does not"):
+        check_output_file(str(tmp_path / "missing" / "m.json"), "--output")
+    with pytest.raises(ValueError, match="is a folder"):
+        check_output_file(str(tmp_path), "--output")
+    check_output_file(str(tmp_path / "m.json"), "--output")  # fine: nothing raised
+
+
+@pytest.mark.parametrize(
+    "argv", [["--lr", "inf"], ["--bn-momentum", "0.5", "--normalization", "none"], ["--seed", "-1"]]
+)
+def test_argument_errors_are_answered_without_importing_tensorflow(argv, tmp_path):
+    import subprocess
+    import sys
+
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['train.py', *{argv!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, 'tensorflow' in sys.modules)\n"
+    )
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--help"],
+        [sys.executable, "-c", probe],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=ROOT,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
     )
-    assert result.returncode == 0
-    for group in ("model:", "data:", "optimization:", "run:", "--lr-schedule", "--model-arg"):
-        assert group in result.stdout
+    assert result.stdout.split() == ["2", "False"], result.stderr

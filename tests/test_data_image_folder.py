@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bnzoo.data import load_dataset, make_pipeline
-from bnzoo.data.image_folder import read_image_header
+from bnzoo.data import load_dataset, make_pipeline, naming_undecodable_images, overlapping_examples
+from bnzoo.data.image_folder import read_image_header, select_split, stratified_order
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -181,3 +181,109 @@ def test_bad_splits_of_an_image_folder_raise_value_errors(tmp_path, split, messa
 def test_empty_image_folder_prefix_is_rejected():
     with pytest.raises(ValueError, match="image_folder: needs a folder"):
         load_dataset("image_folder:", split="train")
+
+
+def test_slices_of_the_folder_are_stratified_by_class(tmp_path):
+    """The default train/validation/test slices hold each class in its share, to one image."""
+    counts = {"bird": 20, "cat": 10, "dog": 30}
+    for name, count in counts.items():
+        for i in range(count):
+            _save(tmp_path / name / f"{i:02d}.png", np.full((4, 4), 7, np.uint8))
+    name = f"image_folder:{tmp_path}"
+    seen = []
+    for split, share in (("train[:80%]", 0.8), ("train[80%:90%]", 0.1), ("train[90%:]", 0.1)):
+        labels = _examples(load_dataset(name, split=split)[0])[1]
+        per_class = np.bincount(labels, minlength=3)
+        expected = np.array([20, 10, 30]) * share
+        assert np.all(np.abs(per_class - expected) <= 1), (split, per_class)
+        seen.append(labels)
+    assert sum(len(labels) for labels in seen) == 60  # a partition: nothing twice, nothing lost
+
+
+@pytest.mark.parametrize(
+    "sizes", [[50, 7, 143], [1000] + [3] * 100, [1, 1, 1], [2, 3]], ids=["3", "101", "1-each", "5"]
+)
+def test_stratified_order_gives_each_default_slice_its_share_of_every_class(sizes):
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    order = stratified_order(labels)
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    for split, share in (("train[:80%]", 0.8), ("train[80%:90%]", 0.1), ("train[90%:]", 0.1)):
+        selected = labels[order[select_split(len(labels), split)]]
+        counts = np.bincount(selected, minlength=len(sizes))
+        assert np.all(np.abs(counts - share * np.array(sizes)) < 1), (split, counts)
+    np.testing.assert_array_equal(order, stratified_order(labels))  # seeded: the same each time
+    # Other slices mix the classes too: the first tenth is not one class.
+    if len(labels) >= 20:
+        assert len(set(labels[order[: len(labels) // 10]].tolist())) > 1
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "gif", "bmp"])
+def test_a_truncated_image_is_named_when_the_folder_loads(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        for i in range(2):
+            array = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            _save(tmp_path / name / f"{i}.{fmt}", array)
+    _truncate(tmp_path / "b" / f"1.{fmt}")
+    with pytest.raises(ValueError, match=rf"b/1\.{fmt}: truncated or damaged image, TensorFlow"):
+        load_dataset(f"image_folder:{tmp_path}", split="train")
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "gif"])
+def test_bytes_after_the_end_of_an_image_do_not_make_it_broken(tmp_path, fmt):
+    """Phones append data after a JPEG's end (motion photos); decoders ignore it, so do we."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        _save(tmp_path / name / f"0.{fmt}", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    path = tmp_path / "b" / f"0.{fmt}"
+    path.write_bytes(path.read_bytes() + b"\0" * 5000)
+    _, info = load_dataset(f"image_folder:{tmp_path}", split="train")
+    assert info.num_examples == 2
+
+
+def test_a_png_signature_without_a_header_is_called_a_broken_png(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    with pytest.raises(ValueError, match=r"x\.png: cannot read the image \(a PNG signature but no"):
+        load_dataset(f"image_folder:{tmp_path}", split="train")
+    (tmp_path / "a" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match=r"a PNG signature, then the file ends \(truncated\)"):
+        load_dataset(f"image_folder:{tmp_path}", split="train")
+
+
+def test_a_file_given_as_the_image_folder_is_called_a_file(tmp_path):
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    with pytest.raises(ValueError, match=r"images\.zip is a file, not a folder"):
+        load_dataset(f"image_folder:{tmp_path / 'images.zip'}", split="train")
+
+
+def test_damage_found_only_when_decoding_is_reported_naming_the_file(tmp_path):
+    """Zeros inside a PNG's pixel data: the header and the end marker are intact, so only
+    decoding fails, inside tf.data, with no file name; the context manager finds it."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        for i in range(3):
+            _save(tmp_path / name / f"{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    path = tmp_path / "a" / "2.png"
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + b"\0" * 16 + data[116:])
+    ds, _ = load_dataset(f"image_folder:{tmp_path}", split="train")
+    with pytest.raises(ValueError, match=rf"^{path}: TensorFlow cannot decode this image \(Inv"):
+        with naming_undecodable_images():
+            list(ds)
+    with pytest.raises(ZeroDivisionError), naming_undecodable_images():  # others pass through
+        raise ZeroDivisionError
+
+
+def test_overlap_between_split_expressions_is_counted(tmp_path):
+    name = _class_folder(tmp_path, per_class=10)
+    assert overlapping_examples(name, "train[:80%]", "train[80%:]") == 0
+    assert overlapping_examples(name, "train[:80%]", "train[50%:]") == 9
+    assert overlapping_examples(name, "train", "train[:3]+train[-3:]") == 6
+    assert overlapping_examples("fashion_mnist", "train[:90%]", "train[80%:]") == 6000
+    assert overlapping_examples("fashion_mnist", "train", "test") == 0

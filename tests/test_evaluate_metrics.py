@@ -98,8 +98,28 @@ def test_table_shows_headline_metrics_per_class_accuracy_and_confusion(example):
     assert "top-5 accuracy  80.00%" in table
     assert "1,234 images/s" in table
     assert "  cat   33.3%  (3 examples)" in table
+    assert "  dog    0.0%  (1 example)" in table
     assert "  eel     n/a  (0 examples)" in table
-    assert "confusion matrix (rows: true class, columns: predicted class):" in table
+    # Rows carry the index that numbers the columns: no unlabelled column.
+    assert table.endswith(
+        "confusion matrix (rows: true class, columns: predicted class, numbered as the rows):\n"
+        "           0    1    2    3    4    5\n"
+        "  0 cat    1    0    0    0    0    2\n"
+        "  1 dog    0    0    1    0    0    0\n"
+        "  2 eel    0    0    0    0    0    0\n"
+        "  3 fox    0    0    0    0    0    0\n"
+        "  4 gnu    0    0    0    0    1    0\n"
+        "  5 hen    0    0    0    0    0    0"
+    )
+
+
+def test_top5_is_left_out_with_five_classes_or_fewer(example):
+    logits, labels = example
+    labels = np.minimum(labels, 4)
+    five = compute_metrics(logits[:, :5], labels, CLASSES[:5])
+    assert "top5_accuracy" not in five  # every prediction is in the top 5: meaningless
+    assert "top-5" not in format_metrics_table({**five, "images_per_second": 1.0})
+    assert compute_metrics(logits, labels, CLASSES)["top5_accuracy"] == pytest.approx(0.8)
 
 
 def test_confusion_matrix_png_is_written(tmp_path, example):

@@ -2,7 +2,9 @@
 identity. No TensorFlow needed: these run in milliseconds."""
 
 import datetime
+import json
 import os
+import zipfile
 
 import pytest
 import yaml
@@ -16,7 +18,13 @@ from bnzoo.config import (
     parse_train_args,
     save_config,
 )
-from bnzoo.run_folder import check_run_folder
+from bnzoo.run_folder import (
+    STATE_FORMAT,
+    STATE_MEMBER,
+    RunPaths,
+    check_run_folder,
+    discard_unstarted_run,
+)
 
 
 def write_yaml(path, values):
@@ -74,7 +82,7 @@ def test_config_file_accepts_dashed_keys_and_null(tmp_path):
 
 def test_config_file_values_are_checked_like_flags(tmp_path):
     path = write_yaml(tmp_path / "run.yaml", {"batch_size": 0})
-    with pytest.raises(UsageError, match="--batch-size: must be a positive integer, got '0'"):
+    with pytest.raises(UsageError, match=r"--batch-size: must be a positive integer .*, got '0'"):
         parse_train_args(["--config", path])
 
 
@@ -127,19 +135,19 @@ def test_model_args_owned_by_train_py_are_refused(key):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--batch-size", "0"], "--batch-size: must be a positive integer, got '0'"),
+        (["--batch-size", "0"], r"--batch-size: must be a positive integer .*, got '0'"),
         (["--epochs", "-1"], "--epochs: must be a positive integer"),
         (["--optimizer", "adagrad"], "--optimizer: invalid choice: 'adagrad'"),
-        (["--lr", "0"], "--lr must be positive"),
-        (["--label-smoothing", "1.0"], r"--label-smoothing must be in \[0, 1\)"),
+        (["--lr", "0"], r"--lr: must be in \(0, 10\]"),
+        (["--label-smoothing", "1.0"], r"--label-smoothing: must be in \[0, 1\)"),
         (["--warmup-epochs", "5", "--epochs", "3"], "--warmup-epochs must be"),
         (["--image-size", "0"], "--image-size: expected SIZE or HEIGHT,WIDTH"),
-        (["--bn-epsilon", "0"], "--bn-epsilon must be positive"),
+        (["--bn-epsilon", "0"], r"--bn-epsilon: must be in \(0, 1\]"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
-def test_bad_values_are_value_errors_naming_the_flag(argv, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_values_are_usage_errors_naming_the_flag(argv, message):
+    with pytest.raises(UsageError, match=message):
         parse_train_args(argv)
 
 
@@ -199,13 +207,63 @@ def test_run_folder_holding_the_same_run_resumes(tmp_path):
     assert check_run_folder(tmp_path, moved) == "resume"
 
 
+def commit_epochs(run_dir, epochs):
+    """A checkpoints/last.keras that says `epochs` epochs are committed (only its training
+    state: check_run_folder reads nothing else)."""
+    path = RunPaths(str(run_dir)).last_checkpoint
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        state = {"format": STATE_FORMAT, "epoch": epochs, "history": [], "best": None}
+        archive.writestr(STATE_MEMBER, json.dumps(state))
+
+
 def test_run_folder_holding_a_different_run_is_refused_unless_overwrite(tmp_path):
     save_config(TrainConfig(epochs=3, lr=0.1), tmp_path)
-    different = TrainConfig(epochs=5, lr=0.1)
-    with pytest.raises(ValueError, match=r"holds a different run \(epochs: 3 -> 5\).*--overwrite"):
+    commit_epochs(tmp_path, 1)
+    different = TrainConfig(epochs=3, lr=0.2)
+    with pytest.raises(ValueError, match=r"holds a different run \(lr: 0.1 -> 0.2\).*--overwrite"):
         check_run_folder(tmp_path, different)
     different.overwrite = True
     assert check_run_folder(tmp_path, different) == "new"
+
+
+def test_a_different_run_that_never_finished_an_epoch_is_replaced_saying_so(tmp_path):
+    save_config(TrainConfig(lr=0.1), tmp_path)
+    lines = []
+    assert check_run_folder(tmp_path, TrainConfig(lr=0.2), log=lines.append) == "new"
+    assert lines == [
+        f"replacing {tmp_path}: it holds a different run (lr: 0.1 -> 0.2) that never "
+        "finished an epoch"
+    ]
+
+
+def test_raising_epochs_extends_the_run_and_lowering_them_below_the_trained_is_refused(
+    tmp_path,
+):
+    save_config(TrainConfig(epochs=3), tmp_path)
+    commit_epochs(tmp_path, 3)
+    assert check_run_folder(tmp_path, TrainConfig(epochs=4)) == "resume"
+    assert check_run_folder(tmp_path, TrainConfig(epochs=3)) == "resume"
+    with pytest.raises(ValueError, match="already trained 3 epochs, more than --epochs 2"):
+        check_run_folder(tmp_path, TrainConfig(epochs=2))
+
+
+def test_a_run_that_never_committed_an_epoch_is_discarded_but_a_committed_one_is_kept(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(TrainConfig(), run)
+    (run / ".lock").write_text("")
+    assert discard_unstarted_run(RunPaths(str(run)), remove_folder=True)
+    assert not run.exists()
+    run.mkdir()
+    (run / "mine.txt").write_text("the user's")
+    save_config(TrainConfig(), run)
+    assert discard_unstarted_run(RunPaths(str(run)), remove_folder=True)
+    assert os.listdir(run) == ["mine.txt"]  # only the run's own files go
+    save_config(TrainConfig(), run)
+    commit_epochs(run, 1)
+    assert not discard_unstarted_run(RunPaths(str(run)), remove_folder=True)
+    assert (run / "config.yaml").exists()
 
 
 def test_folder_holding_only_a_lock_file_is_a_run_killed_at_birth(tmp_path):
@@ -230,3 +288,59 @@ def test_unknown_key_in_a_run_config_is_an_error(tmp_path):
     (tmp_path / "config.yaml").write_text("model: plain_cnn\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
         load_config(tmp_path)
+
+
+def test_image_folders_default_to_the_stratified_80_10_10_slices(tmp_path):
+    config = parse_train_args(["--dataset", f"image_folder:{tmp_path}"])
+    assert (config.train_split, config.val_split, config.test_split) == (
+        "train[:80%]",
+        "train[80%:90%]",
+        "train[90%:]",
+    )
+    explicit = parse_train_args(
+        ["--dataset", f"image_folder:{tmp_path}", "--val-split", "none", "--test-split", "auto"]
+    )
+    assert (explicit.val_split, explicit.test_split) == (None, "train[90%:]")
+
+
+def test_an_image_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(dataset="image_folder:flowers").dataset == f"image_folder:{tmp_path}/flowers"
+
+
+def test_bn_momentum_has_a_spelling_for_the_cumulative_average():
+    assert parse_train_args(["--bn-momentum", "cumulative"]).bn_momentum == "cumulative"
+    assert parse_train_args(["--bn-momentum", "none"]).bn_momentum is None
+    with pytest.raises(UsageError, match="got 'sometimes'"):
+        TrainConfig(bn_momentum="sometimes").validate()
+
+
+def test_settings_that_have_no_effect_are_warned_about_unless_they_are_the_defaults():
+    assert TrainConfig(optimizer="adam").ignored_settings() == []
+    assert TrainConfig(optimizer="adam", momentum=0.5, lr_decay_rate=0.5).ignored_settings() == [
+        "--momentum 0.5 has no effect with --optimizer adam (it is SGD's momentum)",
+        "--lr-decay-rate 0.5 has no effect with --lr-schedule cosine (it is the exponential "
+        "schedule's factor per epoch)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr": float("inf")}, r"--lr must be a finite number in \(0, 10\], got inf"),
+        ({"epochs": 2.0}, "--epochs must be a positive integer"),
+        ({"seed": True}, r"--seed must be an integer in \[0, 4294967295\], got True"),
+        ({"image_size": (32.5, 32)}, "--image-size must be one or two positive integers"),
+        ({"val_split": ""}, "--val-split must not be empty, got ''; use none for no split"),
+        ({"model": ""}, "--model must not be empty"),
+    ],
+)
+def test_python_configs_are_checked_like_the_command_line(values, message):
+    with pytest.raises(UsageError, match=message):
+        TrainConfig(**values).validate()
+
+
+def test_a_run_folder_that_cannot_be_created_is_refused_before_the_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(ValueError, match=r"notes.txt is a file, not a folder"):
+        check_run_folder(tmp_path / "notes.txt" / "runs" / "x", TrainConfig())

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from bnzoo import evaluation
 from bnzoo.cli import run_cli
+from bnzoo.config import load_config
 from bnzoo.data import load_dataset, preprocess_images
 from bnzoo.run_folder import RunPaths, read_checkpoint_state
 
@@ -249,10 +250,51 @@ def test_a_run_folder_in_use_by_another_process_is_refused(run_dir, tmp_path, ca
 
 @pytest.mark.slow
 def test_a_different_run_in_the_folder_is_refused_in_one_line(run_dir, capsys):
-    status, _, err = train_cli([*TINY, "--epochs", "2", "--output-dir", run_dir], capsys)
+    status, _, err = train_cli([*TINY, "--lr", "0.05", "--output-dir", run_dir], capsys)
     assert status == 1
     assert err.count("\n") == 1
-    assert "holds a different run (epochs: 1 -> 2)" in err and "--overwrite" in err
+    assert "holds a different run (lr: 0.1 -> 0.05)" in err and "--overwrite" in err
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_extended_by_raising_epochs_on_the_longer_schedule(
+    run_dir, tmp_path, capsys
+):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    before = read_checkpoint_state(os.path.join(copy, "checkpoints", "last.keras"))["history"]
+    status, out, err = train_cli([*TINY, "--epochs", "2", "--output-dir", copy], capsys)
+    assert status == 0, err
+    assert (
+        f"{copy}: --epochs 1 -> 2; the learning-rate schedule from here on is the 2-epoch one"
+        in out
+    )
+    assert f"resuming {copy} after epoch 1 of 2" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["2/2"]
+    state = read_checkpoint_state(os.path.join(copy, "checkpoints", "last.keras"))
+    assert state["history"][0] == before[0]  # epoch 1 is kept as it was
+    # The 2-epoch cosine schedule ends at 0 after the last step, where the 1-epoch one ended.
+    assert state["history"][1]["learning_rate"] == pytest.approx(0.0, abs=1e-9)
+    import layers  # noqa: F401
+    import models  # noqa: F401
+
+    checkpoint = keras.models.load_model(os.path.join(copy, "checkpoints", "last.keras"))
+    assert int(checkpoint.optimizer.iterations) == 2 * (512 // 64)
+    assert load_config(copy).epochs == 2  # config.yaml records the extension
+    status, _, err = train_cli([*TINY, "--epochs", "1", "--output-dir", copy], capsys)
+    assert status == 1 and "has already trained 2 epochs, more than --epochs 1" in err
+
+
+@pytest.mark.slow
+def test_a_runs_config_yaml_resumes_that_run_from_any_directory(
+    run_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    config = os.path.relpath(os.path.join(run_dir, "config.yaml"))
+    status, out, err = train_cli(["--config", config], capsys)
+    assert status == 0, err
+    assert "is already complete (1 epoch; test accuracy" in out
+    assert os.listdir(tmp_path) == []  # no new run under ./runs
 
 
 def mnist_files(folder, corrupt=False):
@@ -272,17 +314,38 @@ def mnist_files(folder, corrupt=False):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "argv, message",
+    "argv, status, message",
     [
-        (["--model", "plain_cn"], "plain_cnn"),
-        (["--dataset", "fashion_mnst"], "fashion_mnist"),
-        (["--train-split", "train[:90"], "train[:90"),
-        (["--model", "bn_inception", "--image-size", "16"], "16"),
-        (["--train-split", "train[:32]"], "fewer than --batch-size 64"),
-        (["--model-arg", "widht=[8]"], "plain_cnn has no option 'widht'; did you mean widths?"),
-        (["--dataset", "mnist", "--manual-dir", "{empty}", "--data-dir", "{data}"], "mnist"),
+        (["--model", "plain_cn"], 2, "plain_cnn"),
+        (["--dataset", "fashion_mnst"], 1, "fashion_mnist"),
+        (["--train-split", "train[:90"], 1, "train[:90"),
+        (["--model", "bn_inception", "--image-size", "16"], 2, "16"),
+        (["--train-split", "train[:32]"], 1, "fewer than --batch-size 64"),
+        (
+            ["--model-arg", "widht=[8]"],
+            2,
+            "plain_cnn has no option 'widht'; did you mean 'widths'?",
+        ),
+        (
+            ["--model-arg", "widths=32"],
+            2,
+            "--model-arg widths=32: plain_cnn's widths takes a list of integers, e.g. "
+            "widths=[32,64,128]",
+        ),
+        (["--model-arg", "depth=true"], 2, "plain_cnn's depth takes an integer, e.g. depth=2"),
+        (["--model-arg", "dropout_rate=2"], 2, "dropout_rate must be in [0, 1)"),
+        (
+            ["--image-size", "100000"],
+            1,
+            "--image-size 100000x100000: the input pipeline for batches of 64 images needs",
+        ),
+        # Which of the estimates refuses it depends on the machine; the unit tests pin each.
+        (["--image-size", "3000"], 1, "--image-size 3000x3000: "),
+        (["--model", "paper_mlp", "--image-size", "4000"], 1, "of available memory"),
+        (["--dataset", "mnist", "--manual-dir", "{empty}", "--data-dir", "{data}"], 1, "mnist"),
         (
             ["--dataset", "mnist", "--manual-dir", "{corrupt}", "--data-dir", "{data}"],
+            1,
             "train-images-idx3-ubyte.gz",
         ),
     ],
@@ -293,11 +356,19 @@ def mnist_files(folder, corrupt=False):
         "input-too-small",
         "split-smaller-than-batch",
         "unknown-model-arg",
+        "model-arg-of-the-wrong-type",
+        "model-arg-bool-for-int",
+        "model-arg-the-builder-refuses",
+        "input-batch-beyond-memory",
+        "input-beyond-memory",
+        "weights-and-pipeline-beyond-memory",
         "missing-data-files",
         "corrupt-data-files",
     ],
 )
-def test_bad_input_is_one_line_and_leaves_no_run_folder(argv, message, tmp_path, capsys):
+def test_bad_input_is_one_line_and_leaves_no_run_folder(argv, status, message, tmp_path, capsys):
+    """Exit status 2 for a command line that is wrong by itself, 1 for one that fails on the
+    data or the machine; either way one line, before the run folder exists."""
     replacements = {
         "{empty}": str(tmp_path / "empty"),
         "{data}": str(tmp_path / "tfds"),
@@ -306,12 +377,25 @@ def test_bad_input_is_one_line_and_leaves_no_run_folder(argv, message, tmp_path,
     os.makedirs(replacements["{empty}"])
     argv = [replacements.get(arg, arg) for arg in argv]
     output_dir = str(tmp_path / "run")
-    status, out, err = train_cli([*SLICES, *argv, "--output-dir", output_dir], capsys)
-    assert status == 1, (out, err)
+    actual, out, err = train_cli([*SLICES, *argv, "--output-dir", output_dir], capsys)
+    assert actual == status, (out, err)
     assert err.startswith("train.py: error: ") and err.count("\n") == 1, err
     assert message in err
     assert "Traceback" not in err
+    if status == 1 and "--image-size" in argv:
+        assert "more than this machine's" in err
     assert not os.path.exists(output_dir)
+
+
+@pytest.mark.slow
+def test_model_args_of_a_config_file_are_checked_like_flags_in_a_real_process(tmp_path, run_script):
+    (tmp_path / "run.yaml").write_text("model_args: {widths: 32}\nepochs: 1\n")
+    result = run_script.run(
+        "train.py", "--config", tmp_path / "run.yaml", "--output-dir", tmp_path / "run"
+    )
+    line = run_script.error_line(result, 2)
+    assert "--model-arg widths=32: plain_cnn's widths takes a list of integers" in line
+    assert os.listdir(tmp_path) == ["run.yaml"]
 
 
 @pytest.mark.slow
@@ -386,6 +470,7 @@ def test_image_folder_of_varying_sizes_trains_exports_and_serves_any_size(tmp_pa
 
     status, out, err = train_cli([*base, "--image-size", "16"], capsys)
     assert status == 0, err
+    assert "(24 examples, varying sizes x3 -> 16x16x3): 1 epoch of 3 steps" in out
     with open(tmp_path / "run" / "metrics.json") as stream:
         metrics = json.load(stream)
     assert metrics["num_examples"] == 12
@@ -396,3 +481,97 @@ def test_image_folder_of_varying_sizes_trains_exports_and_serves_any_size(tmp_pa
     for height, width in ((20, 24), (40, 17)):
         outputs = serve(images=tf.zeros((2, height, width, 3), tf.uint8))
         assert outputs["probabilities"].shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_the_readme_image_folder_command_trains_on_a_stated_stratified_split(tmp_path, capsys):
+    """`python train.py --dataset image_folder:/data/flowers --image-size 64`, as the README
+    prints it (made tiny): image folders default to a stratified 80/10/10 partition."""
+    folder = write_image_folder(str(tmp_path / "flowers"), [(20, 24)] * 10)
+    status, out, err = train_cli(
+        [
+            "--dataset",
+            f"image_folder:{folder}",
+            "--image-size",
+            "16",
+            *["--epochs", "1", "--batch-size", "24", "--model-arg", "widths=[4,8]"],
+            *["--output-dir", str(tmp_path / "run")],
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    assert (
+        f"on image_folder:{folder} train[:80%] (24 examples, 20x24x3 -> 16x16x3): 1 epoch of "
+        "1 step; validating on train[80%:90%], testing on train[90%:] (image-folder slices are "
+        "stratified by class" in out
+    )
+    with open(tmp_path / "run" / "metrics.json") as stream:
+        metrics = json.load(stream)
+    assert metrics["split"] == "train[90%:]"
+    # Stratified: each of the three classes has exactly one of the three test images.
+    assert [sum(row) for row in metrics["confusion_matrix"]] == [1, 1, 1]
+    assert "top5_accuracy" not in metrics  # 3 classes: every prediction is in the top 5
+    with open(tmp_path / "run" / "history.csv") as stream:
+        row = next(csv.DictReader(stream))
+    assert row["accuracy"] and row["top5_accuracy"] == "" and row["val_top5_accuracy"] == ""
+
+
+@pytest.mark.slow
+def test_a_default_split_too_small_for_a_tiny_image_folder_names_its_flag(tmp_path, capsys):
+    folder = write_image_folder(str(tmp_path / "images"), [(8, 8)] * 2)  # 6 images
+    status, _, err = train_cli(
+        ["--dataset", f"image_folder:{folder}", "--batch-size", "2"]
+        + ["--output-dir", str(tmp_path / "run")],
+        capsys,
+    )
+    assert status == 1 and err.count("\n") == 1
+    assert err.startswith("train.py: error: --val-split train[80%:90%]: split 'train[80%:90%]'")
+    assert err.endswith("; or pass --val-split none to go without\n")
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_an_image_folder_with_one_class_is_a_one_line_error(tmp_path, capsys):
+    folder = str(tmp_path / "images")
+    write_image_folder(folder, [(8, 8)] * 10)
+    for name in ("green", "blue"):
+        shutil.rmtree(os.path.join(folder, name))
+    status, _, err = train_cli(
+        ["--dataset", f"image_folder:{folder}", "--batch-size", "2"]
+        + ["--output-dir", str(tmp_path / "run")],
+        capsys,
+    )
+    assert status == 1 and err.count("\n") == 1
+    assert f"image_folder:{folder} has 1 class (red); a classifier needs at least two" in err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def damage(path, truncate):
+    data = open(path, "rb").read()
+    if truncate:
+        data = data[: len(data) // 2]
+    else:  # zeros inside the compressed pixel data: the header and the end are intact
+        data = data[:100] + b"\0" * 16 + data[116:]
+    with open(path, "wb") as stream:
+        stream.write(data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("truncate", [True, False], ids=["truncated", "damaged-inside"])
+def test_a_broken_image_is_named_and_the_failed_run_leaves_no_folder(truncate, tmp_path, capsys):
+    """A truncated file is found when the folder is loaded; damage inside a complete file only
+    when TensorFlow decodes it, in the first epoch: the run is then removed again, so the
+    corrected command starts afresh."""
+    folder = write_image_folder(str(tmp_path / "images"), [(12, 12)] * 8)
+    broken = os.path.join(folder, "green", "3.png")
+    damage(broken, truncate)
+    status, out, err = train_cli(
+        ["--dataset", f"image_folder:{folder}", "--batch-size", "8", "--epochs", "1"]
+        + ["--model-arg", "widths=[4]", "--output-dir", str(tmp_path / "run")],
+        capsys,
+    )
+    assert status == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"train.py: error: {broken}: ")
+    assert "Invalid PNG data" in err and "remove or replace it" in err
+    assert ("run folder:" in out) is not truncate  # truncation is caught before training
+    assert not os.path.exists(tmp_path / "run")

@@ -118,3 +118,64 @@ def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path)
     state = read_checkpoint_state(paths.last_checkpoint)
     assert state["epoch"] == EPOCHS
     assert [row["epoch"] for row in state["history"]] == list(range(1, EPOCHS + 1))
+
+
+def start(argv, log_path):
+    log = open(log_path, "w")
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return process, log
+
+
+@pytest.mark.slow
+def test_sigterm_after_an_epoch_exits_143_saying_that_rerunning_resumes(tmp_path):
+    output_dir = str(tmp_path / "run")
+    paths = RunPaths(output_dir)
+    process, log = start(command(output_dir), tmp_path / "out.log")
+    try:
+        deadline = time.monotonic() + 300
+        while committed_epoch(paths) < 1:
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the first epoch never finished"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    assert process.returncode == 143
+    epochs = committed_epoch(paths)
+    assert 0 < epochs < EPOCHS, "the signal came too late to test"
+    assert stderr.splitlines() == [
+        f"train.py: terminated; {output_dir} holds {epochs} of {EPOCHS} epochs: rerunning the "
+        "same command resumes from there"
+    ]
+    assert not [name for name in os.listdir(paths.checkpoints) if ".tmp-" in name]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_first_epoch_exits_130_and_leaves_no_run_folder(tmp_path):
+    """Nothing was committed, so nothing is kept: no half-made folder to block a changed
+    command. The training split is large so that the first epoch outlasts the test's polling."""
+    output_dir = str(tmp_path / "run")
+    argv = [*command(output_dir), "--train-split", "train[:20000]", "--val-split", "none"]
+    process, log = start(argv, tmp_path / "out.log")
+    try:
+        deadline = time.monotonic() + 300
+        while "training plain_cnn" not in (tmp_path / "out.log").read_text():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        assert committed_epoch(RunPaths(output_dir)) == 0
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    assert process.returncode == 130
+    assert stderr.splitlines() == [
+        "train.py: interrupted before the first epoch finished; nothing was kept, so rerunning "
+        "the same command starts the run again"
+    ]
+    assert not os.path.exists(output_dir)

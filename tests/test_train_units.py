@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bnzoo.config import TrainConfig
+from bnzoo.memory import activation_elements, check_input_batch_fits, check_training_step_fits
 from bnzoo.optimization import WarmupSchedule, build_optimizer, build_schedule
 from bnzoo.run_folder import (
     STATE_MEMBER,
@@ -24,7 +25,7 @@ from bnzoo.run_folder import (
     save_checkpoint,
     write_history_csv,
 )
-from bnzoo.training import resolve_image_size
+from bnzoo.training import build_model, resolve_image_size, warn_about_overlapping_splits
 
 
 def value(variable):
@@ -252,3 +253,56 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     open(tmp_path / "my_notes.txt", "w").close()
     remove_run_artifacts(paths)
     assert os.listdir(tmp_path) == ["my_notes.txt"]
+
+
+def test_bn_momentum_cumulative_builds_the_layers_cumulative_average():
+    import layers
+
+    config = TrainConfig(bn_momentum="cumulative", model_args={"widths": [4]}).validate()
+    model = build_model(config, (8, 8, 1), 3)
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    assert norms and all(layer.momentum is None for layer in norms)
+    config = TrainConfig(bn_momentum=0.9, model_args={"widths": [4]}).validate()
+    model = build_model(config, (8, 8, 1), 3)
+    assert {layer.momentum for layer in model.layers if hasattr(layer, "moving_mean")} == {0.9}
+
+
+def test_the_activation_estimate_counts_every_layer_output_per_example():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8*8*4 = 256
+    x = keras.layers.GlobalAveragePooling2D()(x)  # 4
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))  # 3
+    assert activation_elements(model) == 64 + 256 + 4 + 3
+
+
+def test_a_training_step_beyond_memory_is_refused_with_the_estimate(monkeypatch):
+    from bnzoo import memory
+
+    monkeypatch.setattr(memory, "host_memory", lambda: (2 * 1024**3, "available memory"))
+    monkeypatch.setattr(memory, "gpu_memory", lambda: None)
+    inputs = keras.Input((256, 256, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(16, 3, padding="same", name="c")(inputs))
+    # Per image: (3 + 16) * 256 * 256 activations * 4 bytes = 4.75 MiB, plus the pipeline's
+    # 3 * 256 * 256 * 64 bytes = 12 MiB; at 128 images 2.1 GiB > 2 GiB, at 64 images 1.05 GiB.
+    with pytest.raises(ValueError, match=r"^--image-size 256x256: one training step .* 2\.1 GiB"):
+        check_training_step_fits(model, 128, "--image-size 256x256")
+    check_training_step_fits(model, 64, "--image-size 256x256")
+    with pytest.raises(ValueError, match=r"input pipeline for batches of 200 images needs about"):
+        check_input_batch_fits((256, 256, 3), 200, "--image-size 256x256")
+    # With a GPU, the model's part is held against the GPU's memory.
+    monkeypatch.setattr(memory, "gpu_memory", lambda: 256 * 1024**2)
+    with pytest.raises(ValueError, match=r"more than this machine's 256\.0 MiB of GPU memory"):
+        check_training_step_fits(model, 64, "--image-size 256x256")
+
+
+def test_overlapping_validation_and_test_splits_get_a_warning_line():
+    lines = []
+    config = TrainConfig(train_split="train[:90%]", val_split="train[80%:]", test_split="test")
+    warn_about_overlapping_splits(config, lines.append)
+    assert lines == [
+        "warning: --val-split train[80%:] overlaps --train-split train[:90%] (6000 examples in "
+        "both): its accuracy will be optimistic"
+    ]
+    lines.clear()
+    warn_about_overlapping_splits(TrainConfig(), lines.append)
+    assert lines == []

@@ -9,8 +9,15 @@ and the tf.data pipeline shared by training and the exported SavedModel.
 See docs/data.md for the offline preparation, split syntax, normalization and augmentation.
 """
 
+from bnzoo.data.image_folder import naming_undecodable_images
 from bnzoo.data.info import DatasetInfo
-from bnzoo.data.loading import DEFAULT_DATASET, check_split_syntax, list_datasets, load_dataset
+from bnzoo.data.loading import (
+    DEFAULT_DATASET,
+    check_split_syntax,
+    list_datasets,
+    load_dataset,
+    overlapping_examples,
+)
 from bnzoo.data.pipeline import make_pipeline, preprocess_images
 
 __all__ = [
@@ -20,5 +27,7 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "make_pipeline",
+    "naming_undecodable_images",
+    "overlapping_examples",
     "preprocess_images",
 ]

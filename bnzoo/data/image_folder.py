@@ -8,12 +8,18 @@ Class names are the sorted sub-folder names (label i is the i-th name). Images a
 recursively inside each class folder by extension (.jpg, .jpeg, .png, .bmp, .gif, any case);
 other files are ignored. The folder is one split, `train`, sliced with TFDS split syntax
 (`train[:90%]`, `train[90%:]`, `train[:512]`, `train[:10%]+train[-10%:]`). Slices are taken from
-the file list sorted by path and then shuffled with a fixed seed (`FILE_ORDER_SEED`), so every
-slice mixes all classes and the same expression always selects the same files on every machine.
+one fixed, class-stratified order (`stratified_order`, seeded with `FILE_ORDER_SEED`), so the
+same expression selects the same files on every machine: `train[:80%]`, `train[80%:90%]` and
+`train[90%:]` (train.py's defaults for image folders) are a stratified train/validation/test
+partition, each class within one image of its 80/10/10 % share, and any other slice mixes the
+classes in roughly their shares.
 
-Sizes and channels are read from each file's header (a few bytes, no decoding) when the dataset
-is loaded, so a non-image or a broken header surfaces at once, naming the file, and not in the
-middle of training (damaged pixel data behind a valid header fails only when decoded):
+Sizes and channels are read from each file's header, and the end of each file is checked for
+its format's end marker (a few bytes each, no decoding), when the dataset is loaded: a
+non-image, a broken header or a truncated file surfaces at once, naming the file, not in the
+middle of training. Damaged pixel data inside a complete file fails only when TensorFlow
+decodes it; `naming_undecodable_images` then finds the file and names it.
+
 - Channels: 1 when every image is grayscale (with or without alpha), else 3 (RGB; alpha is
   dropped, grayscale images are expanded).
 - Size: when every image has the same height and width, `DatasetInfo.image_shape` is that
@@ -24,8 +30,11 @@ Decoding uses `tf.io.decode_image`; GIFs contribute their first frame.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import struct
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -43,6 +52,14 @@ SPLIT_NAME = "train"
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Channels `tf.io.decode_image(channels=0)` yields per PNG color type.
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The last 12 bytes of every complete PNG: the empty IEND chunk and its CRC.
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_JPEG_END = b"\xff\xd9"
+_GIF_TRAILER = b"\x3b"
+
+#: Folders loaded in this process, for `naming_undecodable_images`.
+_LOADED_FOLDERS: set[str] = set()
 
 
 def read_image_header(path: str) -> tuple[int, int, int]:
@@ -61,38 +78,72 @@ def read_image_header(path: str) -> tuple[int, int, int]:
     >>> bnzoo.data.image_folder.read_image_header("cat/001.png")
     (64, 48, 3)
     """
+    height, width, channels, _ = inspect_image_file(path)
+    return height, width, channels
+
+
+def inspect_image_file(path: str) -> tuple[int, int, int, bool]:
+    """`read_image_header`'s `(height, width, channels)` plus whether the file ends like a
+    complete file of its format (PNG: the IEND chunk; JPEG: the end-of-image marker; GIF: the
+    trailer; BMP: header size plus pixel rows). A False is a suspicion, not a verdict: some
+    writers append data after the end marker, which decoders ignore.
+
+    Raises:
+        ValueError: the file is not a PNG, JPEG, BMP or GIF, or its header is corrupt.
+    """
     with open(path, "rb") as f:
-        head = f.read(32)
+        head = f.read(64)
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - len(_PNG_END)))
+        tail = f.read()
         try:
-            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            if head.startswith(_PNG_SIGNATURE):
+                if len(head) < 26:
+                    raise ValueError("a PNG signature, then the file ends (truncated)")
+                if head[12:16] != b"IHDR":
+                    raise ValueError("a PNG signature but no IHDR header chunk after it")
                 width, height = struct.unpack(">II", head[16:24])
                 color_type = head[25]
                 if color_type not in _PNG_CHANNELS:
                     raise ValueError(f"unknown PNG color type {color_type}")
-                return height, width, _PNG_CHANNELS[color_type]
+                return height, width, _PNG_CHANNELS[color_type], tail.endswith(_PNG_END)
             if head[:6] in (b"GIF87a", b"GIF89a"):
                 width, height = struct.unpack("<HH", head[6:10])
-                return height, width, 3
+                return height, width, 3, tail.endswith(_GIF_TRAILER)
             if head.startswith(b"BM"):
-                (header_size,) = struct.unpack("<I", head[14:18])
-                if header_size == 12:  # BITMAPCOREHEADER: 16-bit sizes
-                    width, height, _, bits = struct.unpack("<HHHH", head[18:26])
-                else:
-                    width, height, _, bits = struct.unpack("<iiHH", head[18:30])
-                if bits not in (8, 24, 32):
-                    raise ValueError(f"{bits}-bit BMP (TensorFlow decodes 8, 24 and 32 bits)")
-                return abs(height), width, bits // 8
+                height, width, channels, complete = _read_bmp_header(head, size)
+                return height, width, channels, complete
             if head.startswith(b"\xff\xd8"):
                 f.seek(2)
-                return _read_jpeg_sof(f)
+                height, width, channels = _read_jpeg_sof(f)
+                return height, width, channels, tail.endswith(_JPEG_END)
         except struct.error as error:
             raise ValueError(f"{path}: truncated image header ({error}).") from error
         except ValueError as error:
             raise ValueError(f"{path}: cannot read the image ({error}).") from error
+    if not head:
+        raise ValueError(f"{path}: empty file; remove it from the image folder.")
     raise ValueError(
         f"{path}: not a PNG, JPEG, BMP or GIF image (starts with {head[:8].hex()}); remove it "
         "from the image folder or convert it."
     )
+
+
+def _read_bmp_header(head: bytes, size: int) -> tuple[int, int, int, bool]:
+    (pixel_offset,) = struct.unpack("<I", head[10:14])
+    (header_size,) = struct.unpack("<I", head[14:18])
+    compression = 0
+    if header_size == 12:  # BITMAPCOREHEADER: 16-bit sizes
+        width, height, _, bits = struct.unpack("<HHHH", head[18:26])
+    else:
+        width, height, _, bits, compression = struct.unpack("<iiHHI", head[18:34])
+    if bits not in (8, 24, 32):
+        raise ValueError(f"{bits}-bit BMP (TensorFlow decodes 8, 24 and 32 bits)")
+    row_bytes = (bits * abs(width) + 31) // 32 * 4
+    # Uncompressed pixel rows (BI_RGB, or BI_BITFIELDS' masks in the header) have a known size.
+    complete = compression in (0, 3) and size == pixel_offset + row_bytes * abs(height)
+    return abs(height), width, bits // 8, complete
 
 
 def _read_jpeg_sof(f) -> tuple[int, int, int]:
@@ -121,6 +172,143 @@ def _read_jpeg_sof(f) -> tuple[int, int, int]:
         f.seek(length - 2, os.SEEK_CUR)
 
 
+def _decode_error_reason(message: str) -> str:
+    """TensorFlow's decode error without its function-node prefix and op suffix."""
+    message = re.sub(r"\{\{[^}]*\}\}", "", " ".join(message.split()))
+    message = re.sub(r"\[\[.*?\]\]|\[Op:\w+\]( name:.*)?", "", message)
+    message = message.split("transformation with iterator:")[-1]
+    return re.sub(r"^\s*Iterator::[\w:]+:\s*", "", message).strip(" .")
+
+
+def decode_error(path: str) -> str | None:
+    """Why TensorFlow cannot decode the image at `path`, or None when it can."""
+    from bnzoo.cli import silenced_native_stderr
+
+    with silenced_native_stderr():  # libjpeg logs "Premature end of JPEG data" on stderr
+        try:
+            tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        except tf.errors.OpError as error:
+            return _decode_error_reason(error.message) or type(error).__name__
+    return None
+
+
+def undecodable_images(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """`(path, reason)` of each image among `paths` that TensorFlow cannot decode, in order.
+
+    Decodes every file (in parallel), so it costs about one epoch's decoding: it is for
+    explaining a failure, not for every load.
+    """
+    from bnzoo.cli import silenced_native_stderr
+
+    def decodes(path):
+        image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        return path, tf.shape(image)
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(list(paths))
+        .map(decodes, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        .ignore_errors()
+    )
+    with silenced_native_stderr():
+        decoded = {path.decode() for path, _ in dataset.as_numpy_iterator()}
+    return [(path, decode_error(path) or "") for path in paths if path not in decoded]
+
+
+@contextlib.contextmanager
+def naming_undecodable_images() -> Iterator[None]:
+    """Turn TensorFlow's "Invalid PNG data" from inside a tf.data pipeline into a ValueError
+    that names the file.
+
+    A decode error raised by a pipeline carries no file name. This finds the image(s) that do
+    not decode among the image folders loaded in this process, and raises a ValueError naming
+    the first one. Errors that are not image decoding pass through unchanged.
+    """
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as error:
+        if "DecodeImage" not in error.message and "decode_image" not in error.message:
+            raise
+        broken: list[tuple[str, str]] = []
+        for directory in sorted(_LOADED_FOLDERS):
+            try:
+                _, paths, _ = scan_image_folder(directory)
+            except (OSError, ValueError):
+                continue
+            broken += undecodable_images(paths)
+        if not broken:
+            raise
+        path, reason = broken[0]
+        others = f" ({len(broken) - 1} more such files)" if len(broken) > 1 else ""
+        raise ValueError(
+            f"{path}: TensorFlow cannot decode this image ({reason or 'damaged data'}){others}; "
+            "remove or replace it, then rerun"
+        ) from None
+
+
+def check_images_complete(paths: Sequence[str], complete: Sequence[bool]) -> None:
+    """Decode the files whose end looked wrong (`inspect_image_file`); raise for the first one
+    TensorFlow cannot decode. A truncated download is caught here, by name, in milliseconds."""
+    for path, ok in zip(paths, complete, strict=True):
+        if not ok:
+            reason = decode_error(path)
+            if reason is not None:
+                raise ValueError(
+                    f"{path}: truncated or damaged image, TensorFlow cannot decode it ({reason}); "
+                    "remove or replace it"
+                )
+
+
+#: Where the default splits (`train[:80%]`, `train[80%:90%]`, `train[90%:]`) cut the order: the
+#: order is built so that these three parts are exactly stratified.
+STRATIFIED_CUTS_PERCENT = (80, 90)
+
+
+def _interleave(members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Concatenate per-class index arrays so that every class is spread evenly: the j-th of a
+    class's n members gets the position (j + u) / n, u uniform in [0, 1), and positions are
+    sorted. Any run of the result then holds each class roughly in its share."""
+    indices = np.concatenate(members) if members else np.zeros([0], np.int64)
+    positions = np.concatenate(
+        [(np.arange(len(m)) + rng.uniform(size=len(m))) / max(len(m), 1) for m in members]
+        or [np.zeros([0])]
+    )
+    return indices[np.argsort(positions, kind="stable")]
+
+
+def stratified_order(labels: Sequence[int], seed: int = FILE_ORDER_SEED) -> np.ndarray:
+    """A seeded order of the examples that makes the default splits a stratified partition.
+
+    The order is cut where `train[:80%]` and `train[90%:]` cut it (TFDS's rounding). Each part
+    gets from every class its share of what is left, rounded by largest remainder, so each
+    class's count in `train[:80%]`, `train[80%:90%]` and `train[90%:]` is within one image of
+    80/10/10 % of the class (sklearn's `stratify`, as slices). Within each part the classes are
+    shuffled and interleaved in proportion, so other slices (`train[:50%]`, `train[:512]`) mix
+    the classes in roughly their shares too.
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    remaining = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    cuts = [len(select_split(total, f"train[:{p}%]")) for p in STRATIFIED_CUTS_PERCENT]
+    sizes = np.diff([0, *cuts, total])
+    parts = []
+    for size in sizes[:-1]:
+        left = sum(len(members) for members in remaining.values())
+        ideal = np.array([len(remaining[c]) * size / max(left, 1) for c in classes])
+        counts = np.floor(ideal).astype(int)
+        # Largest remainder; random among equal remainders, so no class is always favoured.
+        ranking = np.lexsort((rng.uniform(size=len(classes)), -(ideal - counts)))
+        counts[ranking[: size - counts.sum()]] += 1
+        members = []
+        for c, count in zip(classes, counts, strict=True):
+            members.append(np.array(remaining[c][:count], np.int64))
+            remaining[c] = remaining[c][count:]
+        parts.append(_interleave(members, rng))
+    parts.append(_interleave([np.array(remaining[c], np.int64) for c in classes], rng))
+    return np.concatenate(parts)
+
+
 def folder_path(name: str) -> str:
     """The folder of an `image_folder:PATH` dataset name, absolute and user-expanded."""
     path = name[len(PREFIX) :] if name.startswith(PREFIX) else name
@@ -142,6 +330,11 @@ def scan_image_folder(directory: str) -> tuple[tuple[str, ...], list[str], list[
         FileNotFoundError: `directory` does not exist.
         ValueError: it has no class sub-folders, or a class sub-folder has no images.
     """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(
+            f"image folder {directory} is a file, not a folder; pass a folder with one "
+            "sub-folder of images per class."
+        )
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"image folder {directory} does not exist; pass a folder with one sub-folder of "
@@ -230,7 +423,7 @@ def load_image_folder(name: str, split: str = SPLIT_NAME) -> tuple[tf.data.Datas
     """
     directory = folder_path(name)
     class_names, paths, labels = scan_image_folder(directory)
-    order = np.random.default_rng(FILE_ORDER_SEED).permutation(len(paths))
+    order = stratified_order(labels)
     selected = order[select_split(len(paths), split, dataset=f"{PREFIX}{directory}")]
     if len(selected) == 0:
         raise ValueError(
@@ -239,9 +432,11 @@ def load_image_folder(name: str, split: str = SPLIT_NAME) -> tuple[tf.data.Datas
         )
     # Headers of every image in the folder, not only the selection: the channel count must not
     # depend on the split, or train and test would be decoded differently.
-    headers = [read_image_header(path) for path in paths]
-    channels = 1 if all(c in (1, 2) for _, _, c in headers) else 3
-    sizes = {(h, w) for h, w, _ in headers}
+    headers = [inspect_image_file(path) for path in paths]
+    check_images_complete(paths, [complete for *_, complete in headers])
+    _LOADED_FOLDERS.add(directory)
+    channels = 1 if all(c in (1, 2) for _, _, c, _ in headers) else 3
+    sizes = {(h, w) for h, w, _, _ in headers}
     height, width = next(iter(sizes)) if len(sizes) == 1 else (None, None)
     mean, std = normalization_for(PREFIX, channels)
 

@@ -171,6 +171,55 @@ def load_dataset(
     return dataset, info
 
 
+def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        elif start < stop:
+            merged.append((start, stop))
+    return merged
+
+
+def _absolute_ranges(split: str, split_sizes: dict[str, int]) -> dict[str, list[tuple[int, int]]]:
+    """`{split name: merged [start, stop) index ranges}` that a split expression selects."""
+    infos = {
+        name: tfds.core.SplitInfo(name=name, shard_lengths=[size], num_bytes=0)
+        for name, size in split_sizes.items()
+    }
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(infos):
+        start, stop, _ = slice(part.from_, part.to).indices(split_sizes[part.splitname])
+        ranges.setdefault(part.splitname, []).append((start, stop))
+    return {name: _merged(parts) for name, parts in ranges.items()}
+
+
+def overlapping_examples(name: str, split: str, other: str, data_dir: str | None = None) -> int:
+    """How many examples the split expressions `split` and `other` of dataset `name` share.
+
+    For warnings such as "the validation split lies inside the training split". Meant to be
+    called after `load_dataset` has prepared both splits; returns 0 when the split sizes are not
+    known (an unprepared dataset), since a warning is then better skipped than guessed.
+    """
+    if name.startswith(image_folder.PREFIX):
+        _, paths, _ = image_folder.scan_image_folder(image_folder.folder_path(name))
+        split_sizes = {image_folder.SPLIT_NAME: len(paths)}
+    else:
+        builder = tfds.builder(name, data_dir=data_dir)
+        split_sizes = {key: int(info.num_examples) for key, info in builder.info.splits.items()}
+    try:
+        first = _absolute_ranges(split, split_sizes)
+        second = _absolute_ranges(other, split_sizes)
+    except (ValueError, AssertionError, KeyError):
+        return 0
+    shared = 0
+    for split_name, intervals in first.items():
+        for start, stop in intervals:
+            for other_start, other_stop in second.get(split_name, []):
+                shared += max(0, min(stop, other_stop) - max(start, other_start))
+    return shared
+
+
 def _prepared_datasets(data_dir: str) -> set[str]:
     """Names of the datasets prepared in `data_dir`.
 
