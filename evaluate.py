@@ -16,8 +16,17 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-from bnzoo.cli import EXIT_STATUS_HELP, check_output_file, import_tensorflow_quietly, run_cli
-from bnzoo.config import ArgumentParser, non_empty, optional, positive_int
+from bnzoo.cli import (
+    EXIT_STATUS_HELP,
+    UsageError,
+    check_output_file,
+    import_tensorflow_quietly,
+    run_cli,
+)
+from bnzoo.config import ArgumentParser, TrainConfig, non_empty, optional, positive_int
+
+#: `--bn-statistics-batches` default: train.py's.
+STATISTICS_BATCHES = TrainConfig.bn_statistics_batches
 
 
 def build_parser() -> ArgumentParser:
@@ -59,6 +68,7 @@ def build_parser() -> ArgumentParser:
     group.add_argument(
         "--bn-statistics-split",
         metavar="SPLIT",
+        type=non_empty,
         help="before scoring, recompute BN's inference statistics as the paper's population "
         "statistics (Algorithm 2) over training images of this split, e.g. 'train[:90%%]'; "
         "needs a .keras model or a run folder (its model.keras). The file is not changed",
@@ -66,8 +76,7 @@ def build_parser() -> ArgumentParser:
     group.add_argument(
         "--bn-statistics-batches",
         type=positive_int,
-        default=50,
-        help="batches the recomputed statistics average over",
+        help=f"batches the recomputed statistics average over (default {STATISTICS_BATCHES})",
     )
     group.add_argument(
         "--bn-statistics-batch-size",
@@ -81,6 +90,16 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.bn_statistics_split:
+        for flag, value in (
+            ("--bn-statistics-batches", args.bn_statistics_batches),
+            ("--bn-statistics-batch-size", args.bn_statistics_batch_size),
+        ):
+            if value is not None:
+                raise UsageError(
+                    f"{flag} has no effect without --bn-statistics-split (the training split "
+                    "to recompute BN's statistics on); add it or drop the option"
+                )
     # Where the results go is checked before minutes of evaluation, not after.
     if args.output:
         check_output_file(args.output, "--output")
@@ -107,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             manual_dir=args.manual_dir,
             bn_statistics_split=args.bn_statistics_split,
-            bn_statistics_batches=args.bn_statistics_batches,
+            bn_statistics_batches=args.bn_statistics_batches or STATISTICS_BATCHES,
             bn_statistics_batch_size=args.bn_statistics_batch_size,
         )
     print(evaluation.format_metrics_table(metrics))

@@ -62,6 +62,12 @@ class Terminated(KeyboardInterrupt):
     `kill`, a job scheduler's timeout) and the user reads how to continue."""
 
 
+#: An interruption with this attribute set to True ends the process right after its message,
+#: without Python's exit handlers: for a process whose runtime cannot shut down cleanly once it
+#: left its peers (a JAX multi-process run, `bnzoo.training.train`).
+EXIT_AT_ONCE = "exit_at_once"
+
+
 def interrupted_status(error: KeyboardInterrupt) -> int:
     """130 after SIGINT, 143 after SIGTERM."""
     return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
@@ -212,6 +218,10 @@ def run_cli(
     except KeyboardInterrupt as error:
         default = "terminated" if isinstance(error, Terminated) else "interrupted"
         print(f"{prog}: {one_line(error) if str(error) else default}", file=sys.stderr)
+        if getattr(error, EXIT_AT_ONCE, False):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(interrupted_status(error))
         return interrupted_status(error)
     except _user_error_types() as error:
         if debug:

@@ -135,6 +135,10 @@ RANGES: dict[str, Interval] = {
     "collective_timeout": Interval(0, MAX_COLLECTIVE_TIMEOUT, low_open=True),
 }
 INTEGER_OPTIONS = ("epochs", "batch_size", "shuffle_buffer", "seed", "bn_statistics_batches")
+#: Floats that only the host uses (in float64), never the float32 training computation.
+HOST_FLOAT_OPTIONS = ("collective_timeout",)
+#: On/off options (`--augment/--no-augment`); a Python config must not pass "yes" for True.
+SWITCHES = ("augment", "sync_bn", "mixed_precision", "deterministic", "overwrite")
 
 
 def _flag(name: str) -> str:
@@ -148,8 +152,9 @@ def _field_name(key: str) -> str:
 def check_number(name: str, value: Any) -> str | None:
     """Why `value` is not acceptable for numeric option `name` (a field name), or None.
 
-    Integers must be integers (not bools, not 3.0); floats must be finite and representable in
-    float32 (zero, or between 1.2e-38 and 3.4e38 in magnitude); both must lie in `RANGES`.
+    Integers must be integers (not bools, not 3.0); floats must be finite and, unless only the
+    host uses them (`HOST_FLOAT_OPTIONS`), representable in float32 (zero, or between 1.2e-38
+    and 3.4e38 in magnitude); both must lie in `RANGES`.
     """
     interval = RANGES[name]
     if name in INTEGER_OPTIONS:
@@ -165,7 +170,8 @@ def check_number(name: str, value: Any) -> str | None:
             return f"must be a number in {interval}"
         if not math.isfinite(value):
             return f"must be a finite number in {interval}"
-        if value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+        in_float32 = value == 0 or FLOAT32_TINY <= abs(value) <= FLOAT32_MAX
+        if name not in HOST_FLOAT_OPTIONS and not in_float32:
             return f"must be in {interval} and representable in float32 (training computes in it)"
     if value not in interval:
         return f"must be in {interval}"
@@ -293,6 +299,10 @@ class TrainConfig:
                 f"--bn-momentum must be a number in {RANGES['bn_momentum']}, {CUMULATIVE!r} or "
                 f"none, got {self.bn_momentum!r}"
             )
+        for name in SWITCHES:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise UsageError(f"--{_flag(name)} is a switch: true or false, got {value!r}")
         self._check_normalization_options()
         self._check_image_size()
         self._check_names()
@@ -457,7 +467,7 @@ def close_matches(value: str, options: Sequence[str] | set[str]) -> str:
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(
+        raise UsageError(
             f"--{name} must be one of {', '.join(choices)}, got {value!r}"
             f"{close_matches(str(value), choices)}"
         )

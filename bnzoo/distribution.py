@@ -39,6 +39,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -386,6 +388,29 @@ def mirrored_strategy(devices: Sequence[str]):
         tf.distribute.MirroredStrategy._collective_key_base = previous
 
 
+@contextlib.contextmanager
+def keeping_sigterm_handler() -> Iterator[None]:
+    """Keep this process's SIGTERM handler through the block.
+
+    TensorFlow's coordination service (started by `MultiWorkerMirroredStrategy`) and JAX's
+    distributed runtime (`jax.distributed.initialize`) install a C++ SIGTERM handler, a
+    preemption notifier for TensorFlow's `PreemptionCheckpointHandler` and JAX's preemption
+    sync, which only logs "SIGTERM caught" and lets the process go on training: a `kill` or a
+    scheduler stopping the job would not stop a worker. bnzoo uses neither mechanism; the
+    handler it had before stays (train.py's turns SIGTERM into exit status 143 with how to
+    resume; without one, SIGTERM ends the process as usual).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can set signal handlers
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: set outside Python, nothing to restore it with
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _start_tensorflow(plan: DistributionPlan, collective_timeout: float) -> Distribution:
     import tensorflow as tf
 
@@ -409,9 +434,10 @@ def _start_tensorflow(plan: DistributionPlan, collective_timeout: float) -> Dist
         # from the node's GPUs and the tasks per node.
         resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
     try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(
-            cluster_resolver=resolver, communication_options=options
-        )
+        with keeping_sigterm_handler():
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(
+                cluster_resolver=resolver, communication_options=options
+            )
     except RuntimeError as error:
         # TensorFlow can configure collectives only before its runtime starts.
         raise RuntimeError(
@@ -443,7 +469,8 @@ def _start_jax(plan: DistributionPlan) -> Distribution:
             # CPU devices of different processes talk through gloo; without it JAX refuses any
             # computation that spans processes. GPUs and TPUs use their own collectives.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        keras.distribution.initialize()
+        with keeping_sigterm_handler():
+            keras.distribution.initialize()
     if plan.mode == "none":
         keras.distribution.set_distribution(None)
         device = jax.local_devices()[0]

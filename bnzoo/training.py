@@ -36,7 +36,7 @@ import keras
 
 from bnzoo.atomic_files import save_model_atomically
 from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
-from bnzoo.cli import Terminated, UsageError
+from bnzoo.cli import EXIT_AT_ONCE, Terminated, UsageError
 from bnzoo.config import CUMULATIVE, TrainConfig, default_output_dir, load_config, save_config
 from bnzoo.memory import check_input_batch_fits, check_training_step_fits
 from bnzoo.model_args import check_model_options
@@ -388,9 +388,14 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
             return _run(config, paths, cluster, verdict, folder_error, log, progress_bar)
     except KeyboardInterrupt as interrupt:
         discarded = owns_folder and discard_unstarted_run(paths, remove_folder=not existed)
-        raise type(interrupt)(
+        stop = type(interrupt)(
             _interruption_message(interrupt, config, paths, plan, owns_folder, discarded)
-        ) from None
+        )
+        # JAX's exit handler waits (5 minutes) at a shutdown barrier for the other processes,
+        # which wait for this one in their next collective: both would hang, then abort. Ended
+        # at once, this process is gone for the others as after kill -9 (docs/distributed.md).
+        setattr(stop, EXIT_AT_ONCE, plan.backend == "jax" and plan.num_workers > 1)
+        raise stop from None
     except BaseException as error:
         if owns_folder and discard_unstarted_run(paths, remove_folder=not existed):
             log(f"removed {paths.run_dir}: the run stopped before finishing an epoch")
@@ -502,7 +507,7 @@ def _agree_with_chief(cluster, verdict, folder_error, config, paths, log) -> Run
     if code == _COMPLETE:
         if cluster.is_chief:
             return _report_complete(config, paths, verdict, log)
-        log(f"{paths.run_dir} is already complete ({epoch} epochs), says worker 0")
+        log(f"{paths.run_dir} is already complete ({plural(epoch, 'epoch')}), says worker 0")
         return RunResult(paths.run_dir, epoch, epoch, True, None)
     return None
 

@@ -62,7 +62,7 @@ def _per_example_statistics(loss_fn, labels, logits, top_k: bool = True):
         top5 = keras.metrics.top_k_categorical_accuracy(labels, logits, k=TOP_K)
         top5 = ops.cast(top5, "float32")
     else:
-        # JAX's top_k refuses k above the number of classes; the value is never reported.
+        # Every prediction is in the top 5: the value would be 1 and is never reported.
         top5 = ops.zeros_like(accuracy)
     return loss, accuracy, top5
 

@@ -310,6 +310,41 @@ def test_evaluation_counts_every_example_once_and_ignores_padding():
     assert logs["top5_accuracy"] == 1.0
 
 
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("num_classes", [5, 6])
+def test_top5_accuracy_is_reported_only_with_more_than_five_classes(num_classes):
+    """With 5 classes or fewer every prediction is in the top 5: the loop leaves top-5 out of
+    its logs (history.csv then leaves the column empty), as `build_metrics` does for Keras."""
+    import tensorflow as tf
+
+    from bnzoo.distribution import start_distribution
+    from bnzoo.training_loop import make_training_loop
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3)).astype("float32")
+    y = rng.integers(0, num_classes, 12)
+
+    def make_batches():
+        return tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, num_classes))).batch(4)
+
+    with start_distribution(plan_distribution("none")) as distribution:
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, keras.layers.Dense(num_classes)(inputs))
+        model.compile(optimizer=keras.optimizers.SGD(0.0))  # the weights stay as they are
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+        loop = make_training_loop(model, distribution, loss, 4, num_classes=num_classes)
+        training = loop.train_epoch(make_batches, 3)
+        evaluation = loop.evaluate(make_batches)
+    logits = keras.ops.convert_to_numpy(model(x))
+    rank = (logits > logits[np.arange(12), y][:, None]).sum(1)
+    for logs in (training, evaluation):
+        assert logs["accuracy"] == pytest.approx((logits.argmax(1) == y).mean())
+        if num_classes > 5:
+            assert logs["top5_accuracy"] == pytest.approx((rank < 5).mean())
+        else:
+            assert "top5_accuracy" not in logs
+
+
 JAX_TWO_DEVICES = """
 import json, sys
 import numpy as np

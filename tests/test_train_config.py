@@ -324,6 +324,21 @@ def test_settings_that_have_no_effect_are_warned_about_unless_they_are_the_defau
     ]
 
 
+def test_the_training_loops_settings_that_have_no_effect_are_warned_about():
+    assert TrainConfig(distribute="auto", collective_timeout=30.0).ignored_settings() == []
+    assert TrainConfig(bn_statistics="moving", bn_statistics_batches=10).ignored_settings() == [
+        "--bn-statistics-batches 10 has no effect with --bn-statistics moving (it sizes the "
+        "population statistics)"
+    ]
+    assert TrainConfig(normalization="none", bn_statistics="moving").ignored_settings() == [
+        "--bn-statistics moving has no effect with --normalization none (there is no BN layer)"
+    ]
+    assert TrainConfig(distribute="none", collective_timeout=30.0).ignored_settings() == [
+        "--collective-timeout 30 has no effect with --distribute none (it bounds "
+        "multi_worker's collectives)"
+    ]
+
+
 @pytest.mark.parametrize(
     "values, message",
     [
@@ -333,6 +348,13 @@ def test_settings_that_have_no_effect_are_warned_about_unless_they_are_the_defau
         ({"image_size": (32.5, 32)}, "--image-size must be one or two positive integers"),
         ({"val_split": ""}, "--val-split must not be empty, got ''; use none for no split"),
         ({"model": ""}, "--model must not be empty"),
+        ({"bn_statistics_batches": 0}, "--bn-statistics-batches must be a positive integer"),
+        ({"collective_timeout": float("inf")}, "--collective-timeout must be a finite number"),
+        ({"collective_timeout": -1.0}, r"--collective-timeout must be in \(0, 2592000\]"),
+        ({"distribute": "multi-worker"}, "--distribute must be one of .* 'multi_worker'"),
+        ({"bn_statistics": "populaton"}, "did you mean 'population'"),
+        ({"sync_bn": "yes"}, "--sync-bn is a switch: true or false, got 'yes'"),
+        ({"sync_bn": True, "normalization": "none"}, "--sync-bn has no effect"),
     ],
 )
 def test_python_configs_are_checked_like_the_command_line(values, message):

@@ -215,6 +215,71 @@ def test_a_killed_worker_stops_the_other_in_seconds_and_a_restart_resumes(tmp_pa
     assert int(checkpoint.optimizer.iterations) == 2 * 1536 // 32
 
 
+@pytest.mark.slow
+def test_a_worker_lost_in_the_first_epoch_leaves_no_run_folder(tmp_path):
+    """Issue 12's rule with issue 9's workers: a run that never committed an epoch leaves
+    nothing that blocks the retry. The terminated worker says how to continue; the chief, the
+    only writer, stops on the lost worker and removes the folder it created."""
+    run_dir = str(tmp_path / "run")
+    values = {**TINY, "train_split": "train[:1536]", "batch_size": 32, "test_split": "none"}
+    workers = start_workers(argv_of(values, run_dir), tmp_path, "first")
+    (chief, *_), (victim, victim_out, *_) = workers
+    try:
+        deadline = time.monotonic() + 300
+        # Every worker prints the opening line just before its first epoch.
+        while "training plain_cnn" not in victim_out.read_text():
+            assert chief.poll() is None and victim.poll() is None, workers[0][2].read_text()
+            assert time.monotonic() < deadline, "the first epoch never started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the first epoch's 48 steps
+        assert not os.path.exists(RunPaths(run_dir).last_checkpoint), "terminated too late"
+        victim.send_signal(signal.SIGTERM)
+        (rc0, out0, err0), (rc1, _, err1) = finish(workers, timeout=180)
+    finally:
+        for process, *_ in workers:
+            if process.poll() is None:
+                process.kill()
+    assert rc1 == 143, err1[-3000:]
+    assert err1.splitlines()[-1] == (
+        "train.py: terminated; restarting every worker with the same command resumes after the "
+        "last epoch that worker 0 committed"
+    )
+    assert rc0 == 1, err0[-3000:]
+    assert err0.splitlines()[-1].startswith("train.py: error: worker 0 of 2: another worker")
+    assert f"removed {run_dir}: the run stopped before finishing an epoch" in out0
+    assert not os.path.exists(run_dir)
+
+
+@pytest.mark.slow
+def test_a_terminated_jax_process_stops_at_once_with_how_to_continue(tmp_path):
+    """JAX's distributed runtime swallows SIGTERM (its preemption notifier) and, at exit, waits
+    5 minutes at a shutdown barrier that a process blocked in a collective never reaches. The
+    terminated process keeps train.py's handler and ends at once with status 143; the others
+    see it gone as after kill -9 (docs/distributed.md), which this test does not wait for."""
+    run_dir = str(tmp_path / "run")
+    values = {**TINY, "train_split": "train[:1536]", "batch_size": 32, "test_split": "none"}
+    workers = start_workers(argv_of(values, run_dir), tmp_path, "jax", backend="jax")
+    (chief, *_), (victim, victim_out, victim_err, _) = workers
+    try:
+        deadline = time.monotonic() + 300
+        while "training plain_cnn" not in victim_out.read_text():
+            assert chief.poll() is None and victim.poll() is None, victim_err.read_text()
+            assert time.monotonic() < deadline, "the first epoch never started"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        victim.send_signal(signal.SIGTERM)
+        victim.wait(timeout=30)
+    finally:
+        for process, *_ in workers:
+            if process.poll() is None:
+                process.kill()
+    assert victim.returncode == 143, victim_err.read_text()[-3000:]
+    assert victim_err.read_text().splitlines()[-1] == (
+        "train.py: terminated; restarting every worker with the same command resumes after the "
+        "last epoch that worker 0 committed"
+    )
+
+
 class StopAfterFirstEpoch(Exception):
     pass
 

@@ -348,6 +348,11 @@ def mnist_files(folder, corrupt=False):
             1,
             "train-images-idx3-ubyte.gz",
         ),
+        (
+            ["--distribute", "multi_worker"],
+            1,
+            "--distribute multi_worker needs the cluster in the environment (TF_CONFIG",
+        ),
     ],
     ids=[
         "unknown-model",
@@ -364,6 +369,7 @@ def mnist_files(folder, corrupt=False):
         "weights-and-pipeline-beyond-memory",
         "missing-data-files",
         "corrupt-data-files",
+        "multi-worker-without-a-cluster",
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_run_folder(argv, status, message, tmp_path, capsys):

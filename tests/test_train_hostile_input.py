@@ -54,6 +54,27 @@ from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR
         (["--model-arg", "widths=" + "[" * 100_000], "is not a valid literal"),
         (["--lr", "-1e-3"], "argument --lr: must be in (0, 10], got '-1e-3'"),
         (["--image-size", "32x32x3"], "argument --image-size: expected SIZE or HEIGHT,WIDTH"),
+        # The training loop's flags (issue 9) follow the same rules.
+        (
+            ["--bn-statistics-batches", "0"],
+            "argument --bn-statistics-batches: must be a positive integer",
+        ),
+        (["--bn-statistics-batches", "2.5"], "argument --bn-statistics-batches: must be a"),
+        (
+            ["--collective-timeout", "inf"],
+            "argument --collective-timeout: must be a finite number in (0, 2592000], got 'inf'",
+        ),
+        (["--collective-timeout", "nan"], "argument --collective-timeout: must be a finite"),
+        (["--collective-timeout", "0"], "argument --collective-timeout: must be in (0, 2592000]"),
+        (["--collective-timeout", "-5"], "argument --collective-timeout: must be in (0, 2592000]"),
+        # A timeout is a host-side float64: too large is out of range, not "not float32".
+        (["--collective-timeout", "1e308"], "must be in (0, 2592000], got '1e308'"),
+        (
+            ["--sync-bn", "--normalization", "none"],
+            "--sync-bn has no effect with --normalization none (there is no BN layer",
+        ),
+        (["--distribute", "multi-worker"], "argument --distribute: invalid choice"),
+        (["--bn-statistics", "popular"], "argument --bn-statistics: invalid choice"),
     ],
 )
 def test_bad_flags_exit_2_in_one_line_naming_the_flag(argv, message, tmp_path, run_script):
@@ -83,6 +104,11 @@ def test_bad_flags_exit_2_in_one_line_naming_the_flag(argv, message, tmp_path, r
         ("train_split: ~\n", "train_split needs a value, got null"),
         ("model_args: {widths: " + "[" * 5000 + "}\n", "nested too deeply"),
         ("lr: \xff\n", "not a text (UTF-8) file"),
+        ("bn_statistics_batches: 0\n", "argument --bn-statistics-batches: must be a positive"),
+        ("collective_timeout: .inf\n", "argument --collective-timeout: must be a finite number"),
+        ("collective_timeout: null\n", "collective_timeout needs a value, got null"),
+        ("sync_bn: 'yes'\n", "sync_bn must be true or false, got 'yes'"),
+        ("distribute: null\n", "distribute needs a value, got null"),
     ],
 )
 def test_bad_config_files_exit_2_in_one_line(text, message, tmp_path, run_script):
@@ -115,6 +141,23 @@ def test_evaluate_output_into_a_missing_folder_fails_before_evaluating(tmp_path,
     line = run_script.error_line(result, EXIT_USER_ERROR, "evaluate.py")
     assert f"--output {tmp_path / 'missing' / 'm.json'}: folder" in line
     assert "does not exist; create it first" in line
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bn-statistics-split", ""], "argument --bn-statistics-split: must not be empty"),
+        (["--bn-statistics-batches", "5"], "--bn-statistics-batches has no effect without"),
+        (["--bn-statistics-batch-size", "8"], "--bn-statistics-batch-size has no effect without"),
+        (["--bn-statistics-batches", "0"], "argument --bn-statistics-batches: must be a positive"),
+    ],
+)
+def test_evaluate_statistics_options_are_checked_before_anything_is_read(
+    argv, message, tmp_path, run_script
+):
+    """The model path does not even exist: the options are wrong by themselves (exit 2)."""
+    result = run_script.run("evaluate.py", tmp_path / "no-model", *argv)
+    assert message in run_script.error_line(result, EXIT_USAGE, "evaluate.py")
 
 
 def test_a_run_config_repeats_the_run_in_its_own_folder_from_any_directory(tmp_path):

@@ -293,6 +293,10 @@ def test_a_training_step_beyond_memory_is_refused_with_the_estimate(monkeypatch)
     monkeypatch.setattr(memory, "gpu_memory", lambda: 256 * 1024**2)
     with pytest.raises(ValueError, match=r"more than this machine's 256\.0 MiB of GPU memory"):
         check_training_step_fits(model, 64, "--image-size 256x256")
+    # Replicas on 4 GPUs train 16 images each (76 MiB); the host holds the pipeline's 64.
+    check_training_step_fits(model, 64, "--image-size 256x256", device_batch_size=16)
+    with pytest.raises(ValueError, match=r"on a GPU's 64 images needs at least about 304\.0 MiB"):
+        check_training_step_fits(model, 256, "--image-size 256x256", device_batch_size=64)
 
 
 def test_overlapping_validation_and_test_splits_get_a_warning_line():
