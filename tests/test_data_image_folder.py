@@ -280,6 +280,26 @@ def test_damage_found_only_when_decoding_is_reported_naming_the_file(tmp_path):
         raise ZeroDivisionError
 
 
+def test_a_decode_error_names_the_file_of_the_folder_loaded_last(tmp_path):
+    """A folder with a damaged file loaded earlier in the process (a notebook, a test session)
+    is not blamed for the decode error of the one read now."""
+    rng = np.random.default_rng(0)
+    damaged = {}
+    for folder in ("earlier", "later"):  # sorted by name, "earlier" would come first
+        for name in ("a", "b"):
+            for i in range(3):
+                image = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+                _save(tmp_path / folder / name / f"{i}.png", image)
+        path = damaged[folder] = tmp_path / folder / "b" / "1.png"
+        data = path.read_bytes()
+        path.write_bytes(data[:100] + b"\0" * 16 + data[116:])
+    load_dataset(f"image_folder:{tmp_path / 'earlier'}", split="train")
+    ds, _ = load_dataset(f"image_folder:{tmp_path / 'later'}", split="train")
+    with pytest.raises(ValueError, match=rf"^{damaged['later']}: TensorFlow cannot decode"):
+        with naming_undecodable_images():
+            list(ds)
+
+
 def test_overlap_between_split_expressions_is_counted(tmp_path):
     name = _class_folder(tmp_path, per_class=10)
     assert overlapping_examples(name, "train[:80%]", "train[80%:]") == 0

@@ -58,8 +58,9 @@ _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _JPEG_END = b"\xff\xd9"
 _GIF_TRAILER = b"\x3b"
 
-#: Folders loaded in this process, for `naming_undecodable_images`.
-_LOADED_FOLDERS: set[str] = set()
+#: Folders loaded in this process, most recent last (a dict as an ordered set), for
+#: `naming_undecodable_images`.
+_LOADED_FOLDERS: dict[str, None] = {}
 
 
 def read_image_header(path: str) -> tuple[int, int, int]:
@@ -220,8 +221,10 @@ def naming_undecodable_images() -> Iterator[None]:
     that names the file.
 
     A decode error raised by a pipeline carries no file name. This finds the image(s) that do
-    not decode among the image folders loaded in this process, and raises a ValueError naming
-    the first one. Errors that are not image decoding pass through unchanged.
+    not decode among the image folders loaded in this process, most recently loaded first (in
+    a notebook or a test session, an earlier folder with a broken file is not the one that
+    failed now), and raises a ValueError naming the first one. Errors that are not image
+    decoding pass through unchanged.
     """
     try:
         yield
@@ -229,12 +232,14 @@ def naming_undecodable_images() -> Iterator[None]:
         if "DecodeImage" not in error.message and "decode_image" not in error.message:
             raise
         broken: list[tuple[str, str]] = []
-        for directory in sorted(_LOADED_FOLDERS):
+        for directory in reversed(list(_LOADED_FOLDERS)):
             try:
                 _, paths, _ = scan_image_folder(directory)
             except (OSError, ValueError):
                 continue
-            broken += undecodable_images(paths)
+            broken = undecodable_images(paths)
+            if broken:
+                break
         if not broken:
             raise
         path, reason = broken[0]
@@ -434,7 +439,8 @@ def load_image_folder(name: str, split: str = SPLIT_NAME) -> tuple[tf.data.Datas
     # depend on the split, or train and test would be decoded differently.
     headers = [inspect_image_file(path) for path in paths]
     check_images_complete(paths, [complete for *_, complete in headers])
-    _LOADED_FOLDERS.add(directory)
+    _LOADED_FOLDERS.pop(directory, None)
+    _LOADED_FOLDERS[directory] = None
     channels = 1 if all(c in (1, 2) for _, _, c, _ in headers) else 3
     sizes = {(h, w) for h, w, _, _ in headers}
     height, width = next(iter(sizes)) if len(sizes) == 1 else (None, None)
