@@ -68,10 +68,6 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
-def _silent(message: str) -> None:
-    pass
-
-
 def plural(count: int, noun: str) -> str:
     """`1 epoch`, `3 epochs`."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
@@ -370,8 +366,8 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
             folder_error = error
         if verdict is not None and verdict.complete and plan.num_workers == 1:
             return _report_complete(config, paths, verdict, log)
-    for warning in config.ignored_settings():
-        log(f"warning: {warning}")
+        for warning in config.ignored_settings():
+            log(f"warning: {warning}")
 
     from bnzoo.data import naming_undecodable_images
 
@@ -545,7 +541,8 @@ def _run(
         val_ds, val_info = load_evaluation_split(config, "--val-split", config.val_split)
     if config.test_split:
         test_ds, _ = load_evaluation_split(config, "--test-split", config.test_split)
-    warn_about_overlapping_splits(config, log if cluster.is_chief else _silent)
+    if cluster.is_chief:  # once per run, like the other warnings
+        warn_about_overlapping_splits(config, log)
     per_replica_batch = cluster.per_replica_batch_size(config.batch_size)
     image_size = resolve_image_size(config, train_info.image_shape, spec.min_input_size)
     height, width = image_size or train_info.image_shape[:2]

@@ -179,3 +179,52 @@ def test_ctrl_c_in_the_first_epoch_exits_130_and_leaves_no_run_folder(tmp_path):
         "the same command starts the run again"
     ]
     assert not os.path.exists(output_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("diverged_epoch", [1, 2])
+def test_a_diverged_epoch_keeps_only_the_finite_epochs_before_it(
+    diverged_epoch, tmp_path, monkeypatch
+):
+    """The loop stops at the first epoch whose loss is not finite (forced here: a real
+    divergence depends on the machine's rounding). Diverged in epoch 1, there is nothing to
+    keep and the folder goes; in epoch 2, the run folder keeps epoch 1 to resume from."""
+    from bnzoo import training_loop
+    from bnzoo.config import TrainConfig
+    from bnzoo.training import train
+
+    trained = training_loop.TrainingLoop.train_epoch
+    epochs = []
+
+    def train_epoch(self, *args, **kwargs):
+        logs = trained(self, *args, **kwargs)
+        epochs.append(logs)
+        if len(epochs) == diverged_epoch:
+            logs["loss"] = float("nan")
+        return logs
+
+    monkeypatch.setattr(training_loop.TrainingLoop, "train_epoch", train_epoch)
+    run_dir = tmp_path / "run"
+    config = TrainConfig(
+        train_split="train[:128]",
+        val_split=None,
+        test_split=None,
+        epochs=2,
+        batch_size=64,
+        model_args={"widths": [4, 8]},
+        output_dir=str(run_dir),
+    )
+    lines = []
+    with pytest.raises(ValueError) as raised:
+        train(config, log=lines.append)
+    message = (
+        f"training diverged: the loss was not finite in epoch {diverged_epoch}; lower --lr "
+        "(now 0.1) or add --warmup-epochs"
+    )
+    if diverged_epoch == 1:
+        assert str(raised.value) == message
+        assert f"removed {run_dir}: the run stopped before finishing an epoch" in lines
+        assert not run_dir.exists()
+    else:
+        assert str(raised.value) == f"{message}. The run folder keeps the last finite epoch (1)"
+        assert committed_epoch(RunPaths(str(run_dir))) == 1
