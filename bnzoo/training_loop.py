@@ -37,6 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from bnzoo.cli import raise_if_interrupted
 from bnzoo.distribution import Distribution
 
 #: Builds this worker's input batches `(images, one-hot labels)`: see `bnzoo.training_data`.
@@ -103,6 +104,7 @@ class TrainingLoop:
         # so that no step waits for the host to read the previous one's numbers.
         totals = None
         for step, sums in enumerate(self._train_steps(make_batches, steps)):
+            raise_if_interrupted()
             totals = sums if totals is None else totals + sums
             if on_step is not None:
                 on_step(step, self._train_logs(self._to_host(totals), step + 1))
@@ -113,6 +115,7 @@ class TrainingLoop:
         (non-padding) example."""
         totals = None
         for sums in self._evaluation_steps(make_batches):
+            raise_if_interrupted()
             totals = sums if totals is None else totals + sums
         totals = self._to_host(totals) if totals is not None else np.zeros(4)
         count = max(totals[3], 1.0)

@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from bnzoo import cli
 from bnzoo.cli import (
     EXIT_TERMINATED,
     EXIT_USAGE,
@@ -149,3 +150,32 @@ def test_argument_errors_are_answered_without_importing_tensorflow(argv, tmp_pat
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.stdout.split() == ["2", "False"], result.stderr
+
+
+class _InterruptedWhileCollected:
+    """Receives a signal in `__del__`, where Python drops any exception ("Exception ignored"),
+    as it does inside garbage-collection callbacks."""
+
+    def __init__(self, signal_number):
+        self.signal_number = signal_number
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signal_number)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    "signal_number, interruption",
+    [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)],
+)
+def test_an_interruption_that_python_swallowed_is_raised_again(signal_number, interruption):
+    before = signal.getsignal(signal_number)
+    with cli.signals_raise_interruptions():
+        _InterruptedWhileCollected(signal_number)  # collected at once: the signal comes in __del__
+        swallowed = True  # reached: Python dropped the exception the handler raised
+        with pytest.raises(interruption) as raised:
+            cli.raise_if_interrupted()
+        assert type(raised.value) is interruption
+    assert swallowed
+    cli.raise_if_interrupted()  # forgotten once the block is left
+    assert signal.getsignal(signal_number) is before
