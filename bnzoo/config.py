@@ -138,7 +138,16 @@ INTEGER_OPTIONS = ("epochs", "batch_size", "shuffle_buffer", "seed", "bn_statist
 #: Floats that only the host uses (in float64), never the float32 training computation.
 HOST_FLOAT_OPTIONS = ("collective_timeout",)
 #: On/off options (`--augment/--no-augment`); a Python config must not pass "yes" for True.
-SWITCHES = ("augment", "sync_bn", "mixed_precision", "deterministic", "overwrite")
+SWITCHES = (
+    "augment",
+    "horizontal_flip",
+    "sync_bn",
+    "mixed_precision",
+    "deterministic",
+    "overwrite",
+)
+#: Switches whose default None means "decided by the hardware or the dataset".
+AUTO_SWITCHES = ("mixed_precision", "horizontal_flip")
 
 
 def _flag(name: str) -> str:
@@ -229,6 +238,7 @@ class TrainConfig:
     manual_dir: str | None = None
     image_size: tuple[int, int] | None = None
     augment: bool = False
+    horizontal_flip: bool | None = None  # None: the dataset's policy (bnzoo.data.info)
     shuffle_buffer: int = 10_000
     # Optimization.
     epochs: int = 5
@@ -248,7 +258,7 @@ class TrainConfig:
     distribute: str = "auto"
     collective_timeout: float = 600.0
     # Run.
-    mixed_precision: bool = False
+    mixed_precision: bool | None = None  # None: where the hardware has it (bnzoo.precision)
     seed: int = 42
     deterministic: bool = False
     output_dir: str | None = None
@@ -301,9 +311,14 @@ class TrainConfig:
             )
         for name in SWITCHES:
             value = getattr(self, name)
-            if not isinstance(value, bool):
+            if not isinstance(value, bool) and not (name in AUTO_SWITCHES and value is None):
                 raise UsageError(f"--{_flag(name)} is a switch: true or false, got {value!r}")
         self._check_normalization_options()
+        if self.horizontal_flip is not None and not self.augment:
+            raise UsageError(
+                "--horizontal-flip/--no-horizontal-flip only has an effect with --augment; "
+                "add --augment or drop it"
+            )
         self._check_image_size()
         self._check_names()
         for key in self.model_args:
@@ -735,6 +750,13 @@ def build_train_parser() -> ArgumentParser:
         help="padded random crop (+ horizontal flip where the dataset allows) while training",
     )
     group.add_argument(
+        "--horizontal-flip",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.horizontal_flip,
+        help="with --augment, mirror half of the training images (default: the dataset's "
+        "policy, off for digits, characters and Fashion-MNIST's aligned product photos)",
+    )
+    group.add_argument(
         "--shuffle-buffer",
         type=number("shuffle_buffer"),
         default=defaults.shuffle_buffer,
@@ -859,7 +881,9 @@ def build_train_parser() -> ArgumentParser:
         "--mixed-precision",
         action=argparse.BooleanOptionalAction,
         default=defaults.mixed_precision,
-        help="mixed_float16 on a GPU, mixed_bfloat16 on CPU; BN statistics stay in float32",
+        help="mixed_float16 on a GPU, mixed_bfloat16 on CPU; BN statistics stay in float32 "
+        "(default: on where the hardware computes it natively: any GPU, a CPU with "
+        "AVX512-BF16 or AMX)",
     )
     group.add_argument(
         "--seed",
@@ -998,8 +1022,11 @@ def _option_tokens(
     """The command-line tokens that set option `name` to a config file's `value`."""
     flag = action.option_strings[0]
     if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+        if value is None and name in AUTO_SWITCHES:
+            return []  # null: the automatic choice, which is the option's default
         if not isinstance(value, bool):
-            raise UsageError(f"{what}: {key} must be true or false, got {value!r}")
+            expected = "true, false or null" if name in AUTO_SWITCHES else "true or false"
+            raise UsageError(f"{what}: {key} must be {expected}, got {value!r}")
         if isinstance(action, argparse.BooleanOptionalAction):
             return [flag if value else f"--no-{flag[2:]}"]
         return [flag] if value else []

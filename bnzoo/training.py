@@ -46,6 +46,7 @@ from bnzoo.optimization import (
     build_optimizer,
     current_learning_rate,
 )
+from bnzoo.precision import has_gpu, resolve_policy
 from bnzoo.run_folder import (
     STATE_FORMAT,
     RunPaths,
@@ -261,32 +262,20 @@ def _without_synchronized_batch_norm(config: Any) -> Any:
     return config
 
 
-def has_gpu() -> bool:
-    """Whether the backend computes on a GPU."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return any(device.platform == "gpu" for device in jax.local_devices())
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def configure_runtime(config: TrainConfig) -> str:
     """Seeds, op determinism and the mixed-precision policy; returns the policy's name.
 
-    Mixed precision is mixed_float16 on a GPU (tensor cores, with Keras' automatic loss
-    scaling) and mixed_bfloat16 on CPU, where float16 has no fast kernels and bfloat16 needs no
-    loss scaling; in both, variables (BN's moving statistics included) stay float32.
+    The policy is `bnzoo.precision.resolve_policy`'s: by default mixed precision where the
+    hardware computes it natively (mixed_float16 on a GPU, mixed_bfloat16 on a CPU with
+    AVX512-BF16 or AMX), float32 elsewhere; variables (BN's moving statistics included) always
+    stay float32.
     """
     import tensorflow as tf
 
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    policy = "float32"
-    if config.mixed_precision:
-        policy = "mixed_float16" if has_gpu() else "mixed_bfloat16"
+    policy = resolve_policy(config.mixed_precision)
     keras.mixed_precision.set_global_policy(policy)
     return policy
 

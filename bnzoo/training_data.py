@@ -79,6 +79,7 @@ class RunInputs:
                     training=True,
                     image_size=self.image_size,
                     augment=config.augment,
+                    horizontal_flip=config.horizontal_flip,
                     shuffle_buffer=config.shuffle_buffer,
                     seed=config.seed + epoch,
                     augment_seed=config.seed

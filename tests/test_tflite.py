@@ -23,6 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = [
     *("--train-split", "train[:512]", "--val-split", "none", "--test-split", "test[:256]"),
     *("--epochs", "1", "--batch-size", "64", "--model-arg", "widths=[8,16]"),
+    # float32, so the float TFLite model is the served model exactly (a mixed-precision model is
+    # rebuilt in float32 for TFLite; test_mixed_precision_* covers that).
+    "--no-mixed-precision",
 ]
 PREPROCESSING = {"image_shape": RAW_SHAPE, "mean": MEAN, "std": STD, "image_size": MODEL_SIZE}
 

@@ -127,10 +127,17 @@ def test_two_workers_with_sync_bn_compute_what_one_process_computes(tmp_path):
 
     one = str(tmp_path / "one")
     two = str(tmp_path / "two")
-    extra = ["--sync-bn", "--bn-statistics", "moving"]
+    # float32 on both sides: the comparison is about the all-reduce's rounding, which the
+    # automatic bfloat16 policy of a CPU with AVX512-BF16 would drown.
+    extra = ["--sync-bn", "--bn-statistics", "moving", "--no-mixed-precision"]
     workers = start_workers(argv_of(TINY, two, *extra), tmp_path, "sync")
     config = TrainConfig(
-        **TINY, sync_bn=True, bn_statistics="moving", distribute="none", output_dir=one
+        **TINY,
+        sync_bn=True,
+        bn_statistics="moving",
+        distribute="none",
+        mixed_precision=False,
+        output_dir=one,
     )
     train(config, log=lambda line: None)
     (rc0, out0, err0), (rc1, out1, err1) = finish(workers)

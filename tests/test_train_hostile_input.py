@@ -75,6 +75,7 @@ from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR
         ),
         (["--distribute", "multi-worker"], "argument --distribute: invalid choice"),
         (["--bn-statistics", "popular"], "argument --bn-statistics: invalid choice"),
+        (["--horizontal-flip"], "--horizontal-flip/--no-horizontal-flip only has an effect with"),
     ],
 )
 def test_bad_flags_exit_2_in_one_line_naming_the_flag(argv, message, tmp_path, run_script):
@@ -108,6 +109,7 @@ def test_bad_flags_exit_2_in_one_line_naming_the_flag(argv, message, tmp_path, r
         ("collective_timeout: .inf\n", "argument --collective-timeout: must be a finite number"),
         ("collective_timeout: null\n", "collective_timeout needs a value, got null"),
         ("sync_bn: 'yes'\n", "sync_bn must be true or false, got 'yes'"),
+        ("mixed_precision: 'no'\n", "mixed_precision must be true, false or null, got 'no'"),
         ("distribute: null\n", "distribute needs a value, got null"),
     ],
 )
