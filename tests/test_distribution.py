@@ -380,7 +380,7 @@ for mode in ("data_parallel", "none"):
     config = TrainConfig(
         train_split="train[:256]", val_split="train[256:300]", test_split=None, epochs=1,
         batch_size=64, model_args={"widths": [4, 8]}, distribute=mode,
-        output_dir=f"{sys.argv[1]}/{mode}",
+        output_dir=f"{sys.argv[1]}/{mode}", mixed_precision=False,  # an equivalence: float32
     )
     train(config, log=lines.append)
     rows = read_history_csv(f"{sys.argv[1]}/{mode}/history.csv")
