@@ -352,6 +352,7 @@ def test_a_keras_model_of_another_architecture_exits_2(rgb_folder, tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Skipping nested container")  # Keras', before it fails
 def test_a_weights_h5_file_of_other_classes_says_what_to_pass_instead(rgb_folder, tmp_path, capsys):
     models.bn_inception(input_shape=(SIZE, SIZE, 3), classes=5, **NARROW).save_weights(
         tmp_path / "five.weights.h5"
