@@ -41,7 +41,9 @@ BN_STATISTICS = ("population", "moving")
 #: `--model-arg` for them would be silently overridden or contradict the flag.
 RESERVED_MODEL_ARGS = {
     "include_top": "train.py always trains the classifier",
-    "weights": "train.py trains from scratch",
+    "weights": "use --weights (imagenet, or the PATH of a model or weights file)",
+    "include_preprocessing": "--weights decides it: released weights bring their input "
+    "convention, bnzoo models keep the dataset's normalization",
     "input_tensor": "train.py builds the input from the dataset",
     "input_shape": "the input shape comes from the dataset; use --image-size to resize or pad",
     "classes": "the number of classes comes from the dataset",
@@ -139,6 +141,7 @@ INTEGER_OPTIONS = ("epochs", "batch_size", "shuffle_buffer", "seed", "bn_statist
 HOST_FLOAT_OPTIONS = ("collective_timeout",)
 #: On/off options (`--augment/--no-augment`); a Python config must not pass "yes" for True.
 SWITCHES = (
+    "freeze_backbone",
     "augment",
     "horizontal_flip",
     "sync_bn",
@@ -194,6 +197,25 @@ def default_splits(dataset: str) -> tuple[str, str, str]:
     return TFDS_DEFAULT_SPLITS
 
 
+#: File names that make a `--weights` value a path rather than a tag such as `imagenet`.
+WEIGHTS_FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".pth", ".pt", ".bin", ".ckpt", ".index")
+
+
+def weights_is_path(weights: str) -> bool:
+    """Whether a `--weights` value names a file or folder (else it is a tag: `imagenet`).
+
+    Decided by its spelling, never by what happens to exist in the working directory (an
+    ImageNet data folder called `imagenet` must not shadow the tag): a path has a folder
+    separator, starts with `~` or `.`, or ends like a weights file.
+    """
+    return (
+        os.sep in weights
+        or "/" in weights
+        or weights.startswith(("~", "."))
+        or weights.lower().endswith(WEIGHTS_FILE_SUFFIXES)
+    )
+
+
 def _absolute_image_folder(dataset: str) -> str:
     """`image_folder:PATH` with PATH absolute, so the saved config names the same folder from
     any working directory."""
@@ -226,6 +248,9 @@ class TrainConfig:
     # Model.
     model: str = "plain_cnn"
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weights: str | None = None  # None: random; a tag (imagenet) or a path (bnzoo.fine_tuning)
+    freeze_backbone: bool = False
+    freeze_until: str | None = None  # None: the whole backbone (with --freeze-backbone)
     normalization: str = "batch_norm"
     bn_momentum: float | str | None = None  # None: the builder's; "cumulative": momentum=None
     bn_epsilon: float | None = None
@@ -279,6 +304,9 @@ class TrainConfig:
                 self.val_split = splits[1]
             if self.test_split == AUTO:
                 self.test_split = splits[2]
+        if isinstance(self.weights, str) and weights_is_path(self.weights):
+            # Absolute, so that config.yaml names the same file from any working directory.
+            self.weights = os.path.abspath(os.path.expanduser(self.weights))
         if isinstance(self.image_size, list):
             self.image_size = tuple(self.image_size)
         self.model_args = dict(self.model_args)
@@ -321,6 +349,7 @@ class TrainConfig:
             )
         self._check_image_size()
         self._check_names()
+        self._check_fine_tuning_options()
         for key in self.model_args:
             if key in RESERVED_MODEL_ARGS:
                 raise UsageError(
@@ -347,6 +376,18 @@ class TrainConfig:
                 "BatchNormalization has no cumulative average); use --normalization batch_norm"
             )
 
+    def _check_fine_tuning_options(self) -> None:
+        if self.freeze_backbone and self.weights is None:
+            raise UsageError(
+                "--freeze-backbone needs --weights: a randomly initialized backbone has nothing "
+                "worth keeping; add --weights imagenet (or a PATH), or drop --freeze-backbone"
+            )
+        if self.freeze_until is not None and not self.freeze_backbone:
+            raise UsageError(
+                "--freeze-until only has an effect with --freeze-backbone; add "
+                "--freeze-backbone or drop --freeze-until"
+            )
+
     def _check_image_size(self) -> None:
         if self.image_size is None:
             return
@@ -371,7 +412,15 @@ class TrainConfig:
                 f"--dataset {IMAGE_FOLDER_PREFIX} needs a folder, e.g. "
                 f"{IMAGE_FOLDER_PREFIX}/path/to/images (one sub-folder per class)"
             )
-        for name in ("val_split", "test_split", "data_dir", "manual_dir", "output_dir"):
+        for name in (
+            "val_split",
+            "test_split",
+            "data_dir",
+            "manual_dir",
+            "output_dir",
+            "weights",
+            "freeze_until",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise UsageError(
@@ -668,6 +717,33 @@ def build_train_parser() -> ArgumentParser:
         default=None,
         help="builder keyword override, repeatable; VALUE is a Python/YAML literal "
         "(width=0.5, widths=[32,64])",
+    )
+    group.add_argument(
+        "--weights",
+        type=optional(str),
+        default=defaults.weights,
+        metavar="{none,TAG,PATH}",
+        help="initialize the backbone from pretrained weights; the classifier (the dataset's "
+        "classes) starts random. TAG: a registered weight set such as imagenet (the model "
+        "then takes RGB 0-255 and applies the weights' preprocessing itself); PATH: a bnzoo "
+        "model.keras, checkpoint or run folder, a .weights.h5 of the same model and classes, "
+        "or a file the builder converts (.pth, TF checkpoint). Loaded only at a fresh start",
+    )
+    group.add_argument(
+        "--freeze-backbone",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.freeze_backbone,
+        help="with --weights, train only the classifier: the backbone's layers get "
+        "trainable=False, so by Keras' rule their BN layers run in inference mode and keep "
+        "their statistics",
+    )
+    group.add_argument(
+        "--freeze-until",
+        type=optional(non_empty),
+        default=defaults.freeze_until,
+        metavar="LAYER",
+        help="with --freeze-backbone, freeze only the layers up to and including LAYER (e.g. "
+        "inception_4e_output) and fine-tune the later ones (none = the whole backbone)",
     )
     group.add_argument(
         "--normalization",

@@ -38,6 +38,17 @@ from bnzoo.atomic_files import save_model_atomically
 from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
 from bnzoo.cli import EXIT_AT_ONCE, Terminated, UsageError
 from bnzoo.config import CUMULATIVE, TrainConfig, default_output_dir, load_config, save_config
+from bnzoo.fine_tuning import (
+    check_channels,
+    check_weights_source,
+    freeze,
+    has_input_convention,
+    include_preprocessing,
+    initialize_from_source,
+    load_source_model,
+    raw_pixel_statistics,
+    weights_source,
+)
 from bnzoo.memory import check_input_batch_fits, check_training_step_fits
 from bnzoo.model_args import check_model_options
 from bnzoo.optimization import (
@@ -101,6 +112,43 @@ def resolve_image_size(
     return None if target == (height, width) else (int(target[0]), int(target[1]))
 
 
+def model_arguments(config: TrainConfig, input_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The builder arguments of the run's model but its head's: `--model-arg`, the input
+    shape and the normalization options."""
+    kwargs = dict(config.model_args)
+    kwargs.update(
+        input_shape=tuple(input_shape),
+        normalization=None if config.normalization == "none" else config.normalization,
+    )
+    if config.bn_momentum is not None:
+        kwargs["bn_momentum"] = None if config.bn_momentum == CUMULATIVE else config.bn_momentum
+    if config.bn_epsilon is not None:
+        kwargs["bn_epsilon"] = config.bn_epsilon
+    return kwargs
+
+
+def _create_model(name: str, kwargs: dict[str, Any], include_preprocessing: bool | None):
+    """`models.create_model`, starting with the weights' input convention when asked (True),
+    or when these builder arguments have one (None)."""
+    import inspect
+
+    import models
+    from models.preprocessing import NoInputConventionError
+
+    builder = models.get_model_spec(name).builder
+    if include_preprocessing is False or (
+        include_preprocessing is None
+        and "include_preprocessing" not in inspect.signature(builder).parameters
+    ):
+        return models.create_model(name, **kwargs)
+    try:
+        return models.create_model(name, **kwargs, include_preprocessing=True)
+    except NoInputConventionError:
+        if include_preprocessing:
+            raise
+        return models.create_model(name, **kwargs)
+
+
 def build_model(
     config: TrainConfig,
     input_shape: tuple[int, int, int],
@@ -108,6 +156,7 @@ def build_model(
     *,
     process_batch_size: int | None = None,
     device_batch_size: int | None = None,
+    include_preprocessing: bool | None = False,
 ) -> keras.Model:
     """`models.create_model` with the dataset's input shape and classes, returning logits.
 
@@ -123,13 +172,14 @@ def build_model(
             trains on (its share under `--distribute multi_worker`); None: `--batch-size`.
         device_batch_size: the examples one device trains on per step (the per-replica batch);
             None: `process_batch_size`.
+        include_preprocessing: start the model with its pretrained weights' input convention
+            (True), not (False), or when the builder arguments are a weight set's (None); see
+            `bnzoo.fine_tuning`.
 
     Raises:
         UsageError: a model option the builder rejects (its own ValueError, one line).
         ValueError: the input size cannot fit in memory at this batch size.
     """
-    import models
-
     check_model_options(config)
     height, width, _ = input_shape
     size_text = (
@@ -139,19 +189,10 @@ def build_model(
     )
     process_batch_size = process_batch_size or config.batch_size
     check_input_batch_fits(tuple(input_shape), process_batch_size, size_text)
-    kwargs = dict(config.model_args)
-    kwargs.update(
-        input_shape=tuple(input_shape),
-        classes=num_classes,
-        classifier_activation=None,
-        normalization=None if config.normalization == "none" else config.normalization,
-    )
-    if config.bn_momentum is not None:
-        kwargs["bn_momentum"] = None if config.bn_momentum == CUMULATIVE else config.bn_momentum
-    if config.bn_epsilon is not None:
-        kwargs["bn_epsilon"] = config.bn_epsilon
+    kwargs = model_arguments(config, input_shape)
+    kwargs.update(classes=num_classes, classifier_activation=None)
     try:
-        model = models.create_model(config.model, **kwargs)
+        model = _create_model(config.model, kwargs, include_preprocessing)
     except (ValueError, TypeError) as error:
         if isinstance(error, TypeError) and not config.model_args:
             raise  # not the user's keywords: a bug
@@ -355,6 +396,8 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
             folder_error = error
         if verdict is not None and verdict.complete and plan.num_workers == 1:
             return _report_complete(config, paths, verdict, log)
+        if verdict is not None and verdict.mode == "new":
+            check_weights_source(config)
         for warning in config.ignored_settings():
             log(f"warning: {warning}")
 
@@ -539,6 +582,16 @@ def _run(
     # Full batches only: BN's statistics come from the mini-batch, and a ragged last batch of a
     # few examples would give noisy statistics and a noisy moving-average update.
     steps_per_epoch = train_info.num_examples // config.batch_size
+    # --weights: read at a fresh start only (a resumed run's checkpoint has the trained weights),
+    # by the chief, which hands them to the other workers with the rest of the run's state.
+    source = weights_source(config)
+    check_channels(config, source, input_shape[2])
+    source_model = None
+    fresh = source is not None and cluster.is_chief and verdict.mode == "new"
+    if fresh:
+        # Outside the strategy's scope, like the checkpoint below: these variables are
+        # throwaway, and creating them is no collective the other workers would join.
+        source_model = load_source_model(config, source, model_arguments(config, input_shape))
     with cluster.scope():
         model = build_model(
             config,
@@ -546,9 +599,17 @@ def _run(
             train_info.num_classes,
             process_batch_size=per_replica_batch * cluster.local_replicas,
             device_batch_size=per_replica_batch,
+            include_preprocessing=include_preprocessing(config, source, paths.last_checkpoint),
         )
         if config.sync_bn and keras.backend.backend() == "tensorflow":
             model = set_batch_norm_synchronized(model, True)
+    if fresh:
+        initialize_from_source(model, source_model, config, source, log)
+        del source_model
+    with cluster.scope():
+        # Before the optimizer, which is built for the trainable variables (also on resuming:
+        # the checkpoint's optimizer holds variables for those alone).
+        freeze(model, config, log)
         optimizer = build_optimizer(config, model, steps_per_epoch)
         model.compile(
             optimizer=optimizer,
@@ -557,6 +618,11 @@ def _run(
         )
         # The optimizer's variables must exist before a checkpoint can fill them.
         model.optimizer.build(model.trainable_variables)
+    if has_input_convention(model):
+        # The model preprocesses RGB in [0, 255] itself: the pipeline (and every export, whose
+        # metadata records these) feeds it raw pixel values instead of the dataset's statistics.
+        mean, std = raw_pixel_statistics(input_shape[2])
+        train_info = dataclasses.replace(train_info, mean=mean, std=std)
     inputs = RunInputs(config, cluster, train_ds, train_info, image_size)
 
     # 2. The run folder (the chief's alone), locked against a second train.py before anything in

@@ -336,17 +336,17 @@ def preprocessing_layer(
     What `include_preprocessing=True` puts at the start of a model.
 
     Raises:
-        ValueError: when no pretrained weights have this architecture, so no preprocessing
-            convention applies.
+        NoInputConventionError (a ValueError): when no pretrained weights have this
+            architecture, so no preprocessing convention applies.
     """
     from models import pretrained
-    from models.preprocessing import ImagePreprocessing
+    from models.preprocessing import ImagePreprocessing, NoInputConventionError
 
     # The input convention does not depend on the width: narrow copies of a pretrained
     # architecture (tests, distillation) take the same inputs.
     matches = pretrained.matching_weights(builder, architecture, ignore=("width_multiplier",))
     if not matches:
-        raise ValueError(
+        raise NoInputConventionError(
             f"include_preprocessing=True: no pretrained weights of {model_name} were trained "
             "with these arguments, so there is no input convention to include. Build with a "
             "weight set's arguments (`python -m models` lists them), or preprocess the inputs "

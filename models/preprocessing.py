@@ -31,6 +31,12 @@ MODES = {
 }
 
 
+class NoInputConventionError(ValueError):
+    """`include_preprocessing=True` for builder arguments that no weight set was trained with:
+    there is no input convention to put in the model. `train.py --weights` catches it to keep
+    the dataset's normalization for such models."""
+
+
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(

@@ -76,6 +76,11 @@ from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR
         (["--distribute", "multi-worker"], "argument --distribute: invalid choice"),
         (["--bn-statistics", "popular"], "argument --bn-statistics: invalid choice"),
         (["--horizontal-flip"], "--horizontal-flip/--no-horizontal-flip only has an effect with"),
+        # Fine-tuning (issue 10).
+        (["--freeze-backbone"], "--freeze-backbone needs --weights: a randomly initialized"),
+        (["--freeze-until", "inception_4e_output"], "--freeze-until only has an effect with"),
+        (["--model-arg", "weights=imagenet"], "weights=... is not allowed: use --weights"),
+        (["--weights", ""], "argument --weights: must not be empty (use none"),
     ],
 )
 def test_bad_flags_exit_2_in_one_line_naming_the_flag(argv, message, tmp_path, run_script):
