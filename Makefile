@@ -10,7 +10,7 @@ TEST_ARGS ?=
 BENCH_ARGS ?=
 JAX_BENCH_ARGS ?= --precisions float32
 
-.PHONY: setup data train test bench lint format experiments clean
+.PHONY: setup data train test test-all bench lint format experiments clean
 
 # The stamp is remade when pyproject.toml changes, so new dependencies install.
 $(VENV)/.installed: pyproject.toml
@@ -35,7 +35,15 @@ $(FASHION_MNIST_FILE):
 train: setup data
 	$(PY) train.py $(TRAIN_ARGS)
 
+# `make test` stays within about 15 minutes on a 2-core CPU; `make test-all` adds the
+# minutes-long multi-process tests (marker `extended`: killed workers, two JAX processes).
+TEST_SELECTION ?= not extended
+
 test: setup data
+	$(PY) -m pytest -m "$(TEST_SELECTION)" $(TEST_ARGS)
+	KERAS_BACKEND=jax $(PY) -m pytest -m "multi_backend and ($(TEST_SELECTION))" $(TEST_ARGS)
+
+test-all: setup data
 	$(PY) -m pytest $(TEST_ARGS)
 	KERAS_BACKEND=jax $(PY) -m pytest -m multi_backend $(TEST_ARGS)
 

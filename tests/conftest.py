@@ -35,6 +35,11 @@ def pytest_configure(config):
         "markers", "multi_backend: also run on the JAX backend (KERAS_BACKEND=jax)"
     )
     config.addinivalue_line("markers", "slow: end-to-end tests that train or export models")
+    config.addinivalue_line(
+        "markers",
+        "extended: minutes-long multi-process tests outside `make test`'s budget; "
+        "`make test-all` runs them",
+    )
     # Keras' own test files (run against our layer) use this marker of Keras' conftest.
     config.addinivalue_line(
         "markers", "requires_trainable_backend: Keras' marker; every backend here trains"

@@ -166,6 +166,17 @@ def test_signature_casts_numpy_before_the_graph_runs_as_the_docs_warn(loaded):
     np.testing.assert_array_equal(served, black)
 
 
+def test_a_list_of_ints_out_of_uint8_range_wraps_in_the_callers_tensorflow_as_the_docs_warn(
+    loaded,
+):
+    """A nested Python list has no dtype: TensorFlow's `convert_to_tensor` makes it uint8 in the
+    caller, wrapping 300 to 44 and -1 to 255, before the restored function sees it. The docs
+    (training.md, serving) say so; this pins the caveat so the docs change if TensorFlow does."""
+    wrapped = loaded.serving_default(np.full((1, *RAW_SHAPE), 300).tolist())["logits"].numpy()
+    as_44 = loaded.serving_default(np.full((1, *RAW_SHAPE), 44, np.uint8))["logits"].numpy()
+    np.testing.assert_array_equal(wrapped, as_44)
+
+
 @pytest.mark.parametrize("images", ["numpy", "tensor", "list"])
 def test_every_path_serves_uint8_images_as_numpy_tensor_or_list(exported, loaded, images):
     path, raw, expected_logits = exported

@@ -176,6 +176,7 @@ def test_two_workers_with_sync_bn_compute_what_one_process_computes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_killed_worker_stops_the_other_in_seconds_and_a_restart_resumes(tmp_path):
     run_dir = str(tmp_path / "run")
     paths = RunPaths(run_dir)
@@ -223,6 +224,7 @@ def test_a_killed_worker_stops_the_other_in_seconds_and_a_restart_resumes(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_worker_lost_in_the_first_epoch_leaves_no_run_folder(tmp_path):
     """Issue 12's rule with issue 9's workers: a run that never committed an epoch leaves
     nothing that blocks the retry. The terminated worker says how to continue; the chief, the
@@ -258,6 +260,7 @@ def test_a_worker_lost_in_the_first_epoch_leaves_no_run_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_terminated_jax_process_stops_at_once_with_how_to_continue(tmp_path):
     """JAX's distributed runtime swallows SIGTERM (its preemption notifier) and, at exit, waits
     5 minutes at a shutdown barrier that a process blocked in a collective never reaches. The
@@ -340,6 +343,7 @@ def test_a_batch_that_does_not_divide_among_replicas_is_one_line(tmp_path, capsy
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_two_jax_processes_train_one_run_folder(tmp_path):
     """keras.distribution.initialize from KERAS_DISTRIBUTION_*, DataParallel over both
     processes' devices, gloo for the CPU collectives; only process 0 writes."""
