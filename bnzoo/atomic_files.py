@@ -10,23 +10,44 @@ line is checked before anything heavy is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import keras
 
 
+@contextlib.contextmanager
+def removed_unless_renamed(tmp: str) -> Iterator[None]:
+    """Delete `tmp` (a file or a folder) when the block does not finish.
+
+    An exception, or a Ctrl-C or SIGTERM that the CLI turns into one, must not leave a
+    `.tmp-<pid>` file beside the run's files; only a SIGKILL can, and the next run cleans that
+    up."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp)
+            else:
+                os.remove(tmp)
+        raise
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` so that a crash leaves either the old file or the new one."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    with removed_unless_renamed(tmp):
+        with open(tmp, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
 
 
 def fsync_directory(path: str) -> None:
@@ -51,14 +72,16 @@ def fsync_file(path: str) -> None:
 def save_model_atomically(model: keras.Model, path: str) -> None:
     """`model.save(path)`, through a temporary file and `os.replace`."""
     tmp = f"{path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
-    model.save(tmp)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    with removed_unless_renamed(tmp):
+        model.save(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
     fsync_directory(os.path.dirname(path) or ".")
 
 
 def copy_file_atomically(source: str, destination: str) -> None:
     tmp = f"{destination}.tmp-{os.getpid()}"
-    shutil.copyfile(source, tmp)
-    fsync_file(tmp)
-    os.replace(tmp, destination)
+    with removed_unless_renamed(tmp):
+        shutil.copyfile(source, tmp)
+        fsync_file(tmp)
+        os.replace(tmp, destination)

@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bnzoo.atomic_files import removed_unless_renamed
+
 
 def _pyplot():
     """matplotlib's pyplot on the Agg backend; ImportError says how to install it."""
@@ -27,11 +29,12 @@ def _pyplot():
 def _save_figure(figure, path: str) -> None:
     pyplot = _pyplot()
     tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    finally:
-        pyplot.close(figure)
-    os.replace(tmp, path)
+    with removed_unless_renamed(tmp):
+        try:
+            figure.savefig(tmp, dpi=120, bbox_inches="tight")
+        finally:
+            pyplot.close(figure)
+        os.replace(tmp, path)
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:

@@ -42,6 +42,7 @@ from bnzoo.atomic_files import (
     copy_file_atomically,
     fsync_directory,
     fsync_file,
+    removed_unless_renamed,
 )
 from bnzoo.config import CONFIG_FILENAME, TrainConfig, config_differences, load_config
 
@@ -206,11 +207,12 @@ def save_checkpoint(model: keras.Model, path: str, state: dict[str, Any]) -> Non
     """Save the model with its optimizer and `state` (epoch, history, best) as one `.keras` file,
     atomically: a reader sees the previous checkpoint or this one, never a mix."""
     tmp = f"{path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as archive:
-        archive.writestr(STATE_MEMBER, json.dumps(state, indent=1))
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    with removed_unless_renamed(tmp):
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(STATE_MEMBER, json.dumps(state, indent=1))
+        fsync_file(tmp)
+        os.replace(tmp, path)
     fsync_directory(os.path.dirname(path))
 
 

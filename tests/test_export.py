@@ -236,6 +236,39 @@ def test_export_replaces_an_existing_folder_and_leaves_no_temporary_files(tmp_pa
         assert json.load(stream)["signature"] == "serving_default"
 
 
+@pytest.mark.parametrize("stage", ["writing", "renaming"])
+def test_an_interrupted_export_keeps_the_previous_one_and_no_temporary_folder(
+    tmp_path, monkeypatch, stage
+):
+    """A Ctrl-C (or the CLI's SIGTERM exception) while the new SavedModel is written, or between
+    moving the old one aside and renaming the new one in, leaves the previous export in place."""
+    import bnzoo.export.saved_model as saved_model
+
+    path = str(tmp_path / "saved_model")
+    os.makedirs(path)
+    with open(os.path.join(path, "previous.txt"), "w") as stream:
+        stream.write("the previous export")
+    if stage == "writing":
+        monkeypatch.setattr(
+            saved_model.json, "dump", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+        )
+    else:
+        real_replace = os.replace
+
+        def replace(source, destination):
+            if ".tmp-" in os.fspath(source):
+                raise KeyboardInterrupt()
+            real_replace(source, destination)
+
+        monkeypatch.setattr(saved_model.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_serving_model(
+            make_model(), path, image_shape=RAW_SHAPE, mean=MEAN, std=STD, image_size=MODEL_SIZE
+        )
+    assert os.listdir(tmp_path) == ["saved_model"]
+    assert os.listdir(path) == ["previous.txt"]
+
+
 def test_mixed_precision_model_serves_float32_outputs(tmp_path):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = make_model()

@@ -192,7 +192,9 @@ def test_checkpoint_is_still_a_plain_keras_file(tmp_path):
         assert STATE_MEMBER in archive.namelist()
 
 
-def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_crash_while_saving_keeps_the_previous_checkpoint_and_no_temporary_file(
+    tmp_path, monkeypatch
+):
     model = compiled_small_model()
     path = str(tmp_path / "last.keras")
     save_checkpoint(model, path, {"format": 1, "epoch": 1, "history": [], "best": None})
@@ -205,8 +207,36 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         save_checkpoint(model, path, {"format": 1, "epoch": 2, "history": [], "best": None})
     monkeypatch.undo()
     assert read_checkpoint_state(path)["epoch"] == 1
-    leftovers = [name for name in os.listdir(tmp_path) if ".tmp-" in name]
-    assert leftovers  # the half-written file, under its temporary name
+    assert os.listdir(tmp_path) == ["last.keras"]
+
+
+@pytest.mark.parametrize("signal_exception", [KeyboardInterrupt, SystemExit])
+def test_a_signal_while_copying_best_leaves_no_temporary_file(
+    tmp_path, monkeypatch, signal_exception
+):
+    """Ctrl-C and SIGTERM reach the writer as exceptions (the CLI turns SIGTERM into one): the
+    half-written copy goes with them, only a SIGKILL can leave it for the next run to delete."""
+    import bnzoo.atomic_files as atomic_files
+
+    paths = RunPaths(str(tmp_path))
+    os.makedirs(paths.checkpoints)
+    model = compiled_small_model()
+    save_checkpoint(model, paths.last_checkpoint, {"format": 1, "epoch": 1, "history": []})
+
+    def interrupted(path):
+        raise signal_exception()
+
+    monkeypatch.setattr(atomic_files, "fsync_file", interrupted)  # after the bytes are copied
+    with pytest.raises(signal_exception):
+        atomic_files.copy_file_atomically(paths.last_checkpoint, paths.best_checkpoint)
+    assert os.listdir(paths.checkpoints) == ["last.keras"]
+
+
+def test_what_a_sigkill_leaves_under_a_temporary_name_is_removed_by_the_next_run(tmp_path):
+    model = compiled_small_model()
+    path = str(tmp_path / "last.keras")
+    save_checkpoint(model, path, {"format": 1, "epoch": 1, "history": [], "best": None})
+    (tmp_path / "last.tmp-12345.keras").write_bytes(b"half a zip")
     remove_temporary_files(RunPaths(str(tmp_path)))
     assert os.listdir(tmp_path) == ["last.keras"]
 

@@ -27,6 +27,8 @@ import shutil
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from bnzoo.atomic_files import removed_unless_renamed
+
 if TYPE_CHECKING:
     import keras
 
@@ -237,32 +239,38 @@ def export_serving_model(
     os.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    archive.write_out(tmp, verbose=False)
-    description = {
-        "signature": SIGNATURE_NAME,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [None, *image_shape]},
-        "outputs": ["probabilities", "logits", "classes"],
-        "preprocessing": {
-            "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std],
-            "image_size": None if image_size is None else [int(s) for s in image_size],
-        },
-        "tensorflow_version": tf.__version__,
-        "keras_backend": keras.backend.backend(),
-        **(metadata or {}),
-    }
-    os.makedirs(os.path.join(tmp, os.path.dirname(METADATA_PATH)), exist_ok=True)
-    with open(os.path.join(tmp, METADATA_PATH), "w", encoding="utf-8") as stream:
-        json.dump(description, stream, indent=2)
+    with removed_unless_renamed(tmp):
+        archive.write_out(tmp, verbose=False)
+        description = {
+            "signature": SIGNATURE_NAME,
+            "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [None, *image_shape]},
+            "outputs": ["probabilities", "logits", "classes"],
+            "preprocessing": {
+                "mean": [float(m) for m in mean],
+                "std": [float(s) for s in std],
+                "image_size": None if image_size is None else [int(s) for s in image_size],
+            },
+            "tensorflow_version": tf.__version__,
+            "keras_backend": keras.backend.backend(),
+            **(metadata or {}),
+        }
+        os.makedirs(os.path.join(tmp, os.path.dirname(METADATA_PATH)), exist_ok=True)
+        with open(os.path.join(tmp, METADATA_PATH), "w", encoding="utf-8") as stream:
+            json.dump(description, stream, indent=2)
 
-    # A folder cannot be os.replace'd over a non-empty one: move the old export aside first.
-    # A kill between the two renames leaves no `path` (and a `.old-` folder that the next run
-    # deletes), which `train.py` treats as "export again", never as a valid half-export.
-    old = None
-    if os.path.exists(path):
-        old = f"{path}.old-{os.getpid()}"
-        os.replace(path, old)
-    os.replace(tmp, path)
+        # A folder cannot be os.replace'd over a non-empty one: move the old export aside first.
+        # A kill between the two renames leaves no `path` (and a `.old-` folder that the next run
+        # deletes), which `train.py` treats as "export again", never as a valid half-export.
+        old = None
+        try:
+            if os.path.exists(path):
+                old = f"{path}.old-{os.getpid()}"
+                os.replace(path, old)
+            os.replace(tmp, path)
+        except BaseException:  # a signal between the renames: put the previous export back
+            if old is not None and not os.path.exists(path):
+                os.replace(old, path)
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path

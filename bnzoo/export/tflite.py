@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bnzoo.atomic_files import removed_unless_renamed
 from bnzoo.export.saved_model import INPUT_NAME, SIGNATURE_NAME
 
 if TYPE_CHECKING:
@@ -200,11 +201,12 @@ def export_tflite(model: keras.Model, path: str | os.PathLike, **kwargs: Any) ->
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as stream:
-        stream.write(blob)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    with removed_unless_renamed(tmp):
+        with open(tmp, "wb") as stream:
+            stream.write(blob)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
     return path
 
 
