@@ -16,6 +16,8 @@ import shutil
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from bnzoo.cli import interruptions_deferred
+
 if TYPE_CHECKING:
     import keras
 
@@ -28,7 +30,8 @@ def removed_unless_renamed(tmp: str) -> Iterator[None]:
     `.tmp-<pid>` file beside the run's files; only a SIGKILL can, and the next run cleans that
     up."""
     try:
-        yield
+        with interruptions_deferred():  # a signal waits for the rename (bnzoo.cli)
+            yield
     except BaseException:
         with contextlib.suppress(OSError):
             if os.path.isdir(tmp) and not os.path.islink(tmp):

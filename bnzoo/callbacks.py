@@ -11,6 +11,7 @@ from typing import Any
 import keras
 
 from bnzoo.atomic_files import copy_file_atomically
+from bnzoo.cli import interruptions_deferred
 from bnzoo.optimization import current_learning_rate
 from bnzoo.run_folder import (
     HISTORY_COLUMNS,
@@ -83,11 +84,13 @@ class RunCheckpoint(keras.callbacks.Callback):
             "history": [*self.state["history"], row],
             "best": best,
         }
-        save_checkpoint(self.model, self.paths.last_checkpoint, state)
-        self.state = state
-        if improved:
-            copy_file_atomically(self.paths.last_checkpoint, self.paths.best_checkpoint)
-        write_history_csv(self.paths.history, state["history"])
+        # One commit: a Ctrl-C or SIGTERM during it waits for best.keras and history.csv too.
+        with interruptions_deferred():
+            save_checkpoint(self.model, self.paths.last_checkpoint, state)
+            self.state = state
+            if improved:
+                copy_file_atomically(self.paths.last_checkpoint, self.paths.best_checkpoint)
+            write_history_csv(self.paths.history, state["history"])
 
 
 class TensorBoardScalars(keras.callbacks.Callback):

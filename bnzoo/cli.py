@@ -24,6 +24,7 @@ scripts import anything heavy, so `train.py --batch-size 0` answers in well unde
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -75,6 +76,8 @@ def interrupted_status(error: KeyboardInterrupt) -> int:
 
 #: The interruptions that signals asked for while `signals_raise_interruptions` is active.
 _RECEIVED: list[type[KeyboardInterrupt]] = []
+#: How many `interruptions_deferred` blocks are running (they nest).
+_DEFERRED_DEPTH = [0]
 
 
 @contextlib.contextmanager
@@ -84,11 +87,11 @@ def signals_raise_interruptions() -> Iterator[None]:
     remembered for `raise_if_interrupted`.
 
     Python drops an exception raised inside a garbage-collection callback or a `__del__` method
-    ("Exception ignored in ..."): a signal that arrives there is lost, and the run would go on.
-    Measured: Ctrl-C 0.1-0.3 s after train.py's opening line, on a loaded machine, was lost in
-    5 of 12 tries, inside JAX's garbage-collection callback (Keras imports JAX when it is
-    installed, whatever the backend). The training loop calls `raise_if_interrupted` after
-    every step.
+    ("Exception ignored in ..." and a traceback on stderr): a signal that arrives there would be
+    lost, and the run would go on. Measured: Ctrl-C 0.1-0.3 s after train.py's opening line, on
+    a loaded machine, landed in JAX's garbage-collection callback in 5 of 12 tries (Keras
+    imports JAX when it is installed, whatever the backend). So there the handler only records
+    the interruption, and the training loop calls `raise_if_interrupted` after every step.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -97,7 +100,10 @@ def signals_raise_interruptions() -> Iterator[None]:
     def handler(signum, frame):
         interruption = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         _RECEIVED.append(interruption)
-        raise interruption()
+        # Raised in a finalizer, the exception would be dropped with an "Exception ignored"
+        # traceback on stderr; recorded instead, `raise_if_interrupted` raises it after the step.
+        if not _DEFERRED_DEPTH[0] and not _inside_finalizer(frame):
+            raise interruption()
 
     previous = {
         number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)
@@ -108,6 +114,37 @@ def signals_raise_interruptions() -> Iterator[None]:
         for number, handler_before in previous.items():
             signal.signal(number, handler_before)
         _RECEIVED.clear()
+
+
+def _inside_finalizer(frame) -> bool:
+    """Whether `frame` runs in a garbage-collection callback or a `__del__` method, where Python
+    drops exceptions."""
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def interruptions_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM's interruption until the block has finished, then raise it.
+
+    For writes that must finish once started: an exception raised inside a library's callback
+    (h5py writing a `.keras` archive through a Python file object, for one) can come out as
+    that library's own error, an `OSError` instead of the interruption, and the user would read
+    a failure where they asked for a stop. An interruption that arrives here waits for the end
+    of the block (a checkpoint save: well under a second), and a block that fails on its own
+    raises its own error. Nested blocks raise at the end of the outermost one.
+    """
+    _DEFERRED_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED_DEPTH[0] -= 1
+    if not _DEFERRED_DEPTH[0]:
+        raise_if_interrupted()
 
 
 def raise_if_interrupted() -> None:

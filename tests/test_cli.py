@@ -179,3 +179,83 @@ def test_an_interruption_that_python_swallowed_is_raised_again(signal_number, in
     assert swallowed
     cli.raise_if_interrupted()  # forgotten once the block is left
     assert signal.getsignal(signal_number) is before
+
+
+@pytest.mark.parametrize(
+    "signal_number, interruption",
+    [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)],
+)
+def test_an_interruption_during_a_deferred_write_waits_for_its_end(signal_number, interruption):
+    finished = []
+    with cli.signals_raise_interruptions():
+        with pytest.raises(interruption):
+            with cli.interruptions_deferred():
+                with cli.interruptions_deferred():  # nested: raised by the outermost
+                    os.kill(os.getpid(), signal_number)
+                    finished.append("inner")
+                finished.append("outer")
+        assert finished == ["inner", "outer"]
+
+
+def test_a_deferred_block_that_fails_raises_its_own_error_and_nothing_is_pending():
+    with cli.signals_raise_interruptions():
+        with pytest.raises(OSError, match="disk full"):
+            with cli.interruptions_deferred():
+                raise OSError("disk full")
+        cli.raise_if_interrupted()  # no signal came: nothing to raise
+
+
+def test_a_sigterm_during_a_checkpoint_commit_finishes_the_commit_then_stops(tmp_path):
+    """The epoch's commit (last.keras, best.keras, history.csv) completes whole when SIGTERM
+    arrives in the middle of it, and the interruption follows it."""
+    import keras
+
+    from bnzoo.callbacks import RunCheckpoint
+    from bnzoo.run_folder import RunPaths, read_checkpoint_state
+
+    paths = RunPaths(str(tmp_path))
+    os.makedirs(paths.checkpoints)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    state = {"format": 1, "epoch": 0, "history": [], "best": None}
+    callback = RunCheckpoint(paths, state, monitor="val_accuracy")
+    callback.set_model(model)
+
+    real_save = model.save
+
+    def save_with_a_signal_inside(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # lands inside the checkpoint's write
+        real_save(*args, **kwargs)
+
+    model.save = save_with_a_signal_inside
+    with cli.signals_raise_interruptions():
+        with pytest.raises(cli.Terminated):
+            callback.on_epoch_end(0, {"loss": 1.0, "val_accuracy": 0.5, "learning_rate": 0.1})
+    assert read_checkpoint_state(paths.last_checkpoint)["epoch"] == 1
+    assert read_checkpoint_state(paths.best_checkpoint)["epoch"] == 1
+    assert os.path.isfile(paths.history)
+    assert sorted(os.listdir(paths.checkpoints)) == ["best.keras", "last.keras"]
+
+
+def test_a_signal_inside_a_gc_callback_is_kept_for_later_not_dropped_with_a_traceback(
+    monkeypatch,
+):
+    """JAX registers a garbage-collection callback; an exception raised there is dropped and
+    printed as "Exception ignored in ..." on stderr, which a one-line CLI must not show."""
+    import gc
+
+    dropped = []
+    monkeypatch.setattr("sys.unraisablehook", dropped.append)
+
+    def callback(phase, info):
+        if phase == "start":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with cli.signals_raise_interruptions():
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+        assert dropped == []
+        with pytest.raises(KeyboardInterrupt):
+            cli.raise_if_interrupted()

@@ -394,3 +394,57 @@ def test_freeze_until_an_unknown_layer_names_close_ones(rgb_folder, tmp_path, ca
     assert "--freeze-until inception_4e_outptu: bn_inception has no such layer" in err
     assert "did you mean 'inception_4e_output'" in err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# The same on JAX (train.py in a subprocess; the model.keras it writes is read back here).
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_on_jax_a_partly_frozen_pth_run_keeps_the_frozen_layers_and_trains_the_rest(
+    rgb_folder, tmp_path
+):
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(root / "train.py"), *TINY]
+    command += ["--dataset", f"image_folder:{rgb_folder}", "--output-dir", str(run_dir)]
+    command += ["--weights", str(FIXTURE), "--freeze-backbone"]
+    command += ["--freeze-until", "inception_4e_output"]
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "froze 110 layers" in result.stdout
+
+    trained = keras.models.load_model(run_dir / "model.keras", compile=False)
+    reference = models.bn_inception(include_top=False, input_shape=(SIZE, SIZE, 3), **NARROW)
+    converted = bn_inception_weights.from_caffe_state_dict(str(FIXTURE), reference)
+    names = [layer.name for layer in trained.layers]
+    stop = names.index("inception_4e_output")
+    frozen = [n for n in names[: stop + 1] if trained.get_layer(n).weights]
+    later = [n for n in names[stop + 1 :] if trained.get_layer(n).weights and n != "predictions"]
+    assert len(frozen) == 110 and later
+    for name in frozen:  # kernels and BN statistics exactly the source's
+        for variable in trained.get_layer(name).weights:
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(variable), converted[name][variable.name], name
+            )
+    changed = [
+        name
+        for name in later
+        if any(
+            not np.array_equal(keras.ops.convert_to_numpy(v), converted[name][v.name])
+            for v in trained.get_layer(name).weights
+        )
+    ]
+    assert changed == later  # every trainable module after 4e moved (weights or statistics)

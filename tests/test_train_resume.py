@@ -143,7 +143,7 @@ def test_sigterm_after_an_epoch_exits_143_saying_that_rerunning_resumes(tmp_path
         if process.poll() is None:
             process.kill()
         log.close()
-    assert process.returncode == 143
+    assert process.returncode == 143, stderr[-3000:]
     epochs = committed_epoch(paths)
     assert 0 < epochs < EPOCHS, "the signal came too late to test"
     assert stderr.splitlines() == [
@@ -173,7 +173,7 @@ def test_ctrl_c_in_the_first_epoch_exits_130_and_leaves_no_run_folder(tmp_path):
         if process.poll() is None:
             process.kill()
         log.close()
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr[-3000:]
     assert stderr.splitlines() == [
         "train.py: interrupted before the first epoch finished; nothing was kept, so rerunning "
         "the same command starts the run again"

@@ -267,12 +267,12 @@ def export_serving_model(
                 old = f"{path}.old-{os.getpid()}"
                 os.replace(path, old)
             os.replace(tmp, path)
-        except BaseException:  # a signal between the renames: put the previous export back
+        except BaseException:  # a failure between the renames: put the previous export back
             if old is not None and not os.path.exists(path):
                 os.replace(old, path)
             raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
