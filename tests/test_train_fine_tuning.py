@@ -84,6 +84,23 @@ def train_status(argv, capsys):
     return status, captured.out, captured.err
 
 
+def weights_status(folder, weights, run_dir, capsys, *argv):
+    """train.py on `folder` with `--weights weights`: (exit status, stdout, stderr)."""
+    return train_status(
+        [
+            *TINY,
+            "--dataset",
+            f"image_folder:{folder}",
+            "--weights",
+            str(weights),
+            "--output-dir",
+            str(run_dir),
+            *argv,
+        ],
+        capsys,
+    )
+
+
 def layer_arrays(model, name):
     return [keras.ops.convert_to_numpy(v) for v in model.get_layer(name).weights]
 
@@ -315,18 +332,7 @@ def test_a_missing_weights_file_exits_2_before_anything_is_written(tmp_path, run
 
 def test_grayscale_images_with_rgb_weights_exit_2(tmp_path, capsys):
     gray = write_image_folder(tmp_path / "gray", channels=1, per_class=8)
-    status, _, err = train_status(
-        [
-            *TINY,
-            "--dataset",
-            f"image_folder:{gray}",
-            "--weights",
-            str(FIXTURE),
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-        capsys,
-    )
+    status, _, err = weights_status(gray, FIXTURE, tmp_path / "run", capsys)
     assert status == EXIT_USAGE and err.count("\n") == 1
     assert "needs 3-channel (RGB) images" in err and "1-channel ones" in err
     assert not (tmp_path / "run").exists()
@@ -335,18 +341,7 @@ def test_grayscale_images_with_rgb_weights_exit_2(tmp_path, capsys):
 def test_a_keras_model_of_another_architecture_exits_2(rgb_folder, tmp_path, capsys):
     other = models.create_model("plain_cnn", input_shape=(SIZE, SIZE, 3), classes=2)
     other.save(tmp_path / "plain.keras")
-    status, _, err = train_status(
-        [
-            *TINY,
-            "--dataset",
-            f"image_folder:{rgb_folder}",
-            "--weights",
-            str(tmp_path / "plain.keras"),
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-        capsys,
-    )
+    status, _, err = weights_status(rgb_folder, tmp_path / "plain.keras", tmp_path / "run", capsys)
     assert status == EXIT_USAGE and err.count("\n") == 1
     assert "not the same architecture as bn_inception" in err
     assert not (tmp_path / "run").exists()
@@ -357,17 +352,8 @@ def test_a_weights_h5_file_of_other_classes_says_what_to_pass_instead(rgb_folder
     models.bn_inception(input_shape=(SIZE, SIZE, 3), classes=5, **NARROW).save_weights(
         tmp_path / "five.weights.h5"
     )
-    status, _, err = train_status(
-        [
-            *TINY,
-            "--dataset",
-            f"image_folder:{rgb_folder}",
-            "--weights",
-            str(tmp_path / "five.weights.h5"),
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-        capsys,
+    status, _, err = weights_status(
+        rgb_folder, tmp_path / "five.weights.h5", tmp_path / "run", capsys
     )
     assert status == EXIT_USAGE and err.count("\n") == 1
     assert "loads only into the same model with the same classes" in err
@@ -375,20 +361,12 @@ def test_a_weights_h5_file_of_other_classes_says_what_to_pass_instead(rgb_folder
 
 
 def test_freeze_until_an_unknown_layer_names_close_ones(rgb_folder, tmp_path, capsys):
-    status, _, err = train_status(
-        [
-            *TINY,
-            "--dataset",
-            f"image_folder:{rgb_folder}",
-            "--weights",
-            str(FIXTURE),
-            "--freeze-backbone",
-            "--freeze-until",
-            "inception_4e_outptu",
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
+    status, _, err = weights_status(
+        rgb_folder,
+        FIXTURE,
+        tmp_path / "run",
         capsys,
+        *("--freeze-backbone", "--freeze-until", "inception_4e_outptu"),
     )
     assert status == EXIT_USAGE
     assert "--freeze-until inception_4e_outptu: bn_inception has no such layer" in err
