@@ -242,14 +242,7 @@ def export_serving_model(
     with removed_unless_renamed(tmp):
         archive.write_out(tmp, verbose=False)
         description = {
-            "signature": SIGNATURE_NAME,
-            "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [None, *image_shape]},
-            "outputs": ["probabilities", "logits", "classes"],
-            "preprocessing": {
-                "mean": [float(m) for m in mean],
-                "std": [float(s) for s in std],
-                "image_size": None if image_size is None else [int(s) for s in image_size],
-            },
+            **interface_description(image_shape, mean, std, image_size),
             "tensorflow_version": tf.__version__,
             "keras_backend": keras.backend.backend(),
             **(metadata or {}),
@@ -274,6 +267,27 @@ def export_serving_model(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def interface_description(
+    image_shape: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: Sequence[int] | None,
+) -> dict[str, Any]:
+    """What every export records about its interface (the SavedModel's `bnzoo.json`, the TFLite
+    models' metadata): the signature, its uint8 input, its outputs and the preprocessing inside,
+    so that `evaluate.py` and serving code read any artifact the same way."""
+    return {
+        "signature": SIGNATURE_NAME,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [None, *image_shape]},
+        "outputs": ["probabilities", "logits", "classes"],
+        "preprocessing": {
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            "image_size": None if image_size is None else [int(s) for s in image_size],
+        },
+    }
 
 
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:

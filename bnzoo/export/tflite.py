@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnzoo.atomic_files import removed_unless_renamed
-from bnzoo.export.saved_model import INPUT_NAME, SIGNATURE_NAME
+from bnzoo.export.saved_model import INPUT_NAME, SIGNATURE_NAME, interface_description
 
 if TYPE_CHECKING:
     import keras
@@ -140,14 +140,7 @@ def convert_to_tflite(
             blob = converter.convert()
 
     description = {
-        "signature": SIGNATURE_NAME,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [None, *image_shape]},
-        "outputs": ["probabilities", "logits", "classes"],
-        "preprocessing": {
-            "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std],
-            "image_size": None if image_size is None else [int(s) for s in image_size],
-        },
+        **interface_description(image_shape, mean, std, image_size),
         "quantization": quantization,
         "tensorflow_version": tf.__version__,
         **(metadata or {}),
