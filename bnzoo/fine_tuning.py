@@ -274,11 +274,13 @@ def _load_weights_file(model: Any, source: WeightsSource, config: TrainConfig) -
 
 
 def copy_weights_by_name(model: Any, source: Any, what: str) -> tuple[int, bool]:
-    """Assign `source`'s weights to `model`'s layers of the same name.
+    """Assign `source`'s weights to `model`'s layers of the same name
+    (`models.pretrained.assign_layer_weights`, which checks every name and shape before
+    assigning anything).
 
     Every layer of `model` with weights must have a namesake in `source` with variables of
-    the same shapes, except the classifier, which is copied only when its shape matches (the
-    same classes). All shapes are checked before anything is assigned.
+    the same shapes, except the classifier, which is copied only when its shapes match (the
+    same classes) and otherwise keeps its fresh initialization.
 
     Returns:
         (the number of layers copied, whether the classifier was among them).
@@ -288,40 +290,33 @@ def copy_weights_by_name(model: Any, source: Any, what: str) -> tuple[int, bool]
             with weights that `model` lacks: not the same architecture.
     """
     import keras
-    import numpy as np
 
-    donors = {layer.name: layer for layer in source.layers if layer.weights}
+    from models.pretrained import assign_layer_weights
+
+    values = {
+        layer.name: {v.name: keras.ops.convert_to_numpy(v) for v in layer.weights}
+        for layer in source.layers
+        if layer.weights
+    }
     targets = {layer.name: layer for layer in model.layers if layer.weights}
-    extra = sorted(set(donors) - set(targets) - {CLASSIFIER})
-    missing = sorted(set(targets) - set(donors) - {CLASSIFIER})
-    if extra or missing:
-        names = ", ".join(missing[:3] or extra[:3])
-        where = f"{model.name} has no layer" if not missing else f"{what} has no layer"
+    classifier = targets.get(CLASSIFIER)
+    classifier_copied = (
+        classifier is not None
+        and CLASSIFIER in values
+        and [tuple(v.shape) for v in classifier.weights]
+        == [tuple(a.shape) for a in values[CLASSIFIER].values()]
+    )
+    if not classifier_copied:
+        values.pop(CLASSIFIER, None)
+    try:
+        assign_layer_weights(model, values, source=what, keep=(CLASSIFIER,))
+    except ValueError as error:
         raise UsageError(
             f"--weights {what}: not the same architecture as {model.name} with these options "
-            f"({where} {names}); pass weights of the same --model and --model-arg values"
-        )
-    assignments = []
-    copied = 0
-    classifier_copied = False
-    for name, layer in targets.items():
-        donor = donors.get(name)
-        shapes = [tuple(v.shape) for v in layer.weights]
-        donor_shapes = [tuple(v.shape) for v in donor.weights] if donor is not None else None
-        if shapes != donor_shapes:
-            if name == CLASSIFIER:
-                continue
-            raise UsageError(
-                f"--weights {what}: not the same architecture as {model.name} with these "
-                f"options (layer {name}: weights of shapes {donor_shapes}, the model's "
-                f"{shapes}); pass weights of the same --model and --model-arg values"
-            )
-        classifier_copied |= name == CLASSIFIER
-        copied += 1
-        assignments += zip(layer.weights, donor.weights, strict=True)
-    for variable, value in assignments:
-        variable.assign(np.asarray(keras.ops.convert_to_numpy(value), dtype=variable.dtype))
-    return copied, classifier_copied
+            f"({' '.join(str(error).split())}); pass weights of the same --model and "
+            "--model-arg values"
+        ) from None
+    return sum(name in values for name in targets), classifier_copied
 
 
 # --- Freezing ------------------------------------------------------------------------------------

@@ -360,14 +360,20 @@ def _load_keras_file(model: Any, path: str) -> None:
 
 
 def assign_layer_weights(
-    model: Any, layer_weights: Mapping[str, Mapping[str, np.ndarray]], *, source: str = ""
+    model: Any,
+    layer_weights: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    source: str = "",
+    keep: tuple[str, ...] = (),
 ) -> None:
     """Assign `{layer name: {variable name: array}}` to `model`'s layers, by name.
 
     Every layer of `model` that has weights must be in `layer_weights`, with an array of the
     right shape for each variable, except BN's `gamma`, which becomes 1 when the source trained
-    without it (TF-slim, Inception-v3): the same function. Entries for the classifier
-    (`predictions`) are ignored when the model has none (`include_top=False`).
+    without it (TF-slim, Inception-v3): the same function, and the layers named in `keep`, which
+    keep their weights when `layer_weights` has none for them (a new classifier when
+    fine-tuning). Entries for the classifier (`predictions`) are ignored when the model has none
+    (`include_top=False`).
 
     Raises:
         ValueError: a missing layer or variable, a shape mismatch or an entry that fits no layer,
@@ -383,6 +389,8 @@ def assign_layer_weights(
         )
     assignments = []
     for name, layer in model_layers.items():
+        if name not in layer_weights and name in keep:
+            continue
         if name not in layer_weights:
             raise ValueError(
                 f"layer {name!r} of {model.name!r} has no weights{source_text}: the checkpoint "

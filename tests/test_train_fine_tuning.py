@@ -198,20 +198,17 @@ def test_released_weights_export_serves_uint8_images_like_the_keras_model(
 # ------------------------------------------------------------------------------------------
 
 
+PARTLY_FROZEN_IMAGENET = (
+    *("--weights", "imagenet", "--freeze-backbone", "--freeze-until", "inception_4e_output"),
+)
+
+
 @pytest.mark.slow
 def test_imagenet_tag_partly_frozen_keeps_frozen_statistics_and_resumes_without_the_source(
     narrow_imagenet, rgb_folder, tmp_path, capsys
 ):
     run_dir = tmp_path / "run"
-    fine_tune(
-        rgb_folder,
-        run_dir,
-        "--weights",
-        "imagenet",
-        "--freeze-backbone",
-        "--freeze-until",
-        "inception_4e_output",
-    )
+    fine_tune(rgb_folder, run_dir, *PARTLY_FROZEN_IMAGENET)
     out = capsys.readouterr().out
     assert "initialized 138 layers of bn_inception from bn_inception weights 'imagenet'" in out
     assert "the classifier (predictions, 2 classes) starts random" in out
@@ -236,17 +233,7 @@ def test_imagenet_tag_partly_frozen_keeps_frozen_statistics_and_resumes_without_
     for path in (tmp_path / "keras_home").rglob("*"):
         if path.is_file():
             path.unlink()
-    result = fine_tune(
-        rgb_folder,
-        run_dir,
-        "--weights",
-        "imagenet",
-        "--freeze-backbone",
-        "--freeze-until",
-        "inception_4e_output",
-        "--epochs",
-        "2",
-    )
+    result = fine_tune(rgb_folder, run_dir, *PARTLY_FROZEN_IMAGENET, "--epochs", "2")
     assert (result.resumed_from_epoch, result.epochs_completed) == (1, 2)
     assert "initialized" not in capsys.readouterr().out
     resumed = keras.models.load_model(run_dir / "model.keras", compile=False)
@@ -382,24 +369,17 @@ def test_freeze_until_an_unknown_layer_names_close_ones(rgb_folder, tmp_path, ca
 @pytest.mark.slow
 @pytest.mark.extended
 def test_on_jax_a_partly_frozen_pth_run_keeps_the_frozen_layers_and_trains_the_rest(
-    rgb_folder, tmp_path
+    rgb_folder, tmp_path, run_script
 ):
-    import subprocess
-    import sys
-
-    root = pathlib.Path(__file__).parent.parent
     run_dir = tmp_path / "run"
-    command = [sys.executable, str(root / "train.py"), *TINY]
-    command += ["--dataset", f"image_folder:{rgb_folder}", "--output-dir", str(run_dir)]
-    command += ["--weights", str(FIXTURE), "--freeze-backbone"]
-    command += ["--freeze-until", "inception_4e_output"]
-    result = subprocess.run(
-        command,
+    result = run_script.run(
+        "train.py",
+        *TINY,
+        *("--dataset", f"image_folder:{rgb_folder}", "--output-dir", run_dir),
+        *("--weights", FIXTURE, "--freeze-backbone", "--freeze-until", "inception_4e_output"),
         cwd=tmp_path,
-        env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
-        capture_output=True,
-        text=True,
         timeout=600,
+        env={"KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "froze 110 layers" in result.stdout
