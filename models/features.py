@@ -30,7 +30,7 @@ from typing import Any
 
 import keras
 
-from models.registry import create_model, get_model_spec, list_models
+from .registry import create_model, get_model_spec, list_models
 
 #: Layers of the classifier head (`include_top=True`) that `freeze_backbone` leaves trainable.
 HEAD_LAYERS = ("avg_pool", "max_pool", "dropout", "predictions")
