@@ -29,7 +29,7 @@ from typing import Any
 
 import keras
 
-from .pretrained import WeightSet
+from .pretrained import keras_applications_weights
 from .scaffold import Build, builder
 
 DEFAULT_INPUT_SHAPE = (299, 299, 3)
@@ -106,9 +106,6 @@ def _avg_pool(x: Any, name: str) -> Any:
     return keras.layers.AveragePooling2D(3, strides=1, padding="same", name=name)(x)
 
 
-KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
-
-
 @builder(
     default_input_shape=DEFAULT_INPUT_SHAPE,
     min_input_size=MIN_INPUT_SIZE,
@@ -119,21 +116,15 @@ KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applicatio
     },
     feature_layers=FEATURE_LAYERS,
     weights=[
-        WeightSet(
-            model="inception_v3",
-            tag="imagenet",
-            source_format="keras_h5",
-            url=f"{KERAS_APPLICATIONS}inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-            file_name="inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-            file_hash="9a0d58056eeedaa3f26cb7ebd46da564",
-            notop_url=f"{KERAS_APPLICATIONS}inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            notop_file_name="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            notop_file_hash="bcbd6486424b2319ff4ef7d526e38f63",
-            classes=1000,
-            preprocessing="inception",
+        keras_applications_weights(
+            "inception_v3",
+            folder="inception_v3",
+            file_stem="inception_v3",
+            md5=("9a0d58056eeedaa3f26cb7ebd46da564", "bcbd6486424b2319ff4ef7d526e38f63"),
             top1=77.9,
             top5=93.7,
-            accuracy_source="keras.io/api/applications (299 input)",
+            input_size=299,
+            preprocessing="inception",
             description=(
                 "keras.applications InceptionV3 ImageNet weights (same file and cache entry)"
             ),

@@ -95,6 +95,58 @@ class WeightSet:
     )
 
 
+#: Where keras.applications publishes its ImageNet weights.
+KERAS_APPLICATIONS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+def keras_applications_weights(
+    model: str,
+    *,
+    folder: str,
+    file_stem: str,
+    md5: tuple[str, str],
+    top1: float,
+    top5: float,
+    input_size: int,
+    preprocessing: str,
+    description: str,
+) -> WeightSet:
+    """The ImageNet weight set keras.applications publishes for a network.
+
+    Its files are `<folder>/<file_stem>_weights_tf_dim_ordering_tf_kernels.h5` and the same
+    with `_notop` (for `include_top=False`), Keras 2's HDF5 layout; the same URL, md5 and cache
+    entry as keras.applications, so one download serves both.
+
+    Args:
+        model: the variant the weights belong to.
+        folder, file_stem: where keras.applications puts the files, and their common stem.
+        md5: the md5 sums of the file with and without the top.
+        top1, top5: ImageNet accuracy reported on keras.io (%).
+        input_size: the input size of that report.
+        preprocessing: the `models.preprocessing` mode of keras.applications' preprocess_input.
+        description: one line.
+    """
+    top = f"{file_stem}_weights_tf_dim_ordering_tf_kernels.h5"
+    notop = f"{file_stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    return WeightSet(
+        model=model,
+        tag="imagenet",
+        source_format="keras_h5",
+        url=f"{KERAS_APPLICATIONS_URL}{folder}/{top}",
+        file_name=top,
+        file_hash=md5[0],
+        notop_url=f"{KERAS_APPLICATIONS_URL}{folder}/{notop}",
+        notop_file_name=notop,
+        notop_file_hash=md5[1],
+        classes=1000,
+        preprocessing=preprocessing,
+        top1=top1,
+        top5=top5,
+        accuracy_source=f"keras.io/api/applications ({input_size} input)",
+        description=description,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class _BuilderWeights:
     """What `register_builder` knows about one builder."""
