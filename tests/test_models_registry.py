@@ -128,6 +128,9 @@ def test_command_line_lists_the_pretrained_weight_sets(capsys):
         ("bn_inception", "imagenet", "73.52", "91.56"),
         ("bn_inception_slim", "imagenet", "73.90", "91.80"),
         ("inception_v3", "imagenet", "77.90", "93.70"),
+        ("resnet101", "imagenet", "76.40", "92.80"),
+        ("resnet152", "imagenet", "76.60", "93.10"),
+        ("resnet50", "imagenet", "74.90", "92.10"),
     }
 
 
