@@ -56,7 +56,7 @@ def create_feature_extractor(
     """A model returning the registered model's feature maps at the given output strides.
 
     Args:
-        name: a registered model with feature maps (the Inception family).
+        name: a registered model with feature maps (the Inception family, the ResNets).
         strides: output strides to return, from those the model declares (2, 4, 8, 16, 32).
         **kwargs: builder arguments (`weights`, `input_shape`, `normalization`, ...);
             `include_top` and `pooling` are fixed (no classifier, no pooling).
