@@ -111,7 +111,6 @@ print(json.dumps({
 """
 
 
-@pytest.mark.extended
 def test_installed_package_works_beside_a_users_own_models_and_layers(tmp_path):
     """`pip install` (not editable) into a fresh environment, then bnzoo through `bnzoo.models`
     and `bnzoo.layers` from a project whose `models.py` and `layers.py` shadow the top-level
