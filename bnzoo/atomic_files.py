@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from bnzoo.cli import interruptions_deferred
+from bnzoo.signals import interruptions_deferred
 
 if TYPE_CHECKING:
     import keras
@@ -30,7 +30,7 @@ def removed_unless_renamed(tmp: str) -> Iterator[None]:
     `.tmp-<pid>` file beside the run's files; only a SIGKILL can, and the next run cleans that
     up."""
     try:
-        with interruptions_deferred():  # a signal waits for the rename (bnzoo.cli)
+        with interruptions_deferred():  # a signal waits for the rename (bnzoo.signals)
             yield
     except BaseException:
         with contextlib.suppress(OSError):

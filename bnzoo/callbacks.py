@@ -11,7 +11,6 @@ from typing import Any
 import keras
 
 from bnzoo.atomic_files import copy_file_atomically
-from bnzoo.cli import interruptions_deferred
 from bnzoo.optimization import current_learning_rate
 from bnzoo.run_folder import (
     HISTORY_COLUMNS,
@@ -20,6 +19,7 @@ from bnzoo.run_folder import (
     save_checkpoint,
     write_history_csv,
 )
+from bnzoo.signals import interruptions_deferred
 
 Log = Callable[[str], None]
 

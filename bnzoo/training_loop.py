@@ -37,8 +37,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from bnzoo.cli import raise_if_interrupted
 from bnzoo.distribution import Distribution
+from bnzoo.signals import raise_if_interrupted
 
 #: Builds this worker's input batches `(images, one-hot labels)`: see `bnzoo.training_data`.
 BatchesFactory = Callable[[], Any]

@@ -20,8 +20,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from layers import batch_normalization as _bn
-from layers.batch_normalization import BatchNormalization
+from . import batch_normalization as _bn
+from .batch_normalization import BatchNormalization
 
 # The sums each BN call contributes (see `BatchNormalization._population_sums`): the values'
 # sum, their squared deviations from the (ghost) batch mean, their count and the sum of

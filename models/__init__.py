@@ -17,75 +17,79 @@ models.profile_model(model).multiply_adds
 `python -m models` lists every registered model with its parameters, multiply-adds, input size
 and pretrained weights; `python -m models NAME` prints one model's summary.
 
-Importing the package registers every builder and every Keras object a bnzoo `.keras` file can
-hold; only `python -m models` defers that (and TensorFlow) until its arguments are parsed, so
-`--help` answers at once.
+A model is one module of this package, found by importing them all: its `@scaffold.builder`
+registers it, and the package exposes the builder under its function name. Importing the
+package therefore imports Keras (and its backend) and registers every Keras object a bnzoo
+`.keras` file can hold (BN, GoogLeNet's LRN, the weights' input preprocessing), so
+`import layers, models` is enough for `keras.saving.load_model`; nothing of `bnzoo` is imported.
+Only `python -m models` defers that until its arguments are parsed, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 import types
 from typing import Any
 
-#: Public name -> the module that defines it.
-_EXPORTS = {
-    "bn_inception": "models.bn_inception",
-    "inception_v1": "models.inception_v1",
-    "inception_v3": "models.inception_v3",
-    "paper_mlp": "models.paper_mlp",
-    "plain_cnn": "models.plain_cnn",
-    "ModelProfile": "models.building_blocks",
-    "count_multiply_adds": "models.building_blocks",
-    "count_parameters": "models.building_blocks",
-    "normalization_layer": "models.building_blocks",
-    "profile_model": "models.building_blocks",
-    "ModelSpec": "models.registry",
-    "create_model": "models.registry",
-    "get_model_spec": "models.registry",
-    "list_models": "models.registry",
-    "register_model": "models.registry",
-    "WeightSet": "models.pretrained",
-    "convert_weights": "models.pretrained",
-    "get_weights": "models.pretrained",
-    "list_weights": "models.pretrained",
-    "create_feature_extractor": "models.features",
-    "freeze_backbone": "models.features",
-    "ImagePreprocessing": "models.preprocessing",
-    "preprocess_input": "models.preprocessing",
+#: The library's public names -> the module of this package that defines each. The builders
+#: are public too, under their function names (`models.bn_inception`); they need no entry.
+_API = {
+    "ModelProfile": "profiling",
+    "count_multiply_adds": "profiling",
+    "count_parameters": "profiling",
+    "profile_model": "profiling",
+    "normalization_layer": "building_blocks",
+    "ModelSpec": "registry",
+    "create_model": "registry",
+    "get_model_spec": "registry",
+    "list_models": "registry",
+    "register_model": "registry",
+    "WeightSet": "pretrained",
+    "convert_weights": "pretrained",
+    "get_weights": "pretrained",
+    "list_weights": "pretrained",
+    "create_feature_extractor": "features",
+    "freeze_backbone": "features",
+    "ImagePreprocessing": "preprocessing",
+    "preprocess_input": "preprocessing",
 }
-#: Modules whose import registers builders (and their weights) in the registry.
-BUILDER_MODULES = (
-    "models.bn_inception",
-    "models.inception_v1",
-    "models.inception_v3",
-    "models.paper_mlp",
-    "models.plain_cnn",
-)
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_API)
+_loaded = False
 
 
 def load_builders() -> None:
-    """Import every builder module (registering its models) and bind the public names."""
-    for module in BUILDER_MODULES:
-        importlib.import_module(module)
+    """Import every module of the package (which registers its models), then bind the public
+    names: the library's, and each builder defined here under its function name. Once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
     package = sys.modules[__name__]
-    for name, module in _EXPORTS.items():
-        if name not in package.__dict__:
-            package.__dict__[name] = getattr(importlib.import_module(module), name)
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):  # __main__ and private helpers define no models
+            importlib.import_module(f"{__name__}.{module.name}")
+    for name, module in _API.items():
+        package.__dict__.setdefault(name, getattr(sys.modules[f"{__name__}.{module}"], name))
+    registry = sys.modules[f"{__name__}.registry"]
+    for spec in registry._REGISTRY.values():
+        builder = spec.builder
+        if builder.__module__.startswith(f"{__name__}.") and builder.__name__ not in _API:
+            package.__dict__[builder.__name__] = builder
+            if builder.__name__ not in __all__:
+                __all__.append(builder.__name__)
+    __all__.sort()
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
+    # Reached before `load_builders` ran (`python -m models`), or for a name that is not public:
+    # loading binds every public name in the module's namespace.
+    if not _loaded and not name.startswith("__"):
         load_builders()
-        return sys.modules[__name__].__dict__[name]
+        return getattr(sys.modules[__name__], name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
 
 
 class _Package(types.ModuleType):
@@ -93,27 +97,22 @@ class _Package(types.ModuleType):
 
     `models.bn_inception` is both a submodule and the function it defines. Importing the
     submodule makes Python bind the module to the package attribute, which would hide the
-    function; the eager `from models.bn_inception import bn_inception` of a classic `__init__`
-    rebinds it right after. Here the import system's binding is ignored instead, so
+    function; here that binding is ignored once the builder is bound, so
     `models.bn_inception(...)` stays the builder whatever was imported first (the submodule
     itself is `sys.modules["models.bn_inception"]`).
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
+        bound = self.__dict__.get(name)
+        if isinstance(value, types.ModuleType) and callable(bound):
             return
         super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Package
 
-# `import models` registers everything a `.keras` file written by bnzoo can refer to: the
-# builders' own layers (GoogLeNet's LRN, the weights' input preprocessing) and the trainer's
-# learning-rate schedule, which lives inside the optimizer of every checkpoint. So
-# `import layers, models` is enough for `keras.saving.load_model` on any file bnzoo writes.
 # This imports Keras and TensorFlow, so it is skipped only while `python -m models` locates its
 # `__main__` (sys.argv[0] is "-m" then): that command parses its arguments first and answers
 # `--help` without TensorFlow.
 if sys.argv[:1] != ["-m"]:
     load_builders()
-    import bnzoo.optimization  # noqa: E402, F401

@@ -10,17 +10,22 @@ python -m models convert bn_inception bn_inception-52deb4733.pth bn_inception.we
 ```
 
 Arguments are parsed before TensorFlow is imported, so `--help` and command-line mistakes
-answer at once; TensorFlow's C++ start-up logging is silenced (`bnzoo.cli`). Exit status: 0,
-2 for a bad command line (an unknown model or option), 1 when a file cannot be converted.
+answer at once; TensorFlow's C++ start-up logging is silenced. Errors are one line on stderr
+(`--debug` shows the traceback); exit status 0, 2 for a bad command line (an unknown model or
+option), 1 when a file cannot be read or converted, 130 after Ctrl-C.
+
+This command is part of `models`, which imports nothing of `bnzoo`: it has its own few lines of
+command-line plumbing (the same exit statuses as bnzoo's scripts).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from bnzoo.cli import UsageError, import_tensorflow_quietly, run_cli
+PROG = "python -m models"
 
 CONVERT_EPILOG = (
     "The source is the file a weight set is published as: Cadene's bn_inception-52deb4733.pth "
@@ -30,8 +35,12 @@ CONVERT_EPILOG = (
 )
 
 
+class UsageError(ValueError):
+    """A bad command line: exit status 2."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with errors raised (one line, exit status 2 through run_cli)."""
+    """argparse, with errors raised (one line, exit status 2 through `run`)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
@@ -58,7 +67,7 @@ def _format_count(count: int) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="python -m models",
+        prog=PROG,
         description="List bnzoo's models with their parameters, multiply-adds and pretrained "
         "weights, or summarize one model. `python -m models convert --help` converts "
         "published weights into a Keras weights file.",
@@ -130,14 +139,14 @@ def _table(header: Sequence[str], rows: list[Sequence[str]], left: set[int]) -> 
 
 
 def _weight_tags(name: str) -> str:
-    from models import pretrained
+    from . import list_weights
 
-    return ", ".join(w.tag for w in pretrained.list_weights(name)) or "-"
+    return ", ".join(w.tag for w in list_weights(name)) or "-"
 
 
 def list_table(names: Sequence[str], arguments: dict) -> str:
     """The table `python -m models` prints: one row per model."""
-    import models
+    from . import create_model, get_model_spec, profile_model
 
     header = (
         "model",
@@ -150,8 +159,8 @@ def list_table(names: Sequence[str], arguments: dict) -> str:
     )
     rows = []
     for name in names:
-        spec = models.get_model_spec(name)
-        profile = models.profile_model(models.create_model(name, **arguments))
+        spec = get_model_spec(name)
+        profile = profile_model(create_model(name, **arguments))
         rows.append(
             (
                 name,
@@ -168,7 +177,7 @@ def list_table(names: Sequence[str], arguments: dict) -> str:
 
 def weights_table() -> str:
     """The table `python -m models --weights` prints: one row per pretrained weight set."""
-    import models
+    from . import list_models, list_weights
 
     header = ("model", "weights", "top-1", "top-5", "preprocessing", "format", "reported by")
     rows = [
@@ -181,20 +190,20 @@ def weights_table() -> str:
             w.source_format,
             w.accuracy_source,
         )
-        for name in models.list_models()
-        for w in models.list_weights(name)
+        for name in list_models()
+        for w in list_weights(name)
     ]
     return _table(header, rows, left={0, 1, 4, 5, 6})
 
 
 def summary_text(name: str, arguments: dict) -> str:
     """The text `python -m models NAME` prints: Keras' summary, the totals, the weights."""
-    import models
-    from models.preprocessing import MODES
+    from . import create_model, get_model_spec, list_weights, profile_model
+    from .preprocessing import get_convention
 
-    spec = models.get_model_spec(name)
-    model = models.create_model(name, **arguments)
-    profile = models.profile_model(model)
+    spec = get_model_spec(name)
+    model = create_model(name, **arguments)
+    profile = profile_model(model)
     lines = []
     model.summary(print_fn=lambda line, **_: lines.append(line), line_length=110)
     lines += [
@@ -210,7 +219,7 @@ def summary_text(name: str, arguments: dict) -> str:
     if spec.feature_layers:
         strides = ", ".join(str(stride) for stride in sorted(spec.feature_layers))
         lines.append(f"feature strides:  {strides} (models.create_feature_extractor)")
-    weight_sets = models.list_weights(name)
+    weight_sets = list_weights(name)
     if not weight_sets:
         lines.append("weights:          none pretrained")
     for w in weight_sets:
@@ -218,7 +227,8 @@ def summary_text(name: str, arguments: dict) -> str:
         lines += [
             f"weights:          {w.tag!r}: {w.description}",
             f"                  {accuracy}",
-            f"                  preprocessing {w.preprocessing!r}: {MODES[w.preprocessing]}",
+            f"                  preprocessing {w.preprocessing!r}: "
+            f"{get_convention(w.preprocessing).description}",
             f"                  from {w.url}",
         ]
     return "\n".join(lines)
@@ -226,8 +236,7 @@ def summary_text(name: str, arguments: dict) -> str:
 
 def convert(argv: Sequence[str]) -> int:
     args = build_convert_parser().parse_args(argv)
-    import_tensorflow_quietly()
-    import models
+    models = _load_quietly()
 
     models.get_model_spec(args.model)  # an unknown name is a command-line error
     try:
@@ -248,8 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["convert"]:
         return convert(argv[1:])
     args = build_parser().parse_args(argv)
-    import_tensorflow_quietly()
-    import models
+    models = _load_quietly()
 
     if args.weights:
         print(weights_table())
@@ -272,5 +280,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _load_quietly():
+    """The package, its builders loaded, with TensorFlow's C++ start-up logging silenced.
+
+    TensorFlow's native libraries log through absl before absl is initialized, ignoring
+    `TF_CPP_MIN_LOG_LEVEL` ("oneDNN custom operations are on", CUDA probes): file descriptor 2
+    points at /dev/null while Keras imports its backend and TensorFlow probes for GPUs. A
+    Python exception raised meanwhile still reaches the caller once stderr is back.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from . import load_builders
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            load_builders()
+            if "tensorflow" in sys.modules:
+                sys.modules["tensorflow"].config.list_physical_devices("GPU")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return sys.modules[__package__]
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """`main` with one-line errors and an exit status (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:
+        if "--debug" in argv:
+            raise
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="python -m models"))
+    sys.exit(run())

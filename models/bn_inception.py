@@ -49,19 +49,9 @@ from typing import Any
 
 import keras
 
-from models import bn_inception_weights, pretrained
-from models.building_blocks import (
-    classification_head,
-    conv_norm_act,
-    model_input,
-    preprocessing_layer,
-    resolve_input_shape,
-    resolve_normalization,
-    scaled_depth,
-    validate_head_arguments,
-    validate_input_shape,
-)
-from models.registry import register_model
+from . import bn_inception_weights
+from .pretrained import WeightSet
+from .scaffold import Build, builder, check_choice
 
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
 # Five stride-2 stages (stem conv, two stem pools, 3c, 4e) take 32×32 to 1×1 at 5b; smaller
@@ -124,8 +114,18 @@ SLIM_MODULES = tuple(
 )
 
 MODULE_TABLES = {"caffe": CAFFE_MODULES, "slim": SLIM_MODULES}
-STEMS = ("conv", "separable")
-PADDINGS = ("caffe", "same")
+STEMS = {
+    "conv": "the Caffe release's 7x7 convolution",
+    "separable": "the paper's depthwise-separable 7x7 convolution",
+}
+TABLE_READINGS = {
+    "caffe": "4c/4d output 608 channels",
+    "slim": "TF-slim's 576-channel reading",
+}
+PADDINGS = {
+    "caffe": "the released Caffe network's symmetric padding and ceil-mode pooling",
+    "same": "TensorFlow's, any input size",
+}
 #: BN epsilon of each padding convention when `bn_epsilon=None`: Caffe's (and PyTorch's) 1e-5,
 #: Keras' and TF-slim's 1e-3.
 DEFAULT_EPSILONS = {"caffe": 1e-5, "same": 1e-3}
@@ -245,18 +245,88 @@ def _check_caffe_size(input_shape: tuple, model_name: str) -> None:
         )
 
 
+def _check(arguments: dict[str, Any]) -> None:
+    """The stem, module table and padding; an unset BN epsilon takes the padding's."""
+    check_choice(arguments, "stem", STEMS)
+    check_choice(arguments, "module_table", TABLE_READINGS)
+    check_choice(arguments, "padding", PADDINGS)
+    if arguments["bn_epsilon"] is None:
+        arguments["bn_epsilon"] = DEFAULT_EPSILONS[arguments["padding"]]
+
+
+@builder(
+    default_input_shape=DEFAULT_INPUT_SHAPE,
+    min_input_size=MIN_INPUT_SIZE,
+    variants={
+        "bn_inception": dict(
+            description="BN-Inception as released in Caffe: Figure 5, 7x7 stem, 608-ch 4c/4d"
+        ),
+        "bn_inception_slim": dict(
+            description="TF-slim inception_v2: separable stem, 576-ch 4c/4d, dropout 0.2",
+            stem="separable",
+            module_table="slim",
+            padding="same",
+            dropout_rate=0.2,
+            bn_scale=False,
+            normalize_stem=False,
+        ),
+    },
+    feature_layers=FEATURE_LAYERS,
+    weights=[
+        WeightSet(
+            model="bn_inception",
+            tag="imagenet",
+            source_format="pytorch",
+            url="http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth",
+            file_name="bn_inception-52deb4733.pth",
+            file_hash="52deb4733",
+            classes=1000,
+            preprocessing="caffe",
+            top1=73.524,
+            top5=91.562,
+            accuracy_source=(
+                "Cadene/pretrained-models.pytorch README (224 center crop of a 256 resize)"
+            ),
+            description="Caffe BN-Inception (Xiong), via Cadene's pretrainedmodels .pth",
+        ),
+        WeightSet(
+            model="bn_inception_slim",
+            tag="imagenet",
+            source_format="tf_checkpoint",
+            url="http://download.tensorflow.org/models/inception_v2_2016_08_28.tar.gz",
+            file_name="inception_v2_2016_08_28.tar.gz",
+            file_hash=None,
+            archive_member="inception_v2.ckpt",
+            classes=1001,
+            preprocessing="inception",
+            top1=73.9,
+            top5=91.8,
+            accuracy_source=(
+                "tensorflow/models research/slim README (224 center crop, 87.5% central)"
+            ),
+            description="TF-slim inception_v2_2016_08_28 checkpoint (1001 classes, 0 = background)",
+        ),
+    ],
+    converters={
+        "pytorch": bn_inception_weights.from_caffe_state_dict,
+        "tf_checkpoint": bn_inception_weights.from_slim_checkpoint,
+    },
+    architecture=(
+        "stem",
+        "module_table",
+        "padding",
+        "bn_epsilon",
+        "bn_scale",
+        "normalize_stem",
+        "width_multiplier",
+        "normalization",
+    ),
+    check=_check,
+    bn_epsilon=None,
+)
 def bn_inception(
-    include_top: bool = True,
-    weights: str | None = None,
-    input_tensor: Any = None,
-    input_shape: tuple[int | None, int | None, int] | None = None,
-    pooling: str | None = None,
-    classes: int = 1000,
-    classifier_activation: Any = "softmax",
-    name: str = "bn_inception",
-    normalization: str | None = "batch_norm",
-    bn_momentum: float = 0.99,
-    bn_epsilon: float | None = None,
+    x: Any,
+    build: Build,
     stem: str = "conv",
     module_table: str = "caffe",
     padding: str = "caffe",
@@ -265,8 +335,7 @@ def bn_inception(
     dropout_rate: float = 0.0,
     bn_scale: bool = True,
     normalize_stem: bool = True,
-    include_preprocessing: bool = False,
-) -> keras.Model:
+) -> Any:
     """BN-Inception, the Batch Normalization paper's ImageNet network (Figure 5).
 
     Defaults give the network as released in Caffe, the one `weights="imagenet"` loads:
@@ -277,26 +346,21 @@ def bn_inception(
     reading (see the module docstring).
 
     Args:
-        include_top: end with global average pooling and the `classes`-way classifier.
         weights: None, `"imagenet"` (the weight set these arguments build: the Caffe release
             for the defaults, TF-slim's checkpoint for `bn_inception_slim`'s; downloaded once
             and converted into Keras' cache), or a path: a `.weights.h5` file saved from the
             same architecture, Cadene's `.pth` file, or TF-slim's checkpoint.
-        input_tensor: optional Keras tensor to build the model on.
         input_shape: `(height, width, channels)`, at least 32×32; default `(224, 224, 3)`.
             Height and width may be None: the network is fully convolutional. With
             `padding="caffe"`, sizes whose feature maps become odd before 3c or 4e are refused
             (any multiple of 32 works, as do 224 and 227).
-        pooling: with `include_top=False`, `None` (the 5b feature map), `"avg"` or `"max"`.
-        classes: number of classes of the classifier.
-        classifier_activation: activation of the classifier; `None` returns logits.
-        name: the model's name.
-        normalization: `"batch_norm"` (bnzoo's layer), `"keras"` (Keras' layer) or `None`
-            (no BN; convolutions regain their bias).
-        bn_momentum: momentum of BN's moving statistics.
         bn_epsilon: BN's epsilon; None takes the padding convention's: 1e-5 with
             `padding="caffe"` (Caffe's, part of the released weights' function), 1e-3 with
             `"same"` (Keras' and TF-slim's).
+        include_preprocessing: start the model with the preprocessing of the weights these
+            arguments build (`models.preprocessing`): the model then takes RGB values in
+            [0, 255]. The Caffe weights' is `"caffe"` (BGR minus the mean), TF-slim's
+            `"inception"` (scaled to [-1, 1]).
         stem: `"conv"`, the Caffe release's 7×7/2 convolution, or `"separable"`, the paper's
             depthwise-separable 7×7/2 convolution with depth multiplier 8 (Appendix), cheaper
             in multiply-adds.
@@ -316,10 +380,6 @@ def bn_inception(
         normalize_stem: whether the stem convolution is followed by BN. TF-slim's
             inception_v2 gives its separable stem a bias and no BN (its arg scope attaches BN
             to `conv2d` layers only), and its checkpoint has that layer.
-        include_preprocessing: start the model with the preprocessing of the weights these
-            arguments build (`models.preprocessing`): the model then takes RGB values in
-            [0, 255]. The Caffe weights' is `"caffe"` (BGR minus the mean), TF-slim's
-            `"inception"` (scaled to [-1, 1]).
 
     Returns:
         A `keras.Model`.
@@ -334,95 +394,24 @@ def bn_inception(
     features = models.bn_inception(include_top=False, pooling="avg", weights="imagenet")
     ```
     """
-    normalization = resolve_normalization(normalization)
-    validate_head_arguments(
-        include_top=include_top,
-        pooling=pooling,
-        classes=classes,
-        classifier_activation=classifier_activation,
-        model_name=name,
-    )
-    if stem not in STEMS:
-        raise ValueError(
-            f"Unknown stem={stem!r}. Use 'conv' (the Caffe release's 7x7 convolution) or "
-            "'separable' (the paper's depthwise-separable 7x7 convolution)."
-        )
-    if module_table not in MODULE_TABLES:
-        raise ValueError(
-            f"Unknown module_table={module_table!r}. Use 'caffe' (4c/4d output 608 channels) "
-            "or 'slim' (TF-slim's 576-channel reading)."
-        )
-    if padding not in PADDINGS:
-        raise ValueError(
-            f"Unknown padding={padding!r}. Use 'caffe' (the released Caffe network's symmetric "
-            "padding and ceil-mode pooling) or 'same' (TensorFlow's, any input size)."
-        )
-    if not width_multiplier > 0:
-        raise ValueError(
-            f"width_multiplier must be positive; received width_multiplier={width_multiplier}."
-        )
-    if not (isinstance(min_depth, int) and min_depth >= 1):
-        raise ValueError(f"min_depth must be a positive integer; received min_depth={min_depth!r}.")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1); received dropout_rate={dropout_rate}.")
-    if bn_epsilon is None:
-        bn_epsilon = DEFAULT_EPSILONS[padding]
-
-    input_shape = validate_input_shape(
-        resolve_input_shape(input_tensor, input_shape),
-        default_shape=DEFAULT_INPUT_SHAPE,
-        min_size=MIN_INPUT_SIZE,
-        model_name=name,
-    )
     if padding == "caffe":
-        _check_caffe_size(input_shape, name)
-    architecture = dict(
-        stem=stem,
-        module_table=module_table,
-        padding=padding,
-        bn_epsilon=bn_epsilon,
-        bn_scale=bn_scale,
-        normalize_stem=normalize_stem,
-        width_multiplier=width_multiplier,
-        normalization=normalization,
-    )
-    request = pretrained.resolve_weights(
-        bn_inception,
-        weights,
-        arguments=architecture,
-        include_top=include_top,
-        classes=classes,
-        input_channels=input_shape[-1],
-        model_name=name,
-    )
-    image, inputs = model_input(input_tensor, input_shape)
-    if include_preprocessing:
-        image = preprocessing_layer(bn_inception, architecture, name)(image)
-
-    depth = functools.partial(scaled_depth, multiplier=width_multiplier, min_depth=min_depth)
-    conv = functools.partial(
-        conv_norm_act,
-        normalization=normalization,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
-        bn_scale=bn_scale,
-        activation="relu",
-        kernel_initializer="he_normal",
-    )
+        _check_caffe_size(build.input_shape, build.name)
+    depth = build.depth
+    conv = functools.partial(build.conv, bn_scale=bn_scale)
 
     separable_depth_multiplier = None
     if stem == "separable":
         # TF-slim's rule: the depthwise stage may not have more channels than the pointwise
         # output (`in_channels * multiplier <= out_channels`), capped at the paper's 8.
-        separable_depth_multiplier = max(1, min(depth(64) // input_shape[-1], 8))
+        separable_depth_multiplier = max(1, min(depth(64) // build.input_shape[-1], 8))
     x = conv(
-        image,
+        x,
         depth(64),
         7,
         strides=2,
         padding=3 if padding == "caffe" else "same",
         name="conv1_7x7_s2",
-        normalization=normalization if normalize_stem else None,
+        normalization=build.normalization if normalize_stem else None,
         separable_depth_multiplier=separable_depth_multiplier,
     )
     x = _stem_pool(x, "pool1_3x3_s2", padding)
@@ -432,102 +421,10 @@ def bn_inception(
 
     for module in MODULE_TABLES[module_table]:
         x = inception_module(x, module, depth, conv, padding)
-
-    x = classification_head(
-        x,
-        include_top=include_top,
-        pooling=pooling,
-        classes=classes,
-        classifier_activation=classifier_activation,
-        dropout_rate=dropout_rate,
-    )
-    model = keras.Model(inputs, x, name=name)
-    pretrained.load_weights(model, request, builder=bn_inception, include_top=include_top)
-    return model
+    return x
 
 
 def _stem_pool(x: Any, name: str, padding: str) -> Any:
     if padding == "caffe":
         return ceil_mode_max_pool(x, name)
     return keras.layers.MaxPooling2D(3, strides=2, padding="same", name=name)(x)
-
-
-_VARIANTS = {
-    "bn_inception": dict(
-        description="BN-Inception as released in Caffe: Figure 5, 7x7 stem, 608-ch 4c/4d",
-    ),
-    "bn_inception_slim": dict(
-        description="TF-slim inception_v2: separable stem, 576-ch 4c/4d, dropout 0.2",
-        stem="separable",
-        module_table="slim",
-        padding="same",
-        dropout_rate=0.2,
-        bn_scale=False,
-        normalize_stem=False,
-    ),
-}
-
-for _name, _defaults in _VARIANTS.items():
-    register_model(
-        _name,
-        default_input_shape=DEFAULT_INPUT_SHAPE,
-        min_input_size=MIN_INPUT_SIZE,
-        feature_layers=FEATURE_LAYERS,
-        **_defaults,
-    )(bn_inception)
-
-pretrained.register_weights(
-    bn_inception,
-    model="bn_inception",
-    tag="imagenet",
-    builder_arguments=dict(
-        stem="conv",
-        module_table="caffe",
-        padding="caffe",
-        bn_epsilon=1e-5,
-        bn_scale=True,
-        normalize_stem=True,
-        width_multiplier=1.0,
-        normalization="batch_norm",
-    ),
-    source_format="pytorch",
-    url="http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth",
-    file_name="bn_inception-52deb4733.pth",
-    file_hash="52deb4733",
-    classes=1000,
-    preprocessing="caffe",
-    top1=73.524,
-    top5=91.562,
-    accuracy_source="Cadene/pretrained-models.pytorch README (224 center crop of a 256 resize)",
-    description="Caffe BN-Inception (Xiong), via Cadene's pretrainedmodels .pth",
-)
-pretrained.register_weights(
-    bn_inception,
-    model="bn_inception_slim",
-    tag="imagenet",
-    builder_arguments=dict(
-        stem="separable",
-        module_table="slim",
-        padding="same",
-        bn_epsilon=1e-3,
-        bn_scale=False,
-        normalize_stem=False,
-        width_multiplier=1.0,
-        normalization="batch_norm",
-    ),
-    source_format="tf_checkpoint",
-    url="http://download.tensorflow.org/models/inception_v2_2016_08_28.tar.gz",
-    file_name="inception_v2_2016_08_28.tar.gz",
-    file_hash=None,
-    archive_member="inception_v2.ckpt",
-    classes=1001,
-    preprocessing="inception",
-    top1=73.9,
-    top5=91.8,
-    accuracy_source="tensorflow/models research/slim README (224 center crop, 87.5% central)",
-    description="TF-slim inception_v2_2016_08_28 checkpoint (1001 classes, 0 = background)",
-)
-pretrained.register_converter(bn_inception, "pytorch", bn_inception_weights.from_caffe_state_dict)
-pretrained.register_converter(
-    bn_inception, "tf_checkpoint", bn_inception_weights.from_slim_checkpoint
-)

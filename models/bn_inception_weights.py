@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from models.pytorch_checkpoint import read_state_dict
+from .pytorch_checkpoint import read_state_dict
 
 #: BN epsilon of the released Caffe model (Caffe's and PyTorch's default).
 CAFFE_EPSILON = 1e-5
@@ -144,15 +144,12 @@ def from_caffe_state_dict(path: str, model: Any) -> dict[str, dict[str, np.ndarr
 
 def slim_variable_names() -> dict[str, str]:
     """`{our layer name: TF-slim scope}` for every convolution of `bn_inception_slim`."""
-    from models.bn_inception import SLIM_MODULES
-
     names = {ours: f"InceptionV2/{scope}" for ours, scope in _SLIM_STEM.items()}
-    for module in SLIM_MODULES:
-        branches = _SLIM_STRIDED_BRANCHES if module.stride == 2 else _SLIM_BRANCHES
+    for module, slim_module in _SLIM_MODULES.items():
+        # Slim starts a stage's count at its stride-2 module: Mixed_4a and Mixed_5a.
+        branches = _SLIM_STRIDED_BRANCHES if slim_module.endswith("a") else _SLIM_BRANCHES
         for branch, scope in branches.items():
-            names[f"inception_{module.name}_{branch}"] = (
-                f"InceptionV2/{_SLIM_MODULES[module.name]}/{scope}"
-            )
+            names[f"inception_{module}_{branch}"] = f"InceptionV2/{slim_module}/{scope}"
     return names
 
 

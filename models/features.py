@@ -30,7 +30,7 @@ from typing import Any
 
 import keras
 
-from models.registry import create_model, get_model_spec, list_models
+from .registry import create_model, get_model_spec, list_models
 
 #: Layers of the classifier head (`include_top=True`) that `freeze_backbone` leaves trainable.
 HEAD_LAYERS = ("avg_pool", "max_pool", "dropout", "predictions")
@@ -56,7 +56,7 @@ def create_feature_extractor(
     """A model returning the registered model's feature maps at the given output strides.
 
     Args:
-        name: a registered model with feature maps (the Inception family).
+        name: a registered model with feature maps (the Inception family, the ResNets).
         strides: output strides to return, from those the model declares (2, 4, 8, 16, 32).
         **kwargs: builder arguments (`weights`, `input_shape`, `normalization`, ...);
             `include_top` and `pooling` are fixed (no classifier, no pooling).

@@ -32,24 +32,11 @@ Layer names follow bvlc_googlenet with `/` replaced by `_`: `conv1_7x7_s2`, `poo
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import keras
 
-from models.building_blocks import (
-    classification_head,
-    conv_norm_act,
-    load_weights,
-    model_input,
-    resolve_input_shape,
-    resolve_normalization,
-    scaled_depth,
-    validate_head_arguments,
-    validate_input_shape,
-    validate_weights,
-)
-from models.registry import register_model
+from .scaffold import Build, builder
 
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
 # Five stride-2 stages take 32×32 to 1×1 at 5b, as in BN-Inception.
@@ -174,23 +161,33 @@ def googlenet_module(x: Any, module: GoogLeNetModule, depth: Any, conv: Any) -> 
     )
 
 
+def _check(arguments: dict[str, Any]) -> None:
+    if arguments["lrn"] not in (None, True, False):
+        raise ValueError(
+            f"lrn must be None (automatic), True or False; received lrn={arguments['lrn']!r}."
+        )
+
+
+@builder(
+    default_input_shape=DEFAULT_INPUT_SHAPE,
+    min_input_size=MIN_INPUT_SIZE,
+    variants={
+        "inception_v1": dict(
+            description="GoogLeNet, Table 1 (Szegedy et al. 2014): no BN, LRN, dropout 0.4"
+        )
+    },
+    feature_layers=FEATURE_LAYERS,
+    check=_check,
+    normalization=None,
+)
 def inception_v1(
-    include_top: bool = True,
-    weights: str | None = None,
-    input_tensor: Any = None,
-    input_shape: tuple[int | None, int | None, int] | None = None,
-    pooling: str | None = None,
-    classes: int = 1000,
-    classifier_activation: Any = "softmax",
-    name: str = "inception_v1",
-    normalization: str | None = None,
-    bn_momentum: float = 0.99,
-    bn_epsilon: float = 1e-3,
+    x: Any,
+    build: Build,
     lrn: bool | None = None,
     width_multiplier: float = 1.0,
     min_depth: int = 16,
     dropout_rate: float = 0.4,
-) -> keras.Model:
+) -> Any:
     """GoogLeNet, Table 1 of Szegedy et al. (2014); with BN if asked.
 
     Defaults give the published network: no BN (biases in every convolution), LRN after pool1
@@ -198,19 +195,9 @@ def inception_v1(
     1.59 G multiply-adds at 224×224 (see docs/models.md for the comparison with Table 1).
 
     Args:
-        include_top: end with global average pooling, dropout and the classifier.
-        weights: None or the path of a `.weights.h5` file saved from the same architecture
-            (no pretrained weights are published for it in Keras).
-        input_tensor: optional Keras tensor to build the model on.
         input_shape: `(height, width, channels)`, at least 32×32; default `(224, 224, 3)`.
-        pooling: with `include_top=False`, `None`, `"avg"` or `"max"`.
-        classes: number of classes of the classifier.
-        classifier_activation: activation of the classifier; `None` returns logits.
-        name: the model's name.
         normalization: `None` (as published), `"batch_norm"` (bnzoo's layer after every
             convolution) or `"keras"` (Keras' layer).
-        bn_momentum: momentum of BN's moving statistics.
-        bn_epsilon: BN's epsilon.
         lrn: Local Response Normalization after pool1 and conv2; None: only without BN (see
             the module docstring).
         width_multiplier: scales every convolution's filter count like TF-slim's
@@ -230,45 +217,9 @@ def inception_v1(
     with_bn = models.inception_v1(normalization="batch_norm")  # conv-BN-ReLU, no LRN
     ```
     """
-    normalization = resolve_normalization(normalization)
-    weights = validate_weights(weights)
-    validate_head_arguments(
-        include_top=include_top,
-        pooling=pooling,
-        classes=classes,
-        classifier_activation=classifier_activation,
-        model_name=name,
-    )
-    if not width_multiplier > 0:
-        raise ValueError(
-            f"width_multiplier must be positive; received width_multiplier={width_multiplier}."
-        )
-    if not (isinstance(min_depth, int) and min_depth >= 1):
-        raise ValueError(f"min_depth must be a positive integer; received min_depth={min_depth!r}.")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1); received dropout_rate={dropout_rate}.")
-    if lrn not in (None, True, False):
-        raise ValueError(f"lrn must be None (automatic), True or False; received lrn={lrn!r}.")
-    use_lrn = normalization is None if lrn is None else lrn
-
-    input_shape = validate_input_shape(
-        resolve_input_shape(input_tensor, input_shape),
-        default_shape=DEFAULT_INPUT_SHAPE,
-        min_size=MIN_INPUT_SIZE,
-        model_name=name,
-    )
-    image, inputs = model_input(input_tensor, input_shape)
-    depth = functools.partial(scaled_depth, multiplier=width_multiplier, min_depth=min_depth)
-    conv = functools.partial(
-        conv_norm_act,
-        normalization=normalization,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
-        activation="relu",
-        kernel_initializer="he_normal",
-    )
-
-    x = conv(image, depth(64), 7, strides=2, name="conv1_7x7_s2")
+    use_lrn = build.normalization is None if lrn is None else lrn
+    depth, conv = build.depth, build.conv  # conv-BN-ReLU, He-initialized: conv_norm_act's defaults
+    x = conv(x, depth(64), 7, strides=2, name="conv1_7x7_s2")
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1_3x3_s2")(x)
     if use_lrn:
         x = LocalResponseNormalization(name="pool1_norm1")(x)
@@ -283,24 +234,4 @@ def inception_v1(
                 3, strides=2, padding="same", name=POOL_BEFORE[module.name]
             )(x)
         x = googlenet_module(x, module, depth, conv)
-
-    x = classification_head(
-        x,
-        include_top=include_top,
-        pooling=pooling,
-        classes=classes,
-        classifier_activation=classifier_activation,
-        dropout_rate=dropout_rate,
-    )
-    model = keras.Model(inputs, x, name=name)
-    load_weights(model, weights)
-    return model
-
-
-register_model(
-    "inception_v1",
-    default_input_shape=DEFAULT_INPUT_SHAPE,
-    min_input_size=MIN_INPUT_SIZE,
-    feature_layers=FEATURE_LAYERS,
-    description="GoogLeNet, Table 1 (Szegedy et al. 2014): no BN, LRN, dropout 0.4",
-)(inception_v1)
+    return x

@@ -29,19 +29,8 @@ from typing import Any
 
 import keras
 
-from models import pretrained
-from models.building_blocks import (
-    classification_head,
-    conv_norm_act,
-    model_input,
-    preprocessing_layer,
-    resolve_input_shape,
-    resolve_normalization,
-    scaled_depth,
-    validate_head_arguments,
-    validate_input_shape,
-)
-from models.registry import register_model
+from .pretrained import keras_applications_weights
+from .scaffold import Build, builder
 
 DEFAULT_INPUT_SHAPE = (299, 299, 3)
 # keras.applications' bound: three valid 3×3 convolutions and four stride-2 stages.
@@ -117,37 +106,48 @@ def _avg_pool(x: Any, name: str) -> Any:
     return keras.layers.AveragePooling2D(3, strides=1, padding="same", name=name)(x)
 
 
+@builder(
+    default_input_shape=DEFAULT_INPUT_SHAPE,
+    min_input_size=MIN_INPUT_SIZE,
+    variants={
+        "inception_v3": dict(
+            description="Inception-v3, weight-compatible with keras.applications.InceptionV3"
+        )
+    },
+    feature_layers=FEATURE_LAYERS,
+    weights=[
+        keras_applications_weights(
+            "inception_v3",
+            folder="inception_v3",
+            file_stem="inception_v3",
+            md5=("9a0d58056eeedaa3f26cb7ebd46da564", "bcbd6486424b2319ff4ef7d526e38f63"),
+            top1=77.9,
+            top5=93.7,
+            input_size=299,
+            preprocessing="inception",
+            description=(
+                "keras.applications InceptionV3 ImageNet weights (same file and cache entry)"
+            ),
+        )
+    ],
+    architecture=("width_multiplier", "normalization", "bn_epsilon"),
+)
 def inception_v3(
-    include_top: bool = True,
-    weights: str | None = None,
-    input_tensor: Any = None,
-    input_shape: tuple[int | None, int | None, int] | None = None,
-    pooling: str | None = None,
-    classes: int = 1000,
-    classifier_activation: Any = "softmax",
-    name: str = "inception_v3",
-    normalization: str | None = "batch_norm",
-    bn_momentum: float = 0.99,
-    bn_epsilon: float = 1e-3,
+    x: Any,
+    build: Build,
     width_multiplier: float = 1.0,
     min_depth: int = 16,
     dropout_rate: float = 0.0,
-    include_preprocessing: bool = False,
-) -> keras.Model:
+) -> Any:
     """Inception-v3 as `keras.applications.InceptionV3` builds it, with bnzoo's BN.
 
     Args:
-        include_top: end with global average pooling and the `classes`-way classifier.
         weights: None, `"imagenet"` (keras.applications' file, downloaded once into Keras'
             cache; the no-top file when `include_top=False`), or the path of a Keras weights
             file (`.weights.h5`, or a legacy `.h5` such as keras.applications'), e.g. saved
             from `keras.applications.InceptionV3`.
-        input_tensor: optional Keras tensor to build the model on.
         input_shape: `(height, width, channels)`, at least 75×75; default `(299, 299, 3)`.
-        pooling: with `include_top=False`, `None` (the mixed10 map), `"avg"` or `"max"`.
         classes: number of classes of the classifier (1000 with the ImageNet top).
-        classifier_activation: activation of the classifier; `None` returns logits.
-        name: the model's name.
         normalization: `"batch_norm"` (bnzoo's layer), `"keras"` (Keras' layer) or `None`.
             Like Keras', BN has no learned scale (`scale=False`): a ReLU follows every BN.
         bn_momentum: momentum of BN's moving statistics (Keras' 0.99).
@@ -174,56 +174,14 @@ def inception_v3(
     ours = models.inception_v3(weights="inception_v3.weights.h5")  # the same function
     ```
     """
-    normalization = resolve_normalization(normalization)
-    validate_head_arguments(
-        include_top=include_top,
-        pooling=pooling,
-        classes=classes,
-        classifier_activation=classifier_activation,
-        model_name=name,
-    )
-    if not width_multiplier > 0:
-        raise ValueError(
-            f"width_multiplier must be positive; received width_multiplier={width_multiplier}."
-        )
-    if not (isinstance(min_depth, int) and min_depth >= 1):
-        raise ValueError(f"min_depth must be a positive integer; received min_depth={min_depth!r}.")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1); received dropout_rate={dropout_rate}.")
-    input_shape = validate_input_shape(
-        resolve_input_shape(input_tensor, input_shape),
-        default_shape=DEFAULT_INPUT_SHAPE,
-        min_size=MIN_INPUT_SIZE,
-        model_name=name,
-    )
-    architecture = dict(
-        width_multiplier=width_multiplier, normalization=normalization, bn_epsilon=bn_epsilon
-    )
-    request = pretrained.resolve_weights(
-        inception_v3,
-        weights,
-        arguments=architecture,
-        include_top=include_top,
-        classes=classes,
-        input_channels=input_shape[-1],
-        model_name=name,
-    )
-    image, inputs = model_input(input_tensor, input_shape)
-    if include_preprocessing:
-        image = preprocessing_layer(inception_v3, architecture, name)(image)
-
-    depth = functools.partial(scaled_depth, multiplier=width_multiplier, min_depth=min_depth)
+    depth = build.depth
     conv = functools.partial(
-        conv_norm_act,
-        normalization=normalization,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
+        build.conv,
         bn_scale=False,
-        activation="relu",
         kernel_initializer="glorot_uniform",  # Keras' default, as keras.applications builds it
     )
 
-    x = conv(image, depth(32), 3, strides=2, padding="valid", name="conv2d_1a_3x3")
+    x = conv(x, depth(32), 3, strides=2, padding="valid", name="conv2d_1a_3x3")
     x = conv(x, depth(32), 3, padding="valid", name="conv2d_2a_3x3")
     x = conv(x, depth(64), 3, name="conv2d_2b_3x3")
     x = keras.layers.MaxPooling2D(3, strides=2, name="max_pool_3a_3x3")(x)
@@ -265,51 +223,4 @@ def inception_v3(
     x = keras.layers.Concatenate(axis=-1, name="mixed8")([branch3x3, branch7x7x3, branch_pool])
 
     x = _mixed_8(x, "mixed9", conv, depth)
-    x = _mixed_8(x, "mixed10", conv, depth)
-
-    x = classification_head(
-        x,
-        include_top=include_top,
-        pooling=pooling,
-        classes=classes,
-        classifier_activation=classifier_activation,
-        dropout_rate=dropout_rate,
-    )
-    model = keras.Model(inputs, x, name=name)
-    pretrained.load_weights(model, request, builder=inception_v3, include_top=include_top)
-    return model
-
-
-register_model(
-    "inception_v3",
-    default_input_shape=DEFAULT_INPUT_SHAPE,
-    min_input_size=MIN_INPUT_SIZE,
-    feature_layers=FEATURE_LAYERS,
-    description="Inception-v3, weight-compatible with keras.applications.InceptionV3",
-)(inception_v3)
-
-pretrained.register_weights(
-    inception_v3,
-    model="inception_v3",
-    tag="imagenet",
-    builder_arguments=dict(width_multiplier=1.0, normalization="batch_norm", bn_epsilon=1e-3),
-    source_format="keras",
-    url=(
-        "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
-        "inception_v3_weights_tf_dim_ordering_tf_kernels.h5"
-    ),
-    file_name="inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-    file_hash="9a0d58056eeedaa3f26cb7ebd46da564",
-    notop_url=(
-        "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
-        "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    ),
-    notop_file_name="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    notop_file_hash="bcbd6486424b2319ff4ef7d526e38f63",
-    classes=1000,
-    preprocessing="inception",
-    top1=77.9,
-    top5=93.7,
-    accuracy_source="keras.io/api/applications (299 input)",
-    description="keras.applications InceptionV3 ImageNet weights (same file and cache entry)",
-)
+    return _mixed_8(x, "mixed10", conv, depth)

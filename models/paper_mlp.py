@@ -33,18 +33,8 @@ from typing import Any
 
 import keras
 
-from models.building_blocks import (
-    load_weights,
-    model_input,
-    normalization_layer,
-    resolve_input_shape,
-    resolve_normalization,
-    validate_activation,
-    validate_head_arguments,
-    validate_input_shape,
-    validate_weights,
-)
-from models.registry import register_model
+from .building_blocks import validate_activation
+from .scaffold import Build, builder, check_positive_int
 
 DEFAULT_INPUT_SHAPE = (28, 28, 1)
 # The paper gives no standard deviation for its "small random Gaussian values". 0.1 keeps the
@@ -53,24 +43,37 @@ DEFAULT_INPUT_SHAPE = (28, 28, 1)
 DEFAULT_KERNEL_STDDEV = 0.1
 
 
+def _check(arguments: dict[str, Any]) -> None:
+    check_positive_int(arguments, "hidden_units")
+    check_positive_int(arguments, "hidden_layers")
+    if not arguments["kernel_stddev"] > 0:
+        raise ValueError(
+            f"kernel_stddev must be positive; received {arguments['kernel_stddev']!r}."
+        )
+    validate_activation(arguments["activation"], "activation")
+
+
+@builder(
+    default_input_shape=DEFAULT_INPUT_SHAPE,
+    min_input_size=1,
+    variants={
+        "paper_mlp": dict(
+            description="The BN paper's MNIST MLP (sec. 4.1): 3x100 sigmoid, BN before each sigmoid"
+        )
+    },
+    check=_check,
+    classes=10,
+    flattens_input=True,
+)
 def paper_mlp(
-    include_top: bool = True,
-    weights: str | None = None,
-    input_tensor: Any = None,
-    input_shape: tuple[int, ...] | None = None,
-    pooling: str | None = None,
-    classes: int = 10,
-    classifier_activation: Any = "softmax",
-    name: str = "paper_mlp",
-    normalization: str | None = "batch_norm",
-    bn_momentum: float = 0.99,
-    bn_epsilon: float = 1e-3,
+    x: Any,
+    build: Build,
     hidden_units: int = 100,
     hidden_layers: int = 3,
     activation: Any = "sigmoid",
     kernel_stddev: float = DEFAULT_KERNEL_STDDEV,
     seed: int | None = None,
-) -> keras.Model:
+) -> Any:
     """The BN paper's MNIST MLP: 3 fully-connected hidden layers of 100 sigmoid units (§4.1).
 
     Every weight matrix (hidden and output) starts from `RandomNormal(mean=0,
@@ -82,17 +85,10 @@ def paper_mlp(
     Args:
         include_top: end with the `classes`-way classifier; without it, the model returns the
             last hidden layer's activations.
-        weights: None, or the path of a `.weights.h5` file saved from the same architecture.
-        input_tensor: optional Keras tensor to build the model on.
         input_shape: any fully known shape; it is flattened. Default `(28, 28, 1)`.
         pooling: must be None: the model has no spatial feature map to pool.
-        classes: number of classes of the classifier.
-        classifier_activation: activation of the classifier; `None` returns logits.
-        name: the model's name.
         normalization: `"batch_norm"` (bnzoo's layer), `"keras"` (Keras' layer) or `None`
             (the paper's baseline, `g(Wu + b)`).
-        bn_momentum: momentum of BN's moving statistics.
-        bn_epsilon: BN's epsilon.
         hidden_units: units per hidden layer.
         hidden_layers: number of hidden layers.
         activation: the hidden nonlinearity `g`; the paper's is the sigmoid.
@@ -112,84 +108,24 @@ def paper_mlp(
     with_bn = models.paper_mlp(seed=1)
     ```
     """
-    normalization = resolve_normalization(normalization)
-    weights = validate_weights(weights)
-    if pooling is not None:
-        raise ValueError(
-            f"paper_mlp has no spatial feature map to pool; received pooling={pooling!r}. "
-            "Pass pooling=None (include_top=False returns the last hidden layer's activations)."
-        )
-    validate_head_arguments(
-        include_top=include_top,
-        pooling=pooling,
-        classes=classes,
-        classifier_activation=classifier_activation,
-        model_name=name,
-    )
-    if not (isinstance(hidden_units, int) and hidden_units >= 1):
-        raise ValueError(f"hidden_units must be a positive integer; got {hidden_units!r}.")
-    if not (isinstance(hidden_layers, int) and hidden_layers >= 1):
-        raise ValueError(f"hidden_layers must be a positive integer; got {hidden_layers!r}.")
-    if not kernel_stddev > 0:
-        raise ValueError(f"kernel_stddev must be positive; received {kernel_stddev!r}.")
-    validate_activation(activation, "activation")
-
-    input_shape = resolve_input_shape(input_tensor, input_shape)
-    if input_shape is None:
-        input_shape = DEFAULT_INPUT_SHAPE
-    input_shape = tuple(input_shape)
-    if not input_shape or any(size is None or size < 1 for size in input_shape):
-        raise ValueError(
-            f"paper_mlp flattens its input, so every dimension must be known and positive; "
-            f"received input_shape={input_shape}. Pass e.g. {DEFAULT_INPUT_SHAPE}."
-        )
-    if len(input_shape) == 3:
-        validate_input_shape(
-            input_shape,
-            default_shape=DEFAULT_INPUT_SHAPE,
-            min_size=1,
-            model_name=name,
-            require_static=True,
-        )
-    image, inputs = model_input(input_tensor, input_shape)
 
     def initializer(index: int) -> keras.initializers.Initializer:
         # One seed per layer: the same seed in every layer would make their weights identical.
         layer_seed = None if seed is None else seed + index
         return keras.initializers.RandomNormal(mean=0.0, stddev=kernel_stddev, seed=layer_seed)
 
-    x = keras.layers.Flatten(name="flatten")(image)
+    x = keras.layers.Flatten(name="flatten")(x)
     for index in range(1, hidden_layers + 1):
         x = keras.layers.Dense(
             hidden_units,
-            use_bias=normalization is None,
+            use_bias=build.normalization is None,
             kernel_initializer=initializer(index),
             name=f"hidden_{index}_dense",
         )(x)
-        bn = normalization_layer(
-            normalization, momentum=bn_momentum, epsilon=bn_epsilon, name=f"hidden_{index}_bn"
-        )
+        bn = build.norm(f"hidden_{index}_bn")
         if bn is not None:
             x = bn(x)
         x = keras.layers.Identity(name=f"hidden_{index}_preactivation")(x)
         x = keras.layers.Activation(activation, name=f"hidden_{index}_activation")(x)
-
-    if include_top:
-        x = keras.layers.Dense(
-            classes,
-            activation=classifier_activation,
-            kernel_initializer=initializer(hidden_layers + 1),
-            dtype="float32",
-            name="predictions",
-        )(x)
-    model = keras.Model(inputs, x, name=name)
-    load_weights(model, weights)
-    return model
-
-
-register_model(
-    "paper_mlp",
-    default_input_shape=DEFAULT_INPUT_SHAPE,
-    min_input_size=1,
-    description="The BN paper's MNIST MLP (sec. 4.1): 3x100 sigmoid, BN before each sigmoid",
-)(paper_mlp)
+    build.classifier_initializer = initializer(hidden_layers + 1)
+    return x

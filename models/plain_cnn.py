@@ -17,22 +17,11 @@ from typing import Any
 
 import keras
 
-from models.building_blocks import (
-    classification_head,
-    conv_norm_act,
-    load_weights,
-    model_input,
-    resolve_input_shape,
-    resolve_normalization,
-    validate_activation,
-    validate_head_arguments,
-    validate_input_shape,
-    validate_weights,
-)
-from models.registry import register_model
+from .building_blocks import validate_activation
+from .scaffold import Build, builder, check_choice, check_positive_int
 
 DEFAULT_INPUT_SHAPE = (28, 28, 1)
-STAGE_POOLINGS = ("max", "avg")
+STAGE_POOLINGS = {"max": "2x2 max pooling", "avg": "2x2 average pooling"}
 # Initializers matched to the nonlinearity, so that `normalization=None` baselines start with
 # well-scaled activations: He et al. (2015) for the ReLU family, Glorot & Bengio (2010) for
 # symmetric saturating ones.
@@ -43,25 +32,46 @@ def _default_initializer(activation: Any) -> str:
     return "he_normal" if activation in _RELU_LIKE else "glorot_uniform"
 
 
+def min_input_size(widths: Sequence[int]) -> int:
+    """The smallest height/width for which every stage still sees at least one real pixel."""
+    return 2 ** (len(widths) - 1)
+
+
+def _check(arguments: dict[str, Any]) -> None:
+    widths = arguments["widths"] = tuple(arguments["widths"])
+    if not widths or not all(isinstance(width, int) and width >= 1 for width in widths):
+        raise ValueError(
+            f"widths must be a non-empty sequence of positive integers, one per stage; "
+            f"received widths={widths!r}."
+        )
+    check_positive_int(arguments, "depth", " (blocks per stage)")
+    if arguments["activation"] is None:
+        raise ValueError("plain_cnn needs an activation, e.g. activation='relu' or 'sigmoid'.")
+    validate_activation(arguments["activation"], "activation")
+    check_choice(arguments, "stage_pooling", STAGE_POOLINGS)
+
+
+@builder(
+    default_input_shape=DEFAULT_INPUT_SHAPE,
+    min_input_size=lambda arguments: min_input_size(arguments["widths"]),
+    variants={
+        "plain_cnn": dict(
+            description="VGG-style conv-BN-ReLU CNN, widths 32-64-128 x2, for 28x28/32x32 images"
+        )
+    },
+    check=_check,
+    classes=10,
+)
 def plain_cnn(
-    include_top: bool = True,
-    weights: str | None = None,
-    input_tensor: Any = None,
-    input_shape: tuple[int | None, int | None, int] | None = None,
-    pooling: str | None = None,
-    classes: int = 10,
-    classifier_activation: Any = "softmax",
-    name: str = "plain_cnn",
-    normalization: str | None = "batch_norm",
-    bn_momentum: float = 0.99,
-    bn_epsilon: float = 1e-3,
+    x: Any,
+    build: Build,
     widths: Sequence[int] = (32, 64, 128),
     depth: int = 2,
     activation: Any = "relu",
     stage_pooling: str = "max",
     dropout_rate: float = 0.1,
     kernel_initializer: Any = None,
-) -> keras.Model:
+) -> Any:
     """A VGG-style CNN of conv-BN-activation blocks; bnzoo's default model for small images.
 
     The defaults (widths 32-64-128, two 3×3 convolutions per stage, BN + ReLU, 2×2 max pooling,
@@ -74,19 +84,8 @@ def plain_cnn(
     `stage{s}_dropout`, with `s` and `c` counted from 1.
 
     Args:
-        include_top: end with global average pooling and the `classes`-way classifier.
-        weights: None, or the path of a `.weights.h5` file saved from the same architecture.
-        input_tensor: optional Keras tensor to build the model on.
         input_shape: `(height, width, channels)`; default `(28, 28, 1)`. Height and width may
             be None (fully convolutional) and must be at least `2 ** (len(widths) - 1)`.
-        pooling: with `include_top=False`, `None` (the last feature map), `"avg"` or `"max"`.
-        classes: number of classes of the classifier.
-        classifier_activation: activation of the classifier; `None` returns logits.
-        name: the model's name.
-        normalization: `"batch_norm"` (bnzoo's layer), `"keras"` (Keras' layer) or `None`
-            (no BN; convolutions regain their bias).
-        bn_momentum: momentum of BN's moving statistics.
-        bn_epsilon: BN's epsilon.
         widths: filters of each stage; one stage per entry.
         depth: conv-BN-activation blocks per stage.
         activation: the nonlinearity, any Keras activation name (`"relu"`, `"sigmoid"`,
@@ -110,45 +109,11 @@ def plain_cnn(
     with_bn = models.plain_cnn(activation="sigmoid")
     ```
     """
-    normalization = resolve_normalization(normalization)
-    weights = validate_weights(weights)
-    validate_head_arguments(
-        include_top=include_top,
-        pooling=pooling,
-        classes=classes,
-        classifier_activation=classifier_activation,
-        model_name=name,
-    )
-    widths = tuple(widths)
-    if not widths or not all(isinstance(width, int) and width >= 1 for width in widths):
-        raise ValueError(
-            f"widths must be a non-empty sequence of positive integers, one per stage; "
-            f"received widths={widths!r}."
-        )
-    if not (isinstance(depth, int) and depth >= 1):
-        raise ValueError(f"depth (blocks per stage) must be a positive integer; got {depth!r}.")
-    if activation is None:
-        raise ValueError("plain_cnn needs an activation, e.g. activation='relu' or 'sigmoid'.")
-    validate_activation(activation, "activation")
-    if stage_pooling not in STAGE_POOLINGS:
-        raise ValueError(f"Unknown stage_pooling={stage_pooling!r}. Use 'max' or 'avg'.")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1); received dropout_rate={dropout_rate}.")
-
-    input_shape = validate_input_shape(
-        resolve_input_shape(input_tensor, input_shape),
-        default_shape=DEFAULT_INPUT_SHAPE,
-        min_size=min_input_size(widths),
-        model_name=name,
-    )
-    image, inputs = model_input(input_tensor, input_shape)
     if kernel_initializer is None:
         kernel_initializer = _default_initializer(activation)
-
     pool_layer = (
         keras.layers.MaxPooling2D if stage_pooling == "max" else keras.layers.AveragePooling2D
     )
-    x = image
     for stage, width in enumerate(widths, start=1):
         if stage > 1:
             # "same" so that odd sizes (7×7 after two poolings of 28×28) keep their border row.
@@ -156,39 +121,12 @@ def plain_cnn(
             if dropout_rate:
                 x = keras.layers.Dropout(dropout_rate, name=f"stage{stage - 1}_dropout")(x)
         for block in range(1, depth + 1):
-            x = conv_norm_act(
+            x = build.conv(
                 x,
                 width,
                 3,
                 name=f"stage{stage}_conv{block}",
-                normalization=normalization,
-                bn_momentum=bn_momentum,
-                bn_epsilon=bn_epsilon,
                 activation=activation,
                 kernel_initializer=kernel_initializer,
             )
-
-    x = classification_head(
-        x,
-        include_top=include_top,
-        pooling=pooling,
-        classes=classes,
-        classifier_activation=classifier_activation,
-        dropout_rate=dropout_rate,
-    )
-    model = keras.Model(inputs, x, name=name)
-    load_weights(model, weights)
-    return model
-
-
-def min_input_size(widths: Sequence[int]) -> int:
-    """The smallest height/width for which every stage still sees at least one real pixel."""
-    return 2 ** (len(widths) - 1)
-
-
-register_model(
-    "plain_cnn",
-    default_input_shape=DEFAULT_INPUT_SHAPE,
-    min_input_size=min_input_size((32, 64, 128)),
-    description="VGG-style conv-BN-ReLU CNN, widths 32-64-128 x2, for 28x28/32x32 images",
-)(plain_cnn)
+    return x

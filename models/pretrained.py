@@ -1,20 +1,21 @@
 """Pretrained weights: what each model has, where it comes from, and how it is loaded.
 
-Each builder declares its weight sets (`register_weights`): the tag users pass (`"imagenet"`),
-the builder arguments the weights were trained with, where the file lives, what it was reported
-to reach, and the preprocessing its inputs need. A builder resolves its `weights` argument with
-`resolve_weights` *before* building (so a bad value fails fast, with the fix in the message) and
-loads it with `load_weights` after.
+This is the one path by which weights reach a zoo model. Each model file declares its weight
+sets (`WeightSet`: the tag users pass, such as `"imagenet"`, the variant the weights belong to,
+where the file lives, what it was reported to reach, the preprocessing its inputs need) and the
+converters of the formats it reads; `models.scaffold` registers them. A builder resolves its
+`weights` argument with `resolve_weights` *before* building (so a bad value fails fast, with the
+fix in the message) and loads it with `load_weights` after.
 
 `weights` can be:
 
 - `None`: random initialization;
-- a tag such as `"imagenet"`: the weight set whose builder arguments match the model being
-  built; downloaded once with `keras.utils.get_file` into Keras' cache (`~/.keras/models`, or
+- a tag such as `"imagenet"`: the weight set whose variant has the architecture being built;
+  downloaded once with `keras.utils.get_file` into Keras' cache (`~/.keras/models`, or
   `$KERAS_HOME/models`), converted there if the source is not a Keras file;
-- a path: a Keras `.weights.h5` file (`model.save_weights`), a legacy Keras `.h5` file (the
-  keras.applications files), a PyTorch `.pth`/`.pt` state dict or a TensorFlow checkpoint
-  (prefix, `.index` file or folder) for builders that know how to convert them.
+- a path: a Keras `.weights.h5` file (`model.save_weights`) for every model; for the models
+  whose weights are published in them, keras.applications' legacy `.h5` files, a PyTorch
+  `.pth`/`.pt` state dict or a TensorFlow checkpoint (prefix, `.index` file or folder).
 
 No PyTorch or TF-slim is needed for any of it: `models.pytorch_checkpoint` reads `.pth` files with
 the standard library and NumPy, and `tf.train.load_checkpoint` reads TF checkpoints.
@@ -33,11 +34,17 @@ from typing import Any
 
 import numpy as np
 
+from .registry import create_model, get_model_spec
+
 #: Seconds a download may stall before it is abandoned (urllib's default is to wait forever).
 DOWNLOAD_TIMEOUT = 60.0
 
 #: Converts a source file into `{layer name: {variable name: array}}` for a given model.
 Converter = Callable[[str, Any], dict[str, dict[str, np.ndarray]]]
+
+#: Formats `model.load_weights` reads: Keras 3's `.weights.h5`, and Keras 2's HDF5 layout of the
+#: files keras.applications publishes.
+KERAS_FORMATS = ("keras", "keras_h5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,33 +52,30 @@ class WeightSet:
     """One set of pretrained weights for one model.
 
     Attributes:
-        model: the registry name whose default arguments build the architecture of the weights
-            (e.g. `"bn_inception"`).
+        model: the registered variant the weights belong to (e.g. `"bn_inception_slim"`): its
+            arguments build the architecture of the weights.
         tag: what users pass as `weights=` (e.g. `"imagenet"`).
-        builder: the builder function's qualified name; weight sets are looked up by builder,
-            then matched on `builder_arguments`.
-        builder_arguments: the builder arguments the weights were trained with; a model built
-            with other values of these cannot use them.
-        source_format: `"keras"` (a Keras weights file), `"pytorch"` (a `.pth` state dict) or
+        source_format: `"keras"` (a `.weights.h5` file), `"keras_h5"` (a legacy Keras `.h5`
+            file, keras.applications' format), `"pytorch"` (a `.pth` state dict) or
             `"tf_checkpoint"`.
         url: where the file is published.
         file_name: the name it is cached under.
         file_hash: the file's sha256 (64 hex digits) or md5 (32), or a sha256 prefix as in
             PyTorch file names (`bn_inception-52deb4733.pth`); None to skip the check.
-        notop_url, notop_file_name, notop_file_hash: a separate file without the classifier, as
-            keras.applications publishes, used when `include_top=False`.
-        archive_member: when the published file is a `.tar.gz`, the member to read in it.
         classes: the number of outputs of the released classifier.
         preprocessing: the `models.preprocessing` mode of the inputs the weights expect.
         top1, top5: reported ImageNet validation accuracy (%), single center crop.
         accuracy_source: where `top1`/`top5` are reported.
         description: one line: what the weights are.
+        notop_url, notop_file_name, notop_file_hash: a separate file without the classifier, as
+            keras.applications publishes, used when `include_top=False`.
+        archive_member: when the published file is a `.tar.gz`, the member to read in it.
+        builder_arguments: builder arguments the weights need beyond the variant's defaults:
+            none for a published set; a narrowed stand-in (tests) sets `width_multiplier`.
     """
 
     model: str
     tag: str
-    builder: str
-    builder_arguments: Mapping[str, Any]
     source_format: str
     url: str
     file_name: str
@@ -86,34 +90,108 @@ class WeightSet:
     notop_file_name: str | None = None
     notop_file_hash: str | None = None
     archive_member: str | None = None
+    builder_arguments: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+
+
+#: Where keras.applications publishes its ImageNet weights.
+KERAS_APPLICATIONS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+def keras_applications_weights(
+    model: str,
+    *,
+    folder: str,
+    file_stem: str,
+    md5: tuple[str, str],
+    top1: float,
+    top5: float,
+    input_size: int,
+    preprocessing: str,
+    description: str,
+) -> WeightSet:
+    """The ImageNet weight set keras.applications publishes for a network.
+
+    Its files are `<folder>/<file_stem>_weights_tf_dim_ordering_tf_kernels.h5` and the same
+    with `_notop` (for `include_top=False`), Keras 2's HDF5 layout; the same URL, md5 and cache
+    entry as keras.applications, so one download serves both.
+
+    Args:
+        model: the variant the weights belong to.
+        folder, file_stem: where keras.applications puts the files, and their common stem.
+        md5: the md5 sums of the file with and without the top.
+        top1, top5: ImageNet accuracy reported on keras.io (%).
+        input_size: the input size of that report.
+        preprocessing: the `models.preprocessing` mode of keras.applications' preprocess_input.
+        description: one line.
+    """
+    top = f"{file_stem}_weights_tf_dim_ordering_tf_kernels.h5"
+    notop = f"{file_stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    return WeightSet(
+        model=model,
+        tag="imagenet",
+        source_format="keras_h5",
+        url=f"{KERAS_APPLICATIONS_URL}{folder}/{top}",
+        file_name=top,
+        file_hash=md5[0],
+        notop_url=f"{KERAS_APPLICATIONS_URL}{folder}/{notop}",
+        notop_file_name=notop,
+        notop_file_hash=md5[1],
+        classes=1000,
+        preprocessing=preprocessing,
+        top1=top1,
+        top5=top5,
+        accuracy_source=f"keras.io/api/applications ({input_size} input)",
+        description=description,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _BuilderWeights:
+    """What `register_builder` knows about one builder."""
+
+    architecture: Callable[[Mapping[str, Any]], dict[str, Any]]
+    converters: Mapping[str, Converter]
 
 
 _WEIGHTS: list[WeightSet] = []
-_CONVERTERS: dict[tuple[str, str], Converter] = {}
+_BUILDERS: dict[str, _BuilderWeights] = {}
 
 
 def _qualified_name(builder: Callable[..., Any]) -> str:
     return f"{builder.__module__}.{builder.__qualname__}"
 
 
-def register_weights(builder: Callable[..., Any], **fields: Any) -> WeightSet:
-    """Declare a weight set for `builder` (keyword arguments: the `WeightSet` fields)."""
-    weight_set = WeightSet(
-        builder=_qualified_name(builder),
-        **{
-            **fields,
-            "builder_arguments": types.MappingProxyType(dict(fields["builder_arguments"])),
-        },
+def register_builder(
+    builder: Callable[..., Any],
+    *,
+    architecture: Callable[[Mapping[str, Any]], dict[str, Any]],
+    converters: Mapping[str, Converter] | None = None,
+) -> None:
+    """Tell the weights path how `builder`'s arguments map to an architecture, and which
+    source formats it converts.
+
+    Args:
+        builder: a registered builder.
+        architecture: maps builder keyword arguments (a variant's defaults, or a call's) to the
+            arguments that decide which weights fit, defaults and derived values filled in.
+        converters: `{source format: converter}` for files that are not Keras files.
+    """
+    _BUILDERS[_qualified_name(builder)] = _BuilderWeights(
+        architecture, types.MappingProxyType(dict(converters or {}))
+    )
+
+
+def register_weights(weight_set: WeightSet) -> WeightSet:
+    """Declare a weight set (replacing one with the same model and tag)."""
+    weight_set = dataclasses.replace(
+        weight_set, builder_arguments=types.MappingProxyType(dict(weight_set.builder_arguments))
     )
     _WEIGHTS[:] = [
         w for w in _WEIGHTS if (w.model, w.tag) != (weight_set.model, weight_set.tag)
     ] + [weight_set]
     return weight_set
-
-
-def register_converter(builder: Callable[..., Any], source_format: str, converter: Converter):
-    """Teach `load_weights` to read `source_format` files into models built by `builder`."""
-    _CONVERTERS[(_qualified_name(builder), source_format)] = converter
 
 
 def list_weights(model: str | None = None) -> list[WeightSet]:
@@ -137,24 +215,34 @@ def get_weights(model: str, tag: str = "imagenet") -> WeightSet:
     )
 
 
+def required_arguments(weight_set: WeightSet) -> dict[str, Any]:
+    """The architecture arguments a model needs for `weight_set`: its variant's, resolved."""
+    builder = get_model_spec(weight_set.model).builder
+    architecture = _BUILDERS[_qualified_name(builder)].architecture
+    return architecture(
+        {**get_model_spec(weight_set.model).default_kwargs, **weight_set.builder_arguments}
+    )
+
+
+def _weight_sets_of(builder: Callable[..., Any]) -> list[WeightSet]:
+    name = _qualified_name(builder)
+    return [w for w in _WEIGHTS if _qualified_name(get_model_spec(w.model).builder) == name]
+
+
 def matching_weights(
     builder: Callable[..., Any], arguments: Mapping[str, Any], ignore: tuple[str, ...] = ()
 ) -> list[WeightSet]:
-    """Weight sets of `builder` whose `builder_arguments` (but `ignore`) equal `arguments`'."""
-    name = _qualified_name(builder)
+    """Weight sets of `builder` whose architecture (but `ignore`) is `arguments`'."""
     return [
         w
-        for w in _WEIGHTS
-        if w.builder == name
-        and not _mismatches(
-            {k: v for k, v in w.builder_arguments.items() if k not in ignore}, arguments
+        for w in _weight_sets_of(builder)
+        if not _mismatches(
+            {k: v for k, v in required_arguments(w).items() if k not in ignore}, arguments
         )
     ]
 
 
 def _mismatches(required: Mapping[str, Any], arguments: Mapping[str, Any]) -> list[str]:
-    # Only the arguments a builder reports as its architecture are compared; other entries of
-    # `builder_arguments` only shape the model a conversion builds (e.g. `min_depth`).
     return [
         f"{key}={arguments.get(key)!r} (the weights need {value!r})"
         for key, value in required.items()
@@ -189,6 +277,23 @@ class WeightsRequest:
     source_format: str = "keras"
 
 
+def readable_formats(builder: Callable[..., Any]) -> tuple[str, ...]:
+    """The formats `builder` loads from a path: `.weights.h5` always, and those its weight
+    sets are published in or its converters read."""
+    formats = {"keras"} | {w.source_format for w in _weight_sets_of(builder)}
+    registered = _BUILDERS.get(_qualified_name(builder))
+    formats |= set(registered.converters) if registered else set()
+    return tuple(sorted(formats))
+
+
+_FORMAT_NAMES = {
+    "keras": "Keras '.weights.h5' files (model.save_weights)",
+    "keras_h5": "legacy Keras '.h5' files (keras.applications')",
+    "pytorch": "PyTorch '.pth' state dicts",
+    "tf_checkpoint": "TensorFlow checkpoints",
+}
+
+
 def resolve_weights(
     builder: Callable[..., Any],
     weights: str | os.PathLike | None,
@@ -218,19 +323,19 @@ def resolve_weights(
     if weights is None:
         return None
     path = os.fspath(weights)
-    name = _qualified_name(builder)
-    tags = {w.tag for w in _WEIGHTS if w.builder == name}
+    weight_sets = _weight_sets_of(builder)
+    tags = {w.tag for w in weight_sets}
     if path in tags:
-        candidates = [w for w in _WEIGHTS if w.builder == name and w.tag == path]
-        matches = [w for w in candidates if not _mismatches(w.builder_arguments, arguments)]
+        candidates = [w for w in weight_sets if w.tag == path]
+        matches = [w for w in candidates if not _mismatches(required_arguments(w), arguments)]
         if not matches:
             closest = min(
-                candidates, key=lambda w: len(_mismatches(w.builder_arguments, arguments))
+                candidates, key=lambda w: len(_mismatches(required_arguments(w), arguments))
             )
             raise ValueError(
                 f"weights={path!r} do not fit the arguments given to {model_name}: "
-                f"{'; '.join(_mismatches(closest.builder_arguments, arguments))}. Build it with "
-                f"models.create_model({closest.model!r}, weights={path!r}) or with those "
+                f"{'; '.join(_mismatches(required_arguments(closest), arguments))}. Build it "
+                f"with models.create_model({closest.model!r}, weights={path!r}) or with those "
                 "arguments."
             )
         weight_set = matches[0]
@@ -254,16 +359,22 @@ def resolve_weights(
         available = ", ".join(sorted(tags)) or "none"
         raise ValueError(
             f"{model_name} has no pretrained weights {path!r} (available: {available}). Pass "
-            "weights=None, or the path of a weights file (.weights.h5, .h5, .pth or a "
-            "TensorFlow checkpoint)."
+            "weights=None, or the path of a weights file saved with model.save_weights() "
+            "('.weights.h5')."
         )
     source_format, path = _local_format(path)
-    if source_format != "keras" and (name, source_format) not in _CONVERTERS:
-        readable = sorted(f for (b, f) in _CONVERTERS if b == name)
+    readable = readable_formats(builder)
+    if source_format not in readable:
         raise ValueError(
-            f"{model_name} cannot read {source_format} files like {path!r}; it reads Keras "
-            f"weights files (.weights.h5, .h5){''.join(', ' + f for f in readable)}. Convert "
-            "the file, or pass a .weights.h5 file saved with model.save_weights()."
+            f"weights={path!r}: {model_name} reads "
+            f"{', '.join(_FORMAT_NAMES[f] for f in readable)}, not "
+            f"{_FORMAT_NAMES[source_format]}. Pass a '.weights.h5' file saved with "
+            "model.save_weights() from the same architecture, or None."
+        )
+    if not os.path.exists(path) and not os.path.exists(path + ".index"):
+        raise FileNotFoundError(
+            f"weights file {path!r} does not exist. Check the path, or pass weights=None for a "
+            "randomly initialized model."
         )
     return WeightsRequest(path=path, source_format=source_format)
 
@@ -278,7 +389,8 @@ def _looks_like_a_file(path: str) -> bool:
 
 
 def _local_format(path: str) -> tuple[str, str]:
-    """(source format, path) of a local weights file; raises for a missing or unknown one."""
+    """(source format, path) of a local weights file, from its name (and, for checkpoints,
+    the files beside it); raises for a whole saved model or a name of no known format."""
     if path.endswith(".keras"):
         raise ValueError(
             f"weights={path!r} is a whole saved model, not a weights file. Load it with "
@@ -295,20 +407,22 @@ def _local_format(path: str) -> tuple[str, str]:
                 "file). Pass the checkpoint's prefix, e.g. 'folder/model.ckpt'."
             )
         return "tf_checkpoint", prefix
-    if path.endswith(".index") and os.path.isfile(path):
+    if path.endswith(".index"):
         return "tf_checkpoint", path[: -len(".index")]
-    if os.path.isfile(path + ".index") or (path.endswith(".ckpt") and os.path.isfile(path)):
+    if os.path.isfile(path + ".index") or path.endswith(".ckpt"):
         # A V2 checkpoint's prefix, or a V1 single-file checkpoint (TF-slim's 2016 releases).
         return "tf_checkpoint", path
+    if path.endswith(".weights.h5"):
+        return "keras", path
+    if path.endswith((".h5", ".hdf5")):
+        return "keras_h5", path
+    if path.endswith((".pth", ".pt", ".bin")):
+        return "pytorch", path
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"weights file {path!r} does not exist. Check the path, or pass weights=None for a "
             "randomly initialized model."
         )
-    if path.endswith((".pth", ".pt", ".bin")):
-        return "pytorch", path
-    if path.endswith((".h5", ".hdf5")):
-        return "keras", path
     raise ValueError(
         f"weights={path!r} is not a weights file bnzoo reads: use a Keras '.weights.h5' (from "
         "model.save_weights) or legacy '.h5' file, a PyTorch '.pth' state dict, or a "
@@ -335,10 +449,10 @@ def load_weights(
         path, source_format = fetch_weights(request.weight_set, include_top=include_top)
     else:
         path, source_format = request.path, request.source_format
-    if source_format == "keras":
+    if source_format in KERAS_FORMATS:
         _load_keras_file(model, path)
         return
-    converter = _CONVERTERS[(_qualified_name(builder), source_format)]
+    converter = _BUILDERS[_qualified_name(builder)].converters[source_format]
     try:
         layer_weights = converter(path, model)
     except (OSError, ValueError, KeyError) as error:
@@ -443,7 +557,7 @@ def fetch_weights(weight_set: WeightSet, *, include_top: bool = True) -> tuple[s
             pass a local copy instead.
         ValueError: when the downloaded file is not the published one (hash mismatch).
     """
-    if weight_set.source_format == "keras":
+    if weight_set.source_format in KERAS_FORMATS:
         if not include_top and weight_set.notop_url:
             return (
                 download(
@@ -554,8 +668,6 @@ def convert_weights(model: str, source: str, destination: str, *, tag: str = "im
     Returns:
         `destination`.
     """
-    from models.registry import create_model
-
     weight_set = get_weights(model, tag)
     if not destination.endswith(".weights.h5"):
         raise ValueError(

@@ -7,7 +7,7 @@ overridden by `kwargs`. Example:
 ```python
 import models
 
-models.list_models("bn_inception*")  # ['bn_inception', 'bn_inception_paper', ...]
+models.list_models("bn_inception*")  # ['bn_inception', 'bn_inception_slim']
 model = models.create_model("plain_cnn", input_shape=(32, 32, 3), classes=10)
 ```
 """
@@ -128,11 +128,12 @@ def _first_docstring_line(builder: Callable[..., Any]) -> str:
 
 
 def _load_builders() -> None:
-    # The package imports its builder modules lazily (see models/__init__.py); asking the
-    # registry anything loads them, so it answers the same whatever was imported before.
-    import models
+    # `python -m models` imports the builder modules only once its arguments are parsed (see
+    # models/__init__.py); asking the registry anything loads them, so it answers the same
+    # whatever was imported before.
+    from . import load_builders
 
-    models.load_builders()
+    load_builders()
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -222,6 +222,9 @@ def test_every_model_lists_its_weights_with_reported_accuracy_and_preprocessing(
         ("bn_inception", "imagenet"),
         ("bn_inception_slim", "imagenet"),
         ("inception_v3", "imagenet"),
+        ("resnet50", "imagenet"),
+        ("resnet101", "imagenet"),
+        ("resnet152", "imagenet"),
     }
     caffe = models.get_weights("bn_inception")
     assert (caffe.top1, caffe.top5, caffe.preprocessing) == (73.524, 91.562, "caffe")

@@ -1,8 +1,12 @@
 """Every registered model builds, predicts, trains, saves and exports.
 
 One parametrized test per behaviour, run over `models.list_models()`, so a newly registered
-model is covered without writing a test (and `TINY` tells how to make it test-sized).
+model is covered without writing a test (and `TINY` tells how to make it test-sized). Variants
+whose test-sized arguments come out the same (ResNet's depths differ only in `blocks`, which
+`TINY` sets) are the same network here, and run once.
 """
+
+import inspect
 
 import keras
 import numpy as np
@@ -21,6 +25,11 @@ TINY = {
     models.inception_v3: dict(input_shape=(75, 75, 3), width_multiplier=0.01, min_depth=8),
     models.plain_cnn: dict(input_shape=(12, 12, 1), widths=(8, 16)),
     models.paper_mlp: dict(input_shape=(6, 6, 1), hidden_units=16),
+    # ResNet's depths differ only in blocks per stage (tests/test_models_resnet.py builds them):
+    # here one stage with an identity block and three with only their projection block.
+    models.resnet: dict(
+        input_shape=(32, 32, 3), width_multiplier=0.01, min_depth=8, blocks=(2, 1, 1, 1)
+    ),
 }
 CLASSES = 5
 BATCH = 8
@@ -28,7 +37,7 @@ ALL_MODELS = models.list_models()
 # The JAX run (`make test`'s second pass) is a subset: JAX compiles every initializer shape and
 # every train step with XLA, which for BN-Inception costs tens of seconds on a 2-core CPU. It
 # builds and runs one model per builder family, and trains and saves the two small ones.
-JAX_FORWARD_MODELS = ["bn_inception", "inception_v1", "paper_mlp", "plain_cnn"]
+JAX_FORWARD_MODELS = ["bn_inception", "inception_v1", "paper_mlp", "plain_cnn", "resnet50"]
 JAX_TRAINING_MODELS = ["paper_mlp", "plain_cnn"]
 # XLA's CPU compile time grows with depth; the small models keep covering XLA.
 XLA_TOO_SLOW = {"inception_v3"}
@@ -36,10 +45,27 @@ XLA_TOO_SLOW = {"inception_v3"}
 WITHOUT_BN_BY_DEFAULT = {"inception_v1"}
 
 
+def tiny_arguments(name):
+    spec = models.get_model_spec(name)
+    return {**spec.default_kwargs, **TINY.get(spec.builder, {})}
+
+
+def distinct_networks():
+    """One registered name per distinct (builder, test-sized arguments): the builder's own
+    default (`resnet50` for `models.resnet`) where it is one of them."""
+    networks = {}
+    for name in ALL_MODELS:
+        builder = models.get_model_spec(name).builder
+        key = (builder, repr(sorted(tiny_arguments(name).items())))
+        if key not in networks or name == inspect.signature(builder).parameters["name"].default:
+            networks[key] = name
+    return sorted(networks.values())
+
+
 def with_jax_subset(subset):
     return [
         pytest.param(name, marks=pytest.mark.multi_backend) if name in subset else name
-        for name in ALL_MODELS
+        for name in distinct_networks()
     ]
 
 
@@ -93,6 +119,9 @@ def test_every_registered_model_has_test_sized_arguments():
             "inception_v3",
             "paper_mlp",
             "plain_cnn",
+            "resnet101",
+            "resnet152",
+            "resnet50",
         ]
     )
     for name in ALL_MODELS:
@@ -109,7 +138,7 @@ def test_forward_pass_gives_class_probabilities(name):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", distinct_networks())
 def test_classifier_activation_none_gives_the_logits_of_the_softmax_model(name):
     probabilities_model = build(name)
     logits_model = build(name, classifier_activation=None)
@@ -168,7 +197,7 @@ def test_keras_file_round_trip_gives_identical_outputs(name, tmp_path):
     np.testing.assert_array_equal(infer(restored, images), infer(model, images))
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", distinct_networks())
 def test_saved_model_export_gives_identical_outputs(name, tmp_path):
     import tensorflow as tf
 

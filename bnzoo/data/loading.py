@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bnzoo.data import image_folder
+import bnzoo.data.image_folder as image_folder
 from bnzoo.data.idx import IDX_DATASETS, missing_idx_files
 from bnzoo.data.info import DatasetInfo, horizontal_flip_default, normalization_for
 from bnzoo.data.tfds_offline import prepare_tfds
