@@ -84,9 +84,9 @@ def fuse_small_tensors(monkeypatch):
     the kernel's fixed cost makes it slower; the layer's tests need `fused=None` to exercise the
     kernel itself on small, exactly checkable inputs.
     """
-    from layers import batch_normalization
+    from layers import _fused
 
-    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 0)
+    monkeypatch.setattr(_fused, "MIN_VALUES", 0)
 
 
 _TENSORFLOW_ONLY_SERVING = """

@@ -347,9 +347,9 @@ def test_fit_under_mirrored_strategy_with_synchronized_bn_uses_the_global_batch(
 def test_fused_none_keeps_small_static_inputs_on_the_keras_ops_path(
     monkeypatch, shape, fused_ops_expected
 ):
-    from layers import batch_normalization
+    from layers import _fused
 
-    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 100_000)
+    monkeypatch.setattr(_fused, "MIN_VALUES", 100_000)
     layer = BatchNormalization()
     layer.build(shape)
     assert len(fused_ops(layer, shape, True)) == fused_ops_expected
@@ -372,9 +372,9 @@ def test_fused_none_keeps_small_convolution_outputs_on_the_kernel_in_inference(
     monkeypatch, shape, fused_ops_expected
 ):
     """Grappler can fold an inference FusedBatchNormV3 into the convolution before it."""
-    from layers import batch_normalization
+    from layers import _fused
 
-    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 100_000)
+    monkeypatch.setattr(_fused, "MIN_VALUES", 100_000)
     layer = BatchNormalization()
     layer.build(shape)
     assert len(fused_ops(layer, shape, False)) == fused_ops_expected
