@@ -27,8 +27,8 @@ def batch_norm_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
         model: a Keras model or layer, built or not.
 
     Returns:
-        The BN layers in the order Keras tracks them (for functional and sequential models,
-        the order of `model.layers`, depth first).
+        The BN layers depth first, each container's sub-layers in the order Keras tracks them
+        (for functional and sequential models that of `model.layers`: data-flow order).
 
     Example:
 
@@ -41,14 +41,26 @@ def batch_norm_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
     [layer.name for layer in layers.batch_norm_layers(model)]  # both, the nested one first
     ```
     """
-    # Layer._flatten_layers walks sub-layers tracked as attributes, nested models included;
-    # Keras 3 has no public equivalent (Model.layers is one level deep). Keras' own
-    # `Layer.weights` is built on the same walk.
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=True)
-        if isinstance(layer, _BATCH_NORM_CLASSES)
-    ]
+    return [layer for layer in _depth_first(model) if isinstance(layer, _BATCH_NORM_CLASSES)]
+
+
+def _depth_first(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """`model` and every sub-layer, each once, depth first in the order Keras tracks them.
+
+    `Layer._flatten_layers(recursive=False)` lists the sub-layers a layer tracks as attributes
+    (nested models included); Keras 3 has no public equivalent (`Model.layers` is one level
+    deep). Its recursive form visits nested sub-layers in reverse order, which would name an
+    inner model's last BN layer before its first.
+    """
+    found, seen, stack = [], set(), [model]
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        found.append(layer)
+        stack.extend(reversed(layer._flatten_layers(include_self=False, recursive=False)))
+    return found
 
 
 def set_batch_norm_synchronized(
@@ -88,14 +100,15 @@ def set_batch_norm_synchronized(
             f"tf.distribute); the backend is {keras.backend.backend()!r}."
         )
     changed = []
-    try:
-        for layer in batch_norm_layers(model):
-            if layer.synchronized != synchronized:
-                # bnzoo's layer checks the value in its setter; Keras' reads the attribute.
-                layer.synchronized = synchronized
-                changed.append(layer)
-    except ValueError as error:
-        for layer in changed:
-            layer.synchronized = not synchronized
-        raise ValueError(f"BN layer {layer.name!r}: {error}") from None
+    for layer in batch_norm_layers(model):
+        if layer.synchronized == synchronized:
+            continue
+        try:
+            # bnzoo's layer checks the value in its setter; Keras' reads the attribute.
+            layer.synchronized = synchronized
+        except ValueError as error:
+            for done in changed:
+                done.synchronized = not synchronized
+            raise ValueError(f"BN layer {layer.name!r}: {error}") from None
+        changed.append(layer)
     return changed
