@@ -197,8 +197,8 @@ class BatchNormalization(keras.layers.Layer):
     defaults and weights in the same order (gamma, beta, moving_mean, moving_variance, then the
     renorm weights), so `ours.set_weights(keras_bn.get_weights())` reproduces Keras' outputs,
     and Keras' own test file for its layer passes against this class (tests run it on
-    TensorFlow and JAX). After training, `layers.recompute_population_statistics` replaces the
-    moving statistics by the paper's population statistics (Algorithm 2).
+    TensorFlow, JAX and PyTorch). After training, `layers.recompute_population_statistics`
+    replaces the moving statistics by the paper's population statistics (Algorithm 2).
 
     On the TensorFlow backend, training and inference run on TensorFlow's fused kernel
     (`FusedBatchNormV3`) whenever it computes exactly the same function: one channel axis that is
@@ -249,7 +249,8 @@ class BatchNormalization(keras.layers.Layer):
         synchronized: TensorFlow backend only. If `True`, under a `tf.distribute` strategy with
             several replicas the batch statistics are computed over the global batch (all
             replicas), so training matches one device running the whole batch. Without a
-            multi-replica strategy it changes nothing.
+            multi-replica strategy it changes nothing. Also a settable property of a built
+            layer (see `layers.set_batch_norm_synchronized` to switch a whole model).
         virtual_batch_size: Ghost Batch Normalization (Hoffer et al., 2017), as tf-keras had
             it: in training the batch is split into `batch_size / virtual_batch_size` ghost
             batches of `virtual_batch_size` examples, each normalized with its own statistics,
