@@ -37,15 +37,19 @@ train: setup data
 
 # `make test` stays within about 15 minutes on a 2-core CPU; `make test-all` adds the
 # minutes-long multi-process tests (marker `extended`: killed workers, two JAX processes).
+# Three passes: every test on TensorFlow, then the backend-agnostic subset (marker
+# `multi_backend`: the layer, Algorithm 2, builders, weights, save/load) on JAX and on PyTorch.
 TEST_SELECTION ?= not extended
 
 test: setup data
 	$(PY) -m pytest -m "$(TEST_SELECTION)" $(TEST_ARGS)
 	KERAS_BACKEND=jax $(PY) -m pytest -m "multi_backend and ($(TEST_SELECTION))" $(TEST_ARGS)
+	KERAS_BACKEND=torch $(PY) -m pytest -m "multi_backend and ($(TEST_SELECTION))" $(TEST_ARGS)
 
 test-all: setup data
 	$(PY) -m pytest $(TEST_ARGS)
 	KERAS_BACKEND=jax $(PY) -m pytest -m multi_backend $(TEST_ARGS)
+	KERAS_BACKEND=torch $(PY) -m pytest -m multi_backend $(TEST_ARGS)
 
 # The layer alone, whole models (TensorFlow, then JAX in its own process), serving latency.
 # More repetitions: make bench BENCH_ARGS="--rounds 21"; JAX in bfloat16 too:

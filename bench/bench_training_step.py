@@ -44,16 +44,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bnzoo.config import TrainConfig  # noqa: E402
-from bnzoo.distribution import (  # noqa: E402
-    Distribution,
-    DistributionPlan,
-    mirrored_strategy,
-    set_batch_norm_synchronized,
-)
+from bnzoo.distribution import Distribution, DistributionPlan, mirrored_strategy  # noqa: E402
 from bnzoo.optimization import build_loss, build_optimizer  # noqa: E402
 from bnzoo.training import build_model  # noqa: E402
 from bnzoo.training_loop import TensorFlowLoop  # noqa: E402
-from layers import recompute_population_statistics  # noqa: E402
+from layers import recompute_population_statistics, set_batch_norm_synchronized  # noqa: E402
 
 
 def distributions() -> dict[str, Distribution]:
@@ -76,7 +71,7 @@ def make_variant(name: str, distribution: Distribution, args) -> tuple:
         keras.utils.set_random_seed(0)
         model = build_model(config, (28, 28, 1), 10)
         if "sync" in name:
-            model = set_batch_norm_synchronized(model, True)
+            set_batch_norm_synchronized(model, True)
         model.compile(optimizer=build_optimizer(config, model, 100), loss=build_loss(config))
         model.optimizer.build(model.trainable_variables)
     loop = TensorFlowLoop(model, distribution, build_loss(config, reduction=None), args.batch_size)

@@ -575,45 +575,6 @@ def pad_to_whole_global_batches(batches, *, batch_size: int, num_examples: int, 
     return batches
 
 
-# --- Synchronized BN -----------------------------------------------------------------------------
-
-
-def _is_batch_norm(layer: keras.layers.Layer) -> bool:
-    from layers import BatchNormalization
-
-    return isinstance(layer, (BatchNormalization, keras.layers.BatchNormalization))
-
-
-def set_batch_norm_synchronized(model: keras.Model, synchronized: bool) -> keras.Model:
-    """A copy of `model` (same weights) whose BN layers have `synchronized` set.
-
-    Synchronized BN (TensorFlow only) computes each training batch's statistics over the global
-    batch of all replicas, with two all-reduces per BN layer and step; unsynchronized, each
-    replica normalizes with its own share, as the paper did (its 2015 multi-GPU training
-    normalized per GPU). Returns `model` itself when nothing changes.
-    """
-    bn_layers = [layer for layer in _walk(model) if _is_batch_norm(layer)]
-    if all(layer.synchronized == synchronized for layer in bn_layers):
-        return model
-
-    def clone(layer):
-        config = layer.get_config()
-        if _is_batch_norm(layer):
-            config["synchronized"] = synchronized
-        return layer.__class__.from_config(config)
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-def _walk(model) -> Iterator[keras.layers.Layer]:
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _walk(layer)
-
-
 def describe_collective_failure(error: BaseException, plan: DistributionPlan) -> str | None:
     """A one-line account of a lost worker, or None when `error` is something else."""
     text = " ".join(str(error).split())

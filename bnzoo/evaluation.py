@@ -405,9 +405,8 @@ def recompute_statistics_on_split(
     """Replace `model`'s BN statistics by Algorithm 2's population statistics over batches of
     `recompute.split`, preprocessed as the model was trained (its `mean`, `std`, input size),
     without augmentation. Returns the number of batches averaged (0: the model has no BN)."""
-    import keras
-
-    from bnzoo.data import load_dataset, make_pipeline
+    from bnzoo.data import load_dataset
+    from bnzoo.training_data import statistics_batches
     from layers import recompute_population_statistics
 
     examples, info = load_dataset(
@@ -420,19 +419,14 @@ def recompute_statistics_on_split(
             "--bn-statistics-batch-size"
         )
     info = dataclasses.replace(info, mean=tuple(mean), std=tuple(std))
-    batches = make_pipeline(
+    batches = statistics_batches(
         examples,
         info,
         batch_size=recompute.batch_size,
-        training=True,
-        image_size=image_size,
-        augment=False,
-        cache=False,
+        batches=recompute.batches,
         seed=recompute.seed,
-        drop_remainder=True,
-    ).take(recompute.batches)
-    if keras.backend.backend() != "tensorflow":
-        batches = batches.as_numpy_iterator()
+        image_size=image_size,
+    )
     return recompute_population_statistics(model, batches)
 
 

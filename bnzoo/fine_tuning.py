@@ -331,6 +331,7 @@ def freeze(model: Any, config: TrainConfig, log: Callable[[str], None]) -> int:
     """
     import models
     from bnzoo.config import close_matches
+    from layers import batch_norm_layers
 
     if not config.freeze_backbone:
         return 0
@@ -343,11 +344,7 @@ def freeze(model: Any, config: TrainConfig, log: Callable[[str], None]) -> int:
         )
     frozen = models.freeze_backbone(model, until=config.freeze_until)
     trainable = [layer.name for layer in model.layers if layer.trainable_weights]
-    batch_norms = sum(
-        1
-        for layer in model.layers
-        if not layer.trainable and "BatchNormalization" in type(layer).__name__
-    )
+    batch_norms = sum(1 for layer in batch_norm_layers(model) if not layer.trainable)
     log(
         f"froze {frozen} layers"
         + (f" up to {config.freeze_until}" if config.freeze_until else "")

@@ -276,6 +276,27 @@ def warn_about_overlapping_splits(config: TrainConfig, log: Log = _print) -> Non
             )
 
 
+#: The Keras backends train.py trains on: those with a training loop in `bnzoo.training_loop`,
+#: a way to run it on several devices (tf.distribute, keras.distribution) and a SavedModel
+#: export. bnzoo's layers, models and `.keras` files work on every Keras backend.
+TRAINING_BACKENDS = ("tensorflow", "jax")
+
+
+def check_backend() -> None:
+    """Refuses a Keras backend that train.py cannot train on, before any work is done.
+
+    Raises:
+        UsageError: the backend (`KERAS_BACKEND`) is not one of `TRAINING_BACKENDS`.
+    """
+    backend = keras.backend.backend()
+    if backend not in TRAINING_BACKENDS:
+        raise UsageError(
+            f"train.py trains on the {' or '.join(TRAINING_BACKENDS)} Keras backend, not "
+            f"{backend!r}: set KERAS_BACKEND=tensorflow (the default) or KERAS_BACKEND=jax "
+            f"(bnzoo's layers and models themselves also work on {backend})"
+        )
+
+
 def inference_copy(model: keras.Model) -> keras.Model:
     """An uncompiled copy of `model` with the same weights, for `model.keras`: loading it needs
     bnzoo's layers but not the training code's optimizer and schedule.
@@ -285,22 +306,12 @@ def inference_copy(model: keras.Model) -> keras.Model:
     `synchronized` (set by `--sync-bn`) is a training-time setting that both Keras' layer and
     bnzoo's refuse on JAX; the copy drops it, so model.keras loads on any backend.
     """
-    copy = model.__class__.from_config(_without_synchronized_batch_norm(model.get_config()))
+    from layers import set_batch_norm_synchronized
+
+    copy = model.__class__.from_config(model.get_config())
     copy.set_weights(model.get_weights())
+    set_batch_norm_synchronized(copy, False)
     return copy
-
-
-def _without_synchronized_batch_norm(config: Any) -> Any:
-    if isinstance(config, dict):
-        config = {key: _without_synchronized_batch_norm(value) for key, value in config.items()}
-        if "BatchNormalization" in str(config.get("class_name", "")):
-            inner = config.get("config")
-            if isinstance(inner, dict) and inner.get("synchronized"):
-                config["config"] = {**inner, "synchronized": False}
-        return config
-    if isinstance(config, list):
-        return [_without_synchronized_batch_norm(value) for value in config]
-    return config
 
 
 def configure_runtime(config: TrainConfig) -> str:
@@ -378,6 +389,7 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
     """
     from bnzoo.distribution import plan_distribution, start_distribution
 
+    check_backend()
     config.validate()
     check_model_options(config)
     if config.output_dir is None:
@@ -551,12 +563,9 @@ def _run(
 ) -> RunResult:
     import models
     from bnzoo.data import load_dataset
-    from bnzoo.distribution import (
-        broadcast_variables_from_chief,
-        set_batch_norm_synchronized,
-        share_from_chief,
-    )
+    from bnzoo.distribution import broadcast_variables_from_chief, share_from_chief
     from bnzoo.training_data import RunInputs
+    from layers import set_batch_norm_synchronized
 
     policy = configure_runtime(config)
     finished = _agree_with_chief(cluster, verdict, folder_error, config, paths, log)
@@ -602,7 +611,7 @@ def _run(
             include_preprocessing=include_preprocessing(config, source, paths.last_checkpoint),
         )
         if config.sync_bn and keras.backend.backend() == "tensorflow":
-            model = set_batch_norm_synchronized(model, True)
+            set_batch_norm_synchronized(model, True)
     if fresh:
         initialize_from_source(model, source_model, config, source, log)
         del source_model
@@ -810,8 +819,6 @@ def _train_epochs(
                 batches = inputs.statistics_batches(
                     epoch, min(config.bn_statistics_batches, steps_per_epoch)
                 )
-                if keras.backend.backend() != "tensorflow":
-                    batches = batches.as_numpy_iterator()
                 with cluster.scope():
                     if recompute_population_statistics(model, batches):
                         logs["bn_statistics_seconds"] = round(time.perf_counter() - start, 3)

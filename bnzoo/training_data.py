@@ -95,38 +95,24 @@ class RunInputs:
         return make
 
     def statistics_batches(self, epoch: int, batches: int):
-        """Training images for Algorithm 2's population statistics: `batches` global batches of
-        the training batch size (the statistics' m), no augmentation, from a shuffle seeded by
-        the epoch.
+        """This run's batches for Algorithm 2 after epoch `epoch` (`statistics_batches` with the
+        run's batch size, input size and shuffle buffer, shuffled with `seed + epoch`).
 
         Unlike the training batches these are whole global batches, the same on every worker:
-        `layers.recompute_population_statistics` splits them among the replicas itself (with
-        tf.distribute's data sharding, stated explicitly so that it does not first try to
-        split files), and on JAX every process computes each batch's statistics over the whole
-        global batch, as training under `DataParallel` normalizes it.
+        `layers.recompute_population_statistics` splits them among the replicas itself, and on
+        JAX every process computes each batch's statistics over the whole global batch, as
+        training under `DataParallel` normalizes it.
         """
-        import tensorflow as tf
-
-        from bnzoo.data import make_pipeline
-
         config = self.config
-        dataset = make_pipeline(
+        return statistics_batches(
             self.train_examples,
             self.train_info,
             batch_size=config.batch_size,
-            training=True,
-            image_size=self.image_size,
-            augment=False,
-            shuffle_buffer=config.shuffle_buffer,
-            cache=False,
+            batches=batches,
             seed=config.seed + epoch,
-            drop_remainder=True,
-        ).take(batches)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA
+            image_size=self.image_size,
+            shuffle_buffer=config.shuffle_buffer,
         )
-        return dataset.with_options(options)
 
     def evaluation_batches(self, examples, info) -> Callable:
         """Every example of an evaluation split, in order, normalized with the training
@@ -161,3 +147,55 @@ class RunInputs:
             )
 
         return make
+
+
+def statistics_batches(
+    examples: Any,
+    info: Any,
+    *,
+    batch_size: int,
+    batches: int,
+    seed: int,
+    image_size: tuple[int, int] | None = None,
+    shuffle_buffer: int = 10_000,
+):
+    """The training images Algorithm 2's population statistics are computed from, for
+    `layers.recompute_population_statistics`, on every backend (it reads a `tf.data.Dataset` as
+    NumPy outside TensorFlow).
+
+    `batches` full batches of `batch_size` images (the statistics' m is the training batch
+    size), preprocessed with `info`'s normalization and resized to `image_size` as the model was
+    trained, without augmentation (the statistics describe the inputs inference sees), from a
+    shuffle seeded by `seed`, uncached (a few batches of a split that training may cache
+    anyway). Under a `tf.distribute` strategy the recompute splits each batch among the
+    replicas; the dataset says to shard by data (tf.distribute's default first tries to split
+    files, which these images do not come from).
+
+    Args:
+        examples, info: a split as `bnzoo.data.load_dataset` returns it (`info` may carry
+            another split's `mean` and `std`: those the model was trained with).
+        batch_size: images per batch: the training batch size.
+        batches: how many batches.
+        seed: seed of the shuffle that picks the images.
+        image_size: the model's input (H, W) when it differs from the dataset's, else None.
+        shuffle_buffer: shuffle buffer in examples (capped at the split's size).
+    """
+    import tensorflow as tf
+
+    from bnzoo.data import make_pipeline
+
+    dataset = make_pipeline(
+        examples,
+        info,
+        batch_size=batch_size,
+        training=True,
+        image_size=image_size,
+        augment=False,
+        shuffle_buffer=shuffle_buffer,
+        cache=False,
+        seed=seed,
+        drop_remainder=True,
+    ).take(batches)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)

@@ -66,7 +66,7 @@ tf.get_logger().setLevel("ERROR")
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from layers import recompute_population_statistics  # noqa: E402
+from layers import batch_norm_layers, recompute_population_statistics  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Command line and configuration
@@ -514,15 +514,6 @@ def evaluate(model: keras.Model, data: ArraySplit, batch_size: int = 1000) -> tu
         losses.append(_loss_fn(labels, logits).numpy())
         correct += int(np.sum(np.argmax(logits, axis=-1) == labels))
     return float(np.mean(np.concatenate(losses))), correct / data.num_examples
-
-
-def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The model's BN layers, bnzoo's or Keras' (anything with moving statistics)."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if hasattr(layer, "moving_mean") and hasattr(layer, "moving_variance")
-    ]
 
 
 class PopulationStatistics:

@@ -11,27 +11,17 @@ population variance, a cumulative average of the batch statistics, and TensorFlo
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Any
 
 import keras
+import numpy as np
 from keras import constraints, initializers, ops, regularizers
 
-# TensorFlow's fused kernel (FusedBatchNormV3) accepts these input dtypes, always with float32
-# scale, offset and statistics; float64 has no kernel.
-_FUSED_INPUT_DTYPES = ("float16", "bfloat16", "float32")
-# Any epsilon >= 0 is computed exactly: the CPU kernels use it as given, and cuDNN has accepted
-# epsilons below 1e-5 since 7.5 (CUDNN_BN_MIN_EPSILON is 0; TensorFlow 2.21 builds against
-# cuDNN 9). Only tf.compat.v1.nn.fused_batch_norm still raises them to 1.001e-5 for old cuDNNs;
-# this layer calls the op directly, so Caffe's and PyTorch's 1e-5 keep the kernel.
-# Below this many values the fused kernel's fixed cost (about 0.3 ms per training step on the
-# project's 2-core CPU, oneDNN) outweighs what it saves: measured fwd+bwd, (60, 100) takes
-# 0.64 ms fused vs 0.34 ms unfused, (60, 8, 8, 16) 0.56 vs 0.44, while (128, 4, 4, 64) takes
-# 0.63 vs 0.80 and (256, 1024) 0.98 vs 1.37. `fused=None` keeps such small tensors, when their
-# size is known while tracing, on the keras.ops path in training (in inference only inputs the
-# kernel sees reshaped; a convolution's output keeps the kernel so that Grappler folds it into
-# the convolution); `fused=True` still forces the kernel.
-_FUSED_MIN_VALUES = 100_000
+from . import _fused, _statistics
+
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
@@ -42,30 +32,153 @@ def _clone_initializer(initializer: Any) -> Any:
     return initializer
 
 
-def _fused_layout(ndim: int, axis: int) -> tuple[str, str | None] | None:
-    """How to feed an input of rank `ndim` normalized over `axis` to FusedBatchNormV3.
+# ---------------------------------------------------------------------------------------------
+# Argument checks: each names the argument and the value it got, as Keras' own checks do, and
+# says what is expected. Types are checked, not coerced: `bool("no")` is True and
+# `float(True)` is 1.0, so coercion would turn a mistake into a silently different layer.
 
-    Returns `(data_format, reshape)` or `None` when the kernel cannot express the reduction.
-    `reshape` is `"rows"` for channels-last inputs of rank 2, 3 or >= 6, viewed as
-    `(rows, 1, 1, C)`; `"spatial"` for channels-first inputs of rank 3 or >= 6, viewed as
-    `(N, C, rest, 1)`; `None` when the input already is 4-D or 5-D. Both views reduce over exactly
-    the same elements as the original tensor, so statistics and gradients are unchanged.
-    """
-    if ndim < 2:
+
+def _check_bool(name: str, value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name}={value!r} must be True or False.")
+
+
+def _check_int(value: Any) -> int | None:
+    """`value` as an int when it is a Python or NumPy integer (as Keras accepts), else None."""
+    if isinstance(value, (bool, np.bool_)):
         return None
-    if axis == ndim - 1:
-        if ndim == 4:
-            return "NHWC", None
-        if ndim == 5:
-            return "NDHWC", None
-        return "NHWC", "rows"
-    if axis == 1:
-        if ndim == 4:
-            return "NCHW", None
-        if ndim == 5:
-            return "NCDHW", None
-        return "NCHW", "spatial"
-    return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_number(name: str, value: Any, expected: str) -> float:
+    """A finite real number; `expected` completes "must be ..." in the message."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} must be {expected}.")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name}={value!r} is not finite: it must be {expected}.")
+    return number
+
+
+def _check_axis(axis: Any) -> int | list[int]:
+    if _check_int(axis) is not None:
+        return _check_int(axis)
+    if isinstance(axis, (list, tuple)) and axis and all(_check_int(a) is not None for a in axis):
+        return [_check_int(a) for a in axis]
+    raise ValueError(
+        f"axis={axis!r} must be an integer or a non-empty list of integers, e.g. -1 for "
+        "channels-last inputs or 1 for channels-first."
+    )
+
+
+def _check_momentum(name: str, value: Any, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    expected = "a float in [0, 1]" + (", or None for a cumulative average" if allow_none else "")
+    number = _check_number(name, value, expected)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(
+            f"{name}={value!r} is outside [0, 1]: it must be {expected} (Keras' default is 0.99)."
+        )
+    return number
+
+
+def _check_epsilon(epsilon: Any) -> float:
+    expected = "a finite float >= 0 (Keras' default is 1e-3)"
+    number = _check_number("epsilon", epsilon, expected)
+    if number < 0.0:
+        raise ValueError(
+            f"epsilon={epsilon!r} must be >= 0: it is added to the variance before the square "
+            "root. Keras' default is 1e-3."
+        )
+    return number
+
+
+def _check_virtual_batch_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    size = _check_int(value)
+    if size is None or size <= 0:
+        raise ValueError(
+            f"virtual_batch_size={value!r} must be a positive integer that divides the batch "
+            "size, or None to disable ghost batches."
+        )
+    return size
+
+
+def _check_fused(fused: Any) -> bool | None:
+    # Identity, not equality: 1 == True and 0.0 == False.
+    if fused is None or fused is True or fused is False:
+        return fused
+    if isinstance(fused, np.bool_):
+        return bool(fused)
+    raise ValueError(f"fused={fused!r} must be None (auto), True or False.")
+
+
+_KERAS_OBJECTS = {
+    "initializer": (initializers, "'zeros', 'ones' or keras.initializers.Constant(0.5)"),
+    "regularizer": (regularizers, "'l2' or keras.regularizers.L2(1e-4)"),
+    "constraint": (constraints, "'non_neg' or keras.constraints.MaxNorm(3)"),
+}
+
+
+def _resolve(name: str, value: Any, kind: str) -> Any:
+    """`keras.<kind>s.get(value)`, or a `ValueError` that names the argument: Keras' own
+    message names only the value."""
+    module, examples = _KERAS_OBJECTS[kind]
+    if value is None and kind == "initializer":
+        # Keras' add_weight would quietly fall back to glorot_uniform for a float weight.
+        raise ValueError(f"{name}=None is not an initializer: pass one, e.g. {examples}.")
+    try:
+        return module.get(value)
+    except (TypeError, ValueError):
+        optional = "" if kind == "initializer" else ", or None"
+        raise ValueError(
+            f"{name}={value!r} is not a Keras {kind}: pass a name or an object, e.g. "
+            f"{examples}{optional}."
+        ) from None
+
+
+def _check_renorm_clipping(renorm_clipping: Any) -> dict[str, float]:
+    # The messages start with Keras' own wording, which Keras' tests (and users' code) match,
+    # and then say what to do.
+    if not isinstance(renorm_clipping, dict):
+        raise ValueError(
+            f"renorm_clipping={renorm_clipping!r} must be a dict with optional keys "
+            f"{list(_RENORM_CLIPPING_KEYS)}, or None."
+        )
+    unknown = set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"Received invalid keys for `renorm_clipping` argument: {sorted(map(str, unknown))} "
+            f"in renorm_clipping={renorm_clipping!r}; the supported keys are "
+            f"{list(_RENORM_CLIPPING_KEYS)}."
+        )
+    clipping = {}
+    for key, bound in renorm_clipping.items():
+        # inf is a meaningful bound (tf-keras' defaults for rmax and dmax); NaN never is.
+        if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, numbers.Real):
+            raise ValueError(f"renorm_clipping[{key!r}]={bound!r} must be a number.")
+        if math.isnan(bound):
+            raise ValueError(f"renorm_clipping[{key!r}]={bound!r} must be a number, not NaN.")
+        clipping[key] = bound
+    rmax = clipping.get("rmax")
+    rmin = clipping.get("rmin")
+    dmax = clipping.get("dmax")
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(
+            f"rmax should be greater than or equal to rmin; renorm_clipping has "
+            f"rmax={rmax} < rmin={rmin}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            f"dmax should be non-negative; renorm_clipping has dmax={dmax}. It bounds |d|."
+        )
+    return clipping
 
 
 @keras.saving.register_keras_serializable(package="bnzoo")
@@ -84,8 +197,8 @@ class BatchNormalization(keras.layers.Layer):
     defaults and weights in the same order (gamma, beta, moving_mean, moving_variance, then the
     renorm weights), so `ours.set_weights(keras_bn.get_weights())` reproduces Keras' outputs,
     and Keras' own test file for its layer passes against this class (tests run it on
-    TensorFlow and JAX). After training, `layers.recompute_population_statistics` replaces the
-    moving statistics by the paper's population statistics (Algorithm 2).
+    TensorFlow, JAX and PyTorch). After training, `layers.recompute_population_statistics`
+    replaces the moving statistics by the paper's population statistics (Algorithm 2).
 
     On the TensorFlow backend, training and inference run on TensorFlow's fused kernel
     (`FusedBatchNormV3`) whenever it computes exactly the same function: one channel axis that is
@@ -136,7 +249,8 @@ class BatchNormalization(keras.layers.Layer):
         synchronized: TensorFlow backend only. If `True`, under a `tf.distribute` strategy with
             several replicas the batch statistics are computed over the global batch (all
             replicas), so training matches one device running the whole batch. Without a
-            multi-replica strategy it changes nothing.
+            multi-replica strategy it changes nothing. Also a settable property of a built
+            layer (see `layers.set_batch_norm_synchronized` to switch a whole model).
         virtual_batch_size: Ghost Batch Normalization (Hoffer et al., 2017), as tf-keras had
             it: in training the batch is split into `batch_size / virtual_batch_size` ghost
             batches of `virtual_batch_size` examples, each normalized with its own statistics,
@@ -223,65 +337,38 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.axis = self._validate_axis(axis)
-        self.momentum = self._validate_momentum("momentum", momentum, allow_none=True)
-        epsilon = float(epsilon)
-        if not epsilon >= 0.0:
-            raise ValueError(
-                f"epsilon={epsilon} must be >= 0: it is added to the variance before the square "
-                "root. Keras' default is 1e-3."
+        self.axis = _check_axis(axis)
+        self.momentum = _check_momentum("momentum", momentum, allow_none=True)
+        self.epsilon = _check_epsilon(epsilon)
+        self.center = _check_bool("center", center)
+        self.scale = _check_bool("scale", scale)
+        self.beta_initializer = _resolve("beta_initializer", beta_initializer, "initializer")
+        self.gamma_initializer = _resolve("gamma_initializer", gamma_initializer, "initializer")
+        self.moving_mean_initializer = _resolve(
+            "moving_mean_initializer", moving_mean_initializer, "initializer"
+        )
+        self.moving_variance_initializer = _resolve(
+            "moving_variance_initializer", moving_variance_initializer, "initializer"
+        )
+        self.beta_regularizer = _resolve("beta_regularizer", beta_regularizer, "regularizer")
+        self.gamma_regularizer = _resolve("gamma_regularizer", gamma_regularizer, "regularizer")
+        self.beta_constraint = _resolve("beta_constraint", beta_constraint, "constraint")
+        self.gamma_constraint = _resolve("gamma_constraint", gamma_constraint, "constraint")
+        self.renorm = _check_bool("renorm", renorm)
+        if self.renorm or renorm_clipping is not None:
+            renorm_clipping = _check_renorm_clipping(
+                {} if renorm_clipping is None else renorm_clipping
             )
-        self.epsilon = epsilon
-        self.center = bool(center)
-        self.scale = bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
-
-        if synchronized and keras.backend.backend() != "tensorflow":
-            raise ValueError(
-                "synchronized=True is only supported with the TensorFlow backend (it uses "
-                f"tf.distribute); the backend is {keras.backend.backend()!r}. Use "
-                "synchronized=False or KERAS_BACKEND=tensorflow."
-            )
-        self.synchronized = bool(synchronized)
-
-        self.renorm = bool(renorm)
-        if self.renorm:
-            renorm_clipping = self._validate_renorm_clipping(renorm_clipping or {})
         self.renorm_clipping = renorm_clipping
-        self.renorm_momentum = self._validate_momentum("renorm_momentum", renorm_momentum)
-
-        if virtual_batch_size is not None:
-            if (
-                isinstance(virtual_batch_size, bool)
-                or int(virtual_batch_size) != virtual_batch_size
-                or virtual_batch_size <= 0
-            ):
-                raise ValueError(
-                    f"virtual_batch_size={virtual_batch_size!r} must be a positive integer that "
-                    "divides the batch size, or None to disable ghost batches."
-                )
-            virtual_batch_size = int(virtual_batch_size)
-            if self.synchronized:
-                raise ValueError(
-                    "virtual_batch_size and synchronized=True cannot be combined: ghost batches "
-                    "are slices of one replica's batch, so there is nothing to synchronize. "
-                    "Drop one of them."
-                )
-        self.virtual_batch_size = virtual_batch_size
-        self.unbiased_moving_variance = bool(unbiased_moving_variance)
-
-        if fused not in (None, True, False):
-            raise ValueError(f"fused={fused!r} must be None (auto), True or False.")
-        if fused:
+        self.renorm_momentum = _check_momentum("renorm_momentum", renorm_momentum)
+        self.virtual_batch_size = _check_virtual_batch_size(virtual_batch_size)
+        self.unbiased_moving_variance = _check_bool(
+            "unbiased_moving_variance", unbiased_moving_variance
+        )
+        self.fused = _check_fused(fused)
+        self._synchronized = self._check_synchronized(synchronized)
+        if self.fused:
             self._raise_if_fused_impossible()
-        self.fused = fused
 
         self.supports_masking = True
         self.gamma = None
@@ -296,68 +383,44 @@ class BatchNormalization(keras.layers.Layer):
     # ----------------------------------------------------------------------------------------
     # Argument validation
 
-    @staticmethod
-    def _validate_axis(axis: Any) -> int | list[int]:
-        def as_int(a: Any) -> int | None:
-            # operator.index accepts Python and NumPy integers (as Keras does), not floats.
-            if isinstance(a, bool):
-                return None
-            try:
-                return operator.index(a)
-            except TypeError:
-                return None
+    @property
+    def synchronized(self) -> bool:
+        """Whether training batches are normalized with the statistics of the global batch.
 
-        if as_int(axis) is not None:
-            return as_int(axis)
-        if isinstance(axis, (list, tuple)) and axis and all(as_int(a) is not None for a in axis):
-            return [as_int(a) for a in axis]
-        raise ValueError(
-            f"axis={axis!r} must be an integer or a non-empty list of integers, e.g. -1 for "
-            "channels-last inputs or 1 for channels-first."
-        )
+        Settable on a built layer (TensorFlow only for `True`), e.g. to switch a trained model's
+        BN layers to synchronized BN for multi-replica training, or back before saving it for
+        other backends (see `layers.set_batch_norm_synchronized`). The layer reads it when its
+        call is traced: a function that already traced the layer (`fit`'s train function, your
+        own `tf.function`) keeps what it traced until it is traced again, e.g. after
+        `model.compile(...)`.
+        """
+        return self._synchronized
 
-    @staticmethod
-    def _validate_momentum(name: str, value: Any, allow_none: bool = False) -> float | None:
-        if value is None and allow_none:
-            return None
-        expected = "a float in [0, 1]" + (
-            ", or None for a cumulative average" if allow_none else ""
-        )
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}={value!r} must be {expected}.") from None
-        if not 0.0 <= number <= 1.0:
+    @synchronized.setter
+    def synchronized(self, value: bool) -> None:
+        value = self._check_synchronized(value)
+        if value and self.fused:
             raise ValueError(
-                f"{name}={value!r} is outside [0, 1]: it must be {expected} "
-                "(Keras' default is 0.99)."
+                "synchronized=True cannot be set on a layer with fused=True: TensorFlow's fused "
+                "kernel computes one replica's statistics. Build the layer with fused=None."
             )
-        return number
+        self._synchronized = value
 
-    @staticmethod
-    def _validate_renorm_clipping(renorm_clipping: dict[str, float]) -> dict[str, float]:
-        # The messages start with Keras' own wording, which Keras' tests (and users' code)
-        # match, and then say what to do.
-        unknown = set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS)
-        if unknown:
+    def _check_synchronized(self, value: Any) -> bool:
+        value = _check_bool("synchronized", value)
+        if value and keras.backend.backend() != "tensorflow":
             raise ValueError(
-                f"Received invalid keys for `renorm_clipping` argument: {sorted(unknown)} in "
-                f"renorm_clipping={renorm_clipping!r}; the supported keys are "
-                f"{list(_RENORM_CLIPPING_KEYS)}."
+                "synchronized=True is only supported with the TensorFlow backend (it uses "
+                f"tf.distribute); the backend is {keras.backend.backend()!r}. Use "
+                "synchronized=False or KERAS_BACKEND=tensorflow."
             )
-        rmax = renorm_clipping.get("rmax")
-        rmin = renorm_clipping.get("rmin")
-        dmax = renorm_clipping.get("dmax")
-        if rmax is not None and rmin is not None and rmax < rmin:
+        if value and self.virtual_batch_size is not None:
             raise ValueError(
-                f"rmax should be greater than or equal to rmin; renorm_clipping has "
-                f"rmax={rmax} < rmin={rmin}."
+                "virtual_batch_size and synchronized=True cannot be combined: ghost batches "
+                "are slices of one replica's batch, so there is nothing to synchronize. "
+                "Drop one of them."
             )
-        if dmax is not None and dmax < 0:
-            raise ValueError(
-                f"dmax should be non-negative; renorm_clipping has dmax={dmax}. It bounds |d|."
-            )
-        return dict(renorm_clipping)
+        return value
 
     def _raise_if_fused_impossible(self) -> None:
         """The constructor-time reasons why `fused=True` cannot be honored."""
@@ -382,27 +445,10 @@ class BatchNormalization(keras.layers.Layer):
     # ----------------------------------------------------------------------------------------
     # Weights
 
-    def _resolve_axes(self, input_shape: tuple) -> list[int]:
-        ndim = len(input_shape)
-        requested = [self.axis] if isinstance(self.axis, int) else self.axis
-        axes = []
-        for a in requested:
-            if not -ndim <= a < ndim:
-                raise ValueError(
-                    f"axis={self.axis} is out of range for inputs of rank {ndim} "
-                    f"(shape {tuple(input_shape)}): each axis must be in [{-ndim}, {ndim - 1}]."
-                )
-            axes.append(a % ndim)
-        if len(set(axes)) != len(axes):
-            raise ValueError(
-                f"axis={self.axis} names the same axis twice for inputs of rank {ndim}."
-            )
-        return sorted(axes)
-
     def build(self, input_shape: tuple) -> None:
         input_shape = tuple(input_shape)
         ndim = len(input_shape)
-        axes = self._resolve_axes(input_shape)
+        axes = _statistics.channel_axes(self.axis, input_shape)
         if self.virtual_batch_size is not None and 0 in axes:
             raise ValueError(
                 f"axis={self.axis} includes the batch axis 0, which virtual_batch_size splits "
@@ -508,7 +554,7 @@ class BatchNormalization(keras.layers.Layer):
         )
         self._fused_layout = None
         if self.fused is not False and keras.backend.backend() == "tensorflow" and len(axes) == 1:
-            self._fused_layout = _fused_layout(ndim, axes[0])
+            self._fused_layout = _fused.kernel_layout(ndim, axes[0])
         if self.fused and self._fused_layout is None:
             raise ValueError(
                 f"fused=True cannot use TensorFlow's fused kernel for inputs of rank {ndim} "
@@ -518,7 +564,7 @@ class BatchNormalization(keras.layers.Layer):
             )
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
-        self._resolve_axes(tuple(input_shape))
+        _statistics.channel_axes(self.axis, tuple(input_shape))
         return tuple(input_shape)
 
     # ----------------------------------------------------------------------------------------
@@ -537,9 +583,9 @@ class BatchNormalization(keras.layers.Layer):
             return False
         reasons = []
         dtype = keras.backend.standardize_dtype(inputs.dtype)
-        if dtype not in _FUSED_INPUT_DTYPES:
-            reasons.append(f"the input dtype is {dtype}, not one of {_FUSED_INPUT_DTYPES}")
-        if _in_xla_context():
+        if dtype not in _fused.INPUT_DTYPES:
+            reasons.append(f"the input dtype is {dtype}, not one of {_fused.INPUT_DTYPES}")
+        if _fused.in_xla_context():
             # XLA replaces the kernel by its own batch norm, whose variance is E[x^2] - E[x]^2:
             # NaN for inputs with a large offset. XLA fuses the keras.ops path just as well.
             reasons.append("the layer is compiled with XLA (jit_compile=True)")
@@ -552,7 +598,7 @@ class BatchNormalization(keras.layers.Layer):
                 reasons.append(f"virtual_batch_size={self.virtual_batch_size}")
             if mask is not None:
                 reasons.append("a mask was passed")
-            if self.synchronized and _multi_replica_context() is not None:
+            if self.synchronized and _statistics.multi_replica_context() is not None:
                 reasons.append("synchronized=True under a multi-replica strategy")
         if reasons and self.fused:
             raise ValueError(
@@ -561,7 +607,7 @@ class BatchNormalization(keras.layers.Layer):
             )
         if reasons:
             return False
-        if self.fused is not None or not _is_small(inputs.shape):
+        if self.fused is not None or not _fused.is_small(inputs.shape):
             return True
         # The size threshold is training's trade-off: the kernel's fixed cost against the
         # passes it saves forward and backward. In inference a 4-D or 5-D input that reaches
@@ -592,15 +638,17 @@ class BatchNormalization(keras.layers.Layer):
             outputs = self._normalize(x, mean, variance, gamma, beta, centered=True)
             return ops.cast(outputs, self.compute_dtype)
 
-        x, valid, axes, reduction_axes = self._statistics_layout(x, mask)
+        x, valid, axes, reduction_axes = _statistics.layout(
+            x, mask, self._axes, self.virtual_batch_size
+        )
         ghost = self.virtual_batch_size is not None
         shape = self._broadcast_shape(len(x.shape), axes)
-        replica_context = _multi_replica_context() if self.synchronized else None
-        mean, variance, count = _moments(x, reduction_axes, valid, replica_context)
+        replica_context = _statistics.multi_replica_context() if self.synchronized else None
+        mean, variance, count = _statistics.moments(x, reduction_axes, valid, replica_context)
 
         variance_for_moving = variance
         if self.unbiased_moving_variance:
-            variance_for_moving = variance * _bessel_factor(count)
+            variance_for_moving = variance * _statistics.bessel_factor(count)
         batch_mean = self._to_param_shape(mean, count, ghost)
         batch_variance = self._to_param_shape(variance, count, ghost)
         batch_variance_for_moving = self._to_param_shape(variance_for_moving, count, ghost)
@@ -620,41 +668,6 @@ class BatchNormalization(keras.layers.Layer):
         if ghost:
             outputs = ops.reshape(outputs, ops.shape(inputs))
         return ops.cast(outputs, self.compute_dtype)
-
-    def _statistics_layout(self, x, mask):
-        """The input as the batch statistics see it: `(x, valid, axes, reduction_axes)`.
-
-        `valid` is the mask broadcast to `x` (or `None`); with ghost batches both are reshaped to
-        `(virtual_batch_size, num_ghost_batches, ...)` and axis 1, which indexes the ghost
-        batches, keeps its own statistics like the channel axes.
-        """
-        valid = self._broadcast_mask(mask, x) if mask is not None else None
-        axes = self._axes
-        ghost = self.virtual_batch_size is not None
-        if ghost:
-            x, valid = self._split_ghost_batches(x, valid)
-            axes = [a + 1 for a in axes]
-        ndim = len(x.shape)
-        reduction_axes = [i for i in range(ndim) if i not in axes and not (ghost and i == 1)]
-        return x, valid, axes, reduction_axes
-
-    def _population_sums(self, inputs, mask=None):
-        """This call's contribution to Algorithm 2's population statistics, per channel.
-
-        Returns `(total, squares, count, degrees_of_freedom)` with the shape of the moving
-        statistics: the sum of the values, the sum of their squared deviations from the mean of
-        the (ghost) batch they are normalized with, the number of values and the sum over (ghost)
-        batches of `m - 1`. They are sums, so batches, ghost batches and replicas pool by
-        addition (see `layers.population_statistics`).
-        """
-        dtype = keras.backend.result_type(inputs.dtype, "float32")
-        x, valid, _, reduction_axes = self._statistics_layout(ops.cast(inputs, dtype), mask)
-        replica_context = _multi_replica_context() if self.synchronized else None
-        sums = _population_sums(x, reduction_axes, valid, replica_context)
-        ghost = self.virtual_batch_size is not None
-        return tuple(
-            ops.reshape(ops.sum(s, axis=1) if ghost else s, self._param_shape) for s in sums
-        )
 
     def _affine(self, dtype, shape):
         gamma = ops.reshape(ops.cast(self.gamma, dtype), shape) if self.scale else None
@@ -685,50 +698,6 @@ class BatchNormalization(keras.layers.Layer):
             shift = shift + beta
         return x * multiplier + shift
 
-    def _broadcast_mask(self, mask, x):
-        """The mask as a boolean tensor of the input's shape: `True` where a value counts.
-
-        Keras' convention first: a mask of rank `ndim - 1` has the input's shape without its
-        last axis, whatever the channel axis (what `keras.layers.Masking` and Embedding's
-        `mask_zero` propagate: `(batch, time)` for `(batch, time, features)`). A mask of rank
-        `ndim` broadcasts to the input; with several channel axes a mask of rank
-        `ndim - len(axis)` is the input's shape without the channel axes.
-        """
-        mask = ops.convert_to_tensor(mask)
-        ndim = len(x.shape)
-        rank = len(mask.shape)
-        if rank == ndim - 1:
-            mask = ops.expand_dims(mask, -1)
-        elif rank == ndim - len(self._axes) and rank != ndim:
-            for a in self._axes:
-                mask = ops.expand_dims(mask, a)
-        elif rank != ndim:
-            ranks = sorted({ndim - 1, ndim - len(self._axes), ndim})
-            raise ValueError(
-                f"The mask has shape {tuple(mask.shape)} but the inputs have shape "
-                f"{tuple(x.shape)}: expected a mask of rank {ndim - 1} (Keras' convention: the "
-                "input shape without its last axis) or of rank "
-                + " or ".join(str(r) for r in ranks if r != ndim - 1)
-                + " broadcastable to the inputs."
-            )
-        return ops.broadcast_to(ops.cast(mask, "bool"), ops.shape(x))
-
-    def _split_ghost_batches(self, x, valid):
-        size = self.virtual_batch_size
-        batch = x.shape[0]
-        if batch is not None and batch % size != 0:
-            raise ValueError(
-                f"virtual_batch_size={size} does not divide the batch size {batch}: ghost "
-                "batches must split the batch evenly. Use a batch size that is a multiple of "
-                f"{size} (e.g. drop_remainder=True in tf.data) or another virtual_batch_size."
-            )
-        # tf-keras' layout: (virtual_batch_size, num_ghost_batches, ...).
-        ghost_shape = (size, -1) + tuple(ops.shape(x)[1:])
-        x = ops.reshape(x, ghost_shape)
-        if valid is not None:
-            valid = ops.reshape(valid, ghost_shape)
-        return x, valid
-
     def _to_param_shape(self, statistic, count, ghost: bool):
         """A (ghost) batch statistic in the moving statistics' shape.
 
@@ -737,7 +706,7 @@ class BatchNormalization(keras.layers.Layer):
         all masked counts for nothing instead of pulling the statistics towards 0.
         """
         if ghost:
-            if _is_tensor(count) and len(count.shape) > 0:
+            if _statistics.is_tensor(count) and len(count.shape) > 0:
                 weighted = ops.sum(statistic * count, axis=1, keepdims=True)
                 total = ops.sum(count, axis=1, keepdims=True)
                 statistic = weighted / ops.maximum(total, 1.0)
@@ -751,7 +720,7 @@ class BatchNormalization(keras.layers.Layer):
         An empty batch (a replica left without examples) or an all-masked channel must not drag
         the moving statistics towards 0 or NaN.
         """
-        if not _is_tensor(count):
+        if not _statistics.is_tensor(count):
             return count > 0
         if len(count.shape) == 0:
             return ops.greater(count, 0)
@@ -774,16 +743,18 @@ class BatchNormalization(keras.layers.Layer):
 
     def _assign_moving_average(self, variable, value, momentum, has_data):
         old = ops.cast(variable, value.dtype)
-        momentum = ops.cast(momentum, value.dtype) if _is_tensor(momentum) else momentum
+        momentum = ops.cast(momentum, value.dtype) if _statistics.is_tensor(momentum) else momentum
         new = old * momentum + value * (1.0 - momentum)
-        if _is_tensor(has_data):
+        if _statistics.is_tensor(has_data):
             new = ops.where(has_data, new, old)
         variable.assign(ops.cast(new, variable.dtype))
         return new
 
     def _count_batch(self, has_data) -> None:
         if self.momentum is None:
-            increment = ops.cast(has_data, "int32") if _is_tensor(has_data) else int(has_data)
+            increment = (
+                ops.cast(has_data, "int32") if _statistics.is_tensor(has_data) else int(has_data)
+            )
             self.num_batches_tracked.assign(self.num_batches_tracked + increment)
 
     def _update_moving_statistics(self, mean, variance, has_data) -> None:
@@ -843,52 +814,26 @@ class BatchNormalization(keras.layers.Layer):
         Keras' layer runs about a dozen separate ops per direction on the TensorFlow backend; on
         CPU the fused kernel (oneDNN) makes training 2-4x faster. Same function, same statistics.
         """
-        import tensorflow as tf
-
-        data_format, reshape = self._fused_layout
-        channels = self._param_shape[0]
-        x = inputs
-        if reshape == "rows":
-            x = tf.reshape(x, [-1, 1, 1, channels])
-        elif reshape == "spatial":
-            x = tf.reshape(x, [tf.shape(x)[0], channels, -1, 1])
-        scale = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels], tf.float32)
-        offset = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels], tf.float32)
-        if training:
-            outputs, batch_mean, batch_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x,
-                scale=scale,
-                offset=offset,
-                mean=tf.zeros([0], tf.float32),
-                variance=tf.zeros([0], tf.float32),
-                epsilon=self.epsilon,
-                exponential_avg_factor=1.0,
-                data_format=data_format,
-                is_training=True,
+        gamma = self.gamma if self.scale else None
+        beta = self.beta if self.center else None
+        if not training:
+            outputs = _fused.inference(
+                inputs,
+                self._fused_layout,
+                gamma,
+                beta,
+                self.moving_mean,
+                self.moving_variance,
+                self.epsilon,
             )
-            count = _fused_count(x, channels)
-            # The kernel normalizes with the biased variance but returns m/(m-1) times it
-            # (on CPU, GPU and XLA alike); undo that so that every path feeds the moving
-            # statistics the same biased batch variance (Keras' convention).
-            batch_variance = batch_variance * _inverse_bessel_factor(count)
-            if self.unbiased_moving_variance:
-                batch_variance = batch_variance * _bessel_factor(count)
-            has_data = count > 0
-            self._update_moving_statistics(batch_mean, batch_variance, has_data)
-        else:
-            outputs = tf.raw_ops.FusedBatchNormV3(
-                x=x,
-                scale=scale,
-                offset=offset,
-                mean=tf.cast(self.moving_mean, tf.float32),
-                variance=tf.cast(self.moving_variance, tf.float32),
-                epsilon=self.epsilon,
-                data_format=data_format,
-                is_training=False,
-            )[0]
-        if reshape is not None:
-            outputs = tf.reshape(outputs, tf.shape(inputs))
-        return tf.cast(outputs, self.compute_dtype)
+            return ops.cast(outputs, self.compute_dtype)
+        outputs, mean, variance, count = _fused.training(
+            inputs, self._fused_layout, gamma, beta, self.epsilon
+        )
+        if self.unbiased_moving_variance:
+            variance = variance * _statistics.bessel_factor(count)
+        self._update_moving_statistics(mean, variance, count > 0)
+        return ops.cast(outputs, self.compute_dtype)
 
     # ----------------------------------------------------------------------------------------
     # Weights and serialization
@@ -955,154 +900,9 @@ class BatchNormalization(keras.layers.Layer):
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers shared by the paths
-
-
-def _is_tensor(value: Any) -> bool:
-    return not isinstance(value, (bool, int, float))
-
-
-def _count(x, reduction_axes: list[int]):
-    """Values per channel: a Python float when the shape is static, else a scalar tensor."""
-    shape = ops.shape(x)
-    count = 1
-    for a in reduction_axes:
-        count = count * shape[a]
-    if _is_tensor(count):
-        return ops.cast(count, x.dtype)
-    return float(count)
-
-
-def _moments(x, reduction_axes: list[int], valid, replica_context):
-    """Per-channel mean, biased variance and number of values (Algorithm 1, steps 1-2).
-
-    `valid` is `None` or a boolean tensor of `x`'s shape; masked values are replaced by 0 with
-    `where` (as Keras does), never multiplied by 0, so a NaN or inf at a masked position cannot
-    reach the statistics. Under a multi-replica `replica_context` (synchronized BN) the
-    statistics are global: two all-reduces, the sum and count, then the squared deviations from
-    the global mean, so the variance stays a sum of squares. All-reduce is differentiable: its
-    gradient is the all-reduce of the replicas' gradients.
-
-    The variance is the mean of squared deviations from the mean (two passes), never
-    E[x^2] - E[x]^2, which cancels catastrophically for inputs with a large offset: it stays
-    accurate there and can never be negative. `count` is a Python float when it is known while
-    tracing, else a tensor (per channel with a mask; an all-masked channel reads mean 0 and
-    variance 0, and `_has_data` keeps its moving statistics).
-    """
-    if valid is None and replica_context is None:
-        count = _count(x, reduction_axes)
-        mean = ops.mean(x, axis=reduction_axes, keepdims=True)
-        # The mean's own gradient through the variance is zero (deviations sum to zero), so
-        # stopping it is exact and saves a reduction in the backward pass.
-        deviation = x - ops.stop_gradient(mean)
-        variance = ops.mean(ops.square(deviation), axis=reduction_axes, keepdims=True)
-        return mean, variance, count
-    total, squares, count, _ = _population_sums(x, reduction_axes, valid, replica_context)
-    divisor = ops.maximum(count, 1.0)
-    return total / divisor, squares / divisor, count
-
-
-def _population_sums(x, reduction_axes: list[int], valid, replica_context):
-    """`(sum, sum of squared deviations, count, count - 1)` per channel, as `_moments` defines them.
-
-    Shapes keep the reduced axes (size 1). Sums pool exactly: over ghost batches, batches and
-    replicas, the population statistics are `sum / count` and `squares / (count - 1)` summed.
-    """
-    if valid is None:
-        local_total = ops.sum(x, axis=reduction_axes, keepdims=True)
-        local_count = ops.ones_like(local_total) * ops.cast(_count(x, reduction_axes), x.dtype)
-    else:
-        local_total = ops.sum(ops.where(valid, x, 0.0), axis=reduction_axes, keepdims=True)
-        local_count = ops.sum(ops.cast(valid, x.dtype), axis=reduction_axes, keepdims=True)
-    if replica_context is None:
-        total, count = local_total, local_count
-    else:
-        totals = _all_reduce_sum(replica_context, ops.stack([local_total, local_count]))
-        total, count = totals[0], totals[1]
-    mean = total / ops.maximum(count, 1.0)
-    squares = ops.square(x - ops.stop_gradient(mean))
-    if valid is not None:
-        squares = ops.where(valid, squares, 0.0)
-    squares = ops.sum(squares, axis=reduction_axes, keepdims=True)
-    if replica_context is not None:
-        squares = _all_reduce_sum(replica_context, squares)
-    return total, squares, count, ops.maximum(count - 1.0, 0.0)
-
-
-def _bessel_factor(count):
-    """m / (m - 1), Algorithm 2's correction; 1 for m <= 1, whose biased variance is 0."""
-    if _is_tensor(count):
-        return count / ops.maximum(count - 1.0, 1.0)
-    return count / (count - 1.0) if count > 1 else 1.0
-
-
-def _inverse_bessel_factor(count):
-    """(m - 1) / m: turns the fused kernel's corrected variance back into the biased one."""
-    if _is_tensor(count):
-        return ops.maximum(count - 1.0, 0.0) / ops.maximum(count, 1.0)
-    return (count - 1.0) / count if count > 1 else 0.0
-
-
-def _fused_count(x, channels: int):
-    """Values per channel of the 4-D/5-D tensor fed to the fused kernel."""
-    if all(d is not None for d in x.shape):
-        size = 1
-        for d in x.shape:
-            size *= int(d)
-        return float(size // channels)
-    import tensorflow as tf
-
-    return tf.cast(tf.size(x, out_type=tf.int64), tf.float32) / float(channels)
-
-
-def _is_small(shape) -> bool:
-    """Whether a statically known shape holds fewer values than the fused kernel pays off for."""
-    if any(d is None for d in shape):
-        return False
-    size = 1
-    for d in shape:
-        size *= int(d)
-    return size < _FUSED_MIN_VALUES
 
 
 def _compose_renorm(r, d, gamma, beta):
     """(x_hat * r + d) * gamma + beta == x_hat * (r * gamma) + (d * gamma + beta)."""
     shift = d if gamma is None else d * gamma
     return (r if gamma is None else r * gamma), (shift if beta is None else shift + beta)
-
-
-def _in_xla_context() -> bool:
-    """Whether the TensorFlow graph being traced will be compiled by XLA (jit_compile=True)."""
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    if tf.executing_eagerly():
-        return False
-    try:
-        # tf.function(jit_compile=True) traces inside an XLAControlFlowContext; TensorFlow has
-        # no public accessor for it (tf-keras used the same internal module).
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - a future TensorFlow; the XLA tests would fail.
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def _multi_replica_context():
-    """The tf.distribute replica context when running on one of several replicas, else None."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-        return None
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync <= 1:
-        return None
-    return context
-
-
-def _all_reduce_sum(replica_context, value):
-    import tensorflow as tf
-
-    return replica_context.all_reduce(tf.distribute.ReduceOp.SUM, value)

@@ -20,12 +20,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import batch_normalization as _bn
+from . import _statistics
 from .batch_normalization import BatchNormalization
+from .model_batch_norm import batch_norm_layers
 
-# The sums each BN call contributes (see `BatchNormalization._population_sums`): the values'
-# sum, their squared deviations from the (ghost) batch mean, their count and the sum of
-# count - 1 over (ghost) batches.
+# The sums each BN call contributes (see `layers._statistics.call_sums`): the values' sum, their
+# squared deviations from the (ghost) batch mean, their count and the sum of count - 1 over
+# (ghost) batches.
 _SUMS = 4
 
 
@@ -55,13 +56,14 @@ def recompute_population_statistics(
     are exactly the formulas above.
 
     This covers `layers.BatchNormalization` and `keras.layers.BatchNormalization`, at any depth
-    (nested models and layers). Nothing else changes: trainable weights, optimizer variables,
-    layer attributes, seed generators and renorm's `renorm_mean`/`renorm_stddev` (training
-    state, like the optimizer's). Renorm layers also get `moving_stddev = sqrt(variance +
-    epsilon)`, from which they derive their moving variance; with `momentum=None` the step
-    counter `num_batches_tracked` becomes the number of batches averaged, so further training
-    continues the same cumulative average. A BN layer with `trainable=False` keeps its
-    statistics and, as in training, runs in inference mode (Keras' fine-tuning rule).
+    (nested models and layers: `layers.batch_norm_layers`). Nothing else changes: trainable
+    weights, optimizer variables, layer attributes, seed generators and renorm's
+    `renorm_mean`/`renorm_stddev` (training state, like the optimizer's). Renorm layers also
+    get `moving_stddev = sqrt(variance + epsilon)`, from which they derive their moving
+    variance; with `momentum=None` the step counter `num_batches_tracked` becomes the number
+    of batches averaged, so further training continues the same cumulative average. A BN
+    layer with `trainable=False` keeps its statistics and, as in training, runs in inference
+    mode (Keras' fine-tuning rule).
 
     Every layer other than BN runs in inference mode during the pass: Dropout is off and random
     augmentation layers are inactive. The statistics must describe the inputs the BN layers see
@@ -70,16 +72,17 @@ def recompute_population_statistics(
     https://arxiv.org/abs/1801.05134). For the same reason pass the training data preprocessed
     as for inference, without random augmentation.
 
-    The forward pass is compiled (`tf.function` on TensorFlow, `jax.jit` on JAX) and the sums
-    are pooled in float64 on the host. On TensorFlow, called inside the `scope()` of a
-    `tf.distribute` strategy with several replicas, the batches are distributed over the
-    replicas (`experimental_distribute_dataset` and `strategy.run`): a per-replica BN layer
+    The forward pass is compiled (`tf.function` on TensorFlow, `jax.jit` on JAX; eager on
+    PyTorch) and the sums are pooled in float64 on the host. On TensorFlow, called inside the
+    `scope()` of a `tf.distribute` strategy with several replicas, the batches are distributed
+    over the replicas (`experimental_distribute_dataset` and `strategy.run`): a per-replica BN layer
     pools its replicas' statistics, each replica's part of a batch being one batch of Algorithm
     2, and a `synchronized=True` layer uses the global batch statistics.
 
     Args:
         model: a built Keras model (or layer) containing BN layers.
-        data: the training batches: a `tf.data.Dataset` or any iterable of batches, each an
+        data: the training batches: a `tf.data.Dataset` (on every backend, as Keras' `fit`
+            reads it) or any iterable of batches, each an
             array (or a structure of arrays for several inputs) or a tuple `(x, y)` or
             `(x, y, sample_weight)` whose `x` is used. With `batch_size`, arrays instead: `x`
             or a tuple `(x, y[, sample_weight])`, split into consecutive batches.
@@ -94,8 +97,9 @@ def recompute_population_statistics(
 
     Raises:
         ValueError: `data` has no batch, `steps` or `batch_size` is invalid, `data` is one
-            array without `batch_size`, an infinite dataset without `steps`, or the model is
-            not built.
+            array without `batch_size`, an infinite dataset without `steps`, the model is
+            not built, or a batch made a layer's statistics NaN or inf (non-finite data or
+            weights; the message names the layer and the batch, and no statistic changes).
 
     Example:
 
@@ -135,7 +139,7 @@ def recompute_population_statistics(
             f"Model {model.name!r} is not built: build it (or call it on a batch) before "
             "recomputing its BN statistics."
         )
-    bn_layers = [layer for layer in _batch_norm_layers(model) if layer.trainable]
+    bn_layers = [layer for layer in batch_norm_layers(model) if layer.trainable]
     if not bn_layers:
         return 0
     strategy = _multi_replica_strategy()
@@ -156,14 +160,6 @@ def recompute_population_statistics(
         )
     pooled.assign()
     return pooled.batches
-
-
-def _batch_norm_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
-    """bnzoo's and Keras' BN layers in `model`, nested ones included, each once."""
-    kinds = (BatchNormalization, keras.layers.BatchNormalization)
-    # Layer._flatten_layers walks sub-layers tracked as attributes, nested models included;
-    # Keras 3 has no public equivalent (Model.layers is one level deep).
-    return [layer for layer in model._flatten_layers(include_self=True) if isinstance(layer, kinds)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +194,7 @@ class _Collector:
             outputs = call(inputs, training=True, mask=mask, **kwargs)
             records = getattr(self._local, "records", None)
             if records is not None:
-                records[index].append(_call_sums(layer, inputs, mask))
+                records[index].append(_statistics.call_sums(layer, inputs, mask))
             return outputs
 
         return call_with_batch_statistics
@@ -228,26 +224,6 @@ class _Collector:
         return results
 
 
-def _call_sums(layer: keras.layers.Layer, inputs, mask) -> tuple:
-    """One BN call's sums, per channel, with the layer's own semantics."""
-    if isinstance(layer, BatchNormalization):
-        sums = layer._population_sums(inputs, mask)
-    else:
-        # keras.layers.BatchNormalization: one channel axis; its mask always has the input's
-        # shape without the last axis; `synchronized` is TensorFlow-only.
-        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
-        ndim = len(x.shape)
-        axis = layer.axis % ndim
-        valid = None
-        if mask is not None:
-            valid = ops.broadcast_to(ops.cast(ops.expand_dims(mask, -1), "bool"), ops.shape(x))
-        context = _bn._multi_replica_context() if layer.synchronized else None
-        reduction_axes = [a for a in range(ndim) if a != axis]
-        sums = _bn._population_sums(x, reduction_axes, valid, context)
-        sums = tuple(ops.reshape(s, (x.shape[axis],)) for s in sums)
-    return tuple(ops.cast(s, "float32") for s in sums)
-
-
 # ---------------------------------------------------------------------------------------------
 # Pooling over batches (host, float64)
 
@@ -264,13 +240,32 @@ class _Pooled:
         self.batches = 0
 
     def add(self, batch_sums: list[tuple]) -> None:
-        for totals, with_data, sums in zip(
-            self.sums, self.batches_with_data, batch_sums, strict=True
-        ):
-            values = [np.asarray(ops.convert_to_numpy(s), np.float64) for s in sums]
-            for total, value in zip(totals, values, strict=True):
+        """Adds one batch's sums; a `ValueError` when a layer's went NaN or inf.
+
+        Checked batch by batch, before anything is assigned: one NaN or inf value in a batch
+        (or a weight) makes every later statistic NaN, and a model whose BN layers hold NaN
+        statistics predicts one class for every input, with no error anywhere.
+        """
+        values = [
+            [np.asarray(ops.convert_to_numpy(s), np.float64) for s in sums] for sums in batch_sums
+        ]
+        broken = [
+            layer
+            for layer, sums in zip(self.layers, values, strict=True)
+            if not all(np.isfinite(s).all() for s in sums)
+        ]
+        if broken:
+            later = f" (and {len(broken) - 1} BN layers after it)" if len(broken) > 1 else ""
+            raise ValueError(
+                f"BN layer {broken[0].name!r}{later} got NaN or inf statistics from batch "
+                f"{self.batches + 1} of data: that batch, or a weight before the layer, is not "
+                "finite. No statistics were changed; check the data (e.g. "
+                "np.isfinite(x).all()) and the model's weights."
+            )
+        for totals, with_data, sums in zip(self.sums, self.batches_with_data, values, strict=True):
+            for total, value in zip(totals, sums, strict=True):
                 total += value
-            with_data += values[2] > 0
+            with_data += sums[2] > 0
         self.batches += 1
 
     def assign(self) -> None:
@@ -334,6 +329,10 @@ def _batches(data: Any, steps: int | None, batch_size: int | None) -> Iterator[A
                 f"data of type {type(data).__name__} is not iterable: pass a tf.data.Dataset, "
                 "an iterable of batches, or arrays with batch_size."
             )
+        if keras.backend.backend() != "tensorflow" and _is_tf_dataset(data):
+            # As Keras' fit does on every backend: jax.jit and torch take NumPy arrays, not
+            # TensorFlow tensors.
+            data = data.as_numpy_iterator()
         batches = (keras.utils.unpack_x_y_sample_weight(batch)[0] for batch in data)
     for step, batch in enumerate(batches):
         if steps is not None and step >= steps:
@@ -347,13 +346,23 @@ def _split(arrays: Any, batch_size: int) -> Iterator[Any]:
         yield keras.tree.map_structure(lambda a, s=start: a[s : s + batch_size], arrays)
 
 
+def _is_tf_dataset(data: Any) -> bool:
+    # Checked by module first: on JAX or PyTorch, TensorFlow is imported only if the data is
+    # TensorFlow's.
+    if not type(data).__module__.startswith("tensorflow"):
+        return False
+    import tensorflow as tf
+
+    return isinstance(data, tf.data.Dataset)
+
+
 def _check_finite(data: Any, steps: int | None) -> None:
     """An infinite tf.data.Dataset needs `steps`, or the pass would never end."""
-    if steps is not None or not type(data).__module__.startswith("tensorflow"):
+    if steps is not None or not _is_tf_dataset(data):
         return
     import tensorflow as tf
 
-    if isinstance(data, tf.data.Dataset) and data.cardinality() == tf.data.INFINITE_CARDINALITY:
+    if data.cardinality() == tf.data.INFINITE_CARDINALITY:
         raise ValueError(
             "data is an infinite tf.data.Dataset (repeat() without a count): pass steps=<number "
             "of batches> to recompute_population_statistics."
@@ -373,6 +382,8 @@ _PASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _compiled_pass(model, bn_layers: list, strategy) -> _CompiledPass:
     key = (
         tuple(id(layer) for layer in bn_layers),
+        # The layers read `synchronized` while the pass is traced (set_batch_norm_synchronized).
+        tuple(bool(layer.synchronized) for layer in bn_layers),
         tuple(id(variable) for variable in model.variables),
         id(strategy),
     )

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ._layers import layers
 from .pytorch_checkpoint import read_state_dict
 
 #: BN epsilon of the released Caffe model (Caffe's and PyTorch's default).
@@ -71,15 +72,11 @@ _SLIM_STEM = {
 }
 
 
-def _bn_layers(model: Any) -> list[Any]:
-    return [layer for layer in model.layers if hasattr(layer, "moving_variance")]
-
-
 def _check_conventions(model: Any, *, caffe: bool, source: str) -> None:
     expected_epsilon = CAFFE_EPSILON if caffe else SLIM_EPSILON
     wrong_epsilon = [
         layer.name
-        for layer in _bn_layers(model)
+        for layer in layers.batch_norm_layers(model)
         if not np.isclose(layer.epsilon, expected_epsilon, rtol=1e-6)
     ]
     has_caffe_padding = any(layer.name == "pool1_3x3_s2_pad" for layer in model.layers)

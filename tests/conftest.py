@@ -1,8 +1,9 @@
 """Shared test setup.
 
-The suite runs twice from `make test`: once on the TensorFlow backend (every test), then with
-`KERAS_BACKEND=jax -m multi_backend` (the backend-agnostic subset). Tests that also hold on JAX
-carry `@pytest.mark.multi_backend`; on JAX every other test is skipped here.
+The suite runs three times from `make test`: once on the TensorFlow backend (every test), then
+with `KERAS_BACKEND=jax` and `KERAS_BACKEND=torch`, `-m multi_backend` (the backend-agnostic
+subset). Tests that also hold on those backends carry `@pytest.mark.multi_backend` (markers are
+declared in pyproject.toml); on JAX and PyTorch every other test is skipped here.
 """
 
 import os
@@ -27,22 +28,6 @@ if BACKEND == "tensorflow":
     tf.config.set_logical_device_configuration(
         _cpus[0],
         [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
-    )
-
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "multi_backend: also run on the JAX backend (KERAS_BACKEND=jax)"
-    )
-    config.addinivalue_line("markers", "slow: end-to-end tests that train or export models")
-    config.addinivalue_line(
-        "markers",
-        "extended: minutes-long multi-process tests outside `make test`'s budget; "
-        "`make test-all` runs them",
-    )
-    # Keras' own test files (run against our layer) use this marker of Keras' conftest.
-    config.addinivalue_line(
-        "markers", "requires_trainable_backend: Keras' marker; every backend here trains"
     )
 
 
@@ -84,9 +69,9 @@ def fuse_small_tensors(monkeypatch):
     the kernel's fixed cost makes it slower; the layer's tests need `fused=None` to exercise the
     kernel itself on small, exactly checkable inputs.
     """
-    from layers import batch_normalization
+    from layers import _fused
 
-    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 0)
+    monkeypatch.setattr(_fused, "MIN_VALUES", 0)
 
 
 _TENSORFLOW_ONLY_SERVING = """

@@ -3,21 +3,21 @@
 The reference is written from Ioffe & Szegedy (2015): Algorithm 1 (training: normalize with the
 mini-batch mean and biased variance, then scale and shift), the moving averages in Keras'
 convention, Algorithm 2 (inference with the population statistics, optionally m/(m-1)
-corrected) and the backward formulas of Section 3. Everything here also runs on JAX.
+corrected) and the backward formulas of Section 3. Everything here also runs on JAX and PyTorch.
 """
 
 import keras
 import numpy as np
 import pytest
 
-from layers import BatchNormalization
+from layers import BatchNormalization, batch_norm_layers, set_batch_norm_synchronized
 
 # fused=None must reach the fused kernel on these small inputs (see conftest.fuse_small_tensors).
 pytestmark = pytest.mark.usefixtures("fuse_small_tensors")
 
 BACKEND = keras.backend.backend()
 # `fused=None` takes TensorFlow's fused kernel where possible, `fused=False` the keras.ops path;
-# on JAX both are the keras.ops path, so it runs once.
+# on JAX and PyTorch both are the keras.ops path, so it runs once.
 FUSED = [None, False] if BACKEND == "tensorflow" else [None]
 
 
@@ -26,7 +26,8 @@ def value(tensor):
     # Not keras.ops.convert_to_numpy: on variables it calls np.array(), which warns in NumPy 2.
     if isinstance(tensor, keras.Variable):
         tensor = tensor.value
-    return tensor.numpy() if BACKEND == "tensorflow" else np.asarray(tensor)
+    # keras.ops.convert_to_numpy detaches PyTorch tensors that require a gradient.
+    return np.array(keras.ops.convert_to_numpy(tensor))
 
 
 class ReferenceBatchNorm:
@@ -111,6 +112,15 @@ def gradients(layer, x, dy, training=True):
             y = layer(x, training=training)
         grads = tape.gradient(y, [x, layer.gamma.value, layer.beta.value], output_gradients=dy)
         return [g.numpy() for g in grads]
+    if BACKEND == "torch":
+        import torch
+
+        x = torch.tensor(x, requires_grad=True)
+        y = layer(x, training=training)
+        grads = torch.autograd.grad(
+            y, [x, layer.gamma.value, layer.beta.value], grad_outputs=torch.tensor(dy)
+        )
+        return [g.detach().numpy() for g in grads]
     import jax
 
     non_trainable = [v.value for v in layer.non_trainable_variables]
@@ -586,6 +596,35 @@ BAD_CONSTRUCTOR_ARGUMENTS = [
     ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, "rmax=1.0 < rmin=2.0"),
     ({"fused": "yes"}, "fused='yes'"),
     ({"fused": True, "renorm": True}, "renorm=True"),
+    # Values that Python would coerce into a different layer (issue 15): refused, not coerced.
+    ({"epsilon": float("inf")}, "epsilon=inf is not finite"),
+    ({"epsilon": float("nan")}, "epsilon=nan is not finite"),
+    ({"epsilon": "1e-3"}, "epsilon='1e-3' must be a finite float"),
+    ({"epsilon": True}, "epsilon=True must be a finite float"),
+    ({"momentum": True}, "momentum=True must be a float in [0, 1]"),
+    ({"momentum": "0.9"}, "momentum='0.9' must be a float in [0, 1]"),
+    ({"momentum": float("nan")}, "momentum=nan is not finite"),
+    ({"renorm_momentum": None}, "renorm_momentum=None must be a float in [0, 1]"),
+    ({"center": "no"}, "center='no' must be True or False"),
+    ({"scale": 1}, "scale=1 must be True or False"),
+    ({"renorm": "yes"}, "renorm='yes' must be True or False"),
+    ({"synchronized": "yes"}, "synchronized='yes' must be True or False"),
+    ({"unbiased_moving_variance": None}, "unbiased_moving_variance=None must be True or False"),
+    ({"fused": 1}, "fused=1 must be None"),
+    ({"axis": True}, "axis=True must be an integer"),
+    ({"axis": []}, "axis=[] must be an integer or a non-empty list"),
+    ({"axis": [1, 2.0]}, "axis=[1, 2.0] must be an integer"),
+    ({"virtual_batch_size": 2.5}, "virtual_batch_size=2.5 must be a positive integer"),
+    ({"virtual_batch_size": True}, "virtual_batch_size=True must be a positive integer"),
+    ({"beta_initializer": "nope"}, "beta_initializer='nope' is not a Keras initializer"),
+    ({"gamma_initializer": None}, "gamma_initializer=None is not an initializer"),
+    ({"moving_variance_initializer": 3}, "moving_variance_initializer=3 is not a Keras init"),
+    ({"gamma_regularizer": "nope"}, "gamma_regularizer='nope' is not a Keras regularizer"),
+    ({"beta_constraint": 42}, "beta_constraint=42 is not a Keras constraint"),
+    ({"renorm": True, "renorm_clipping": "rmax"}, "renorm_clipping='rmax' must be a dict"),
+    ({"renorm": True, "renorm_clipping": {"rmax": float("nan")}}, "renorm_clipping['rmax']=nan"),
+    ({"renorm": True, "renorm_clipping": {"dmax": True}}, "renorm_clipping['dmax']=True must"),
+    ({"renorm_clipping": {"rmin": 2.0, "rmax": 1.0}}, "rmax=1.0 < rmin=2.0"),
 ]
 
 
@@ -594,6 +633,29 @@ BAD_CONSTRUCTOR_ARGUMENTS = [
 def test_bad_constructor_arguments_raise_value_errors_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         BatchNormalization(**kwargs)
+
+
+@pytest.mark.multi_backend
+def test_numpy_scalars_zero_epsilon_and_infinite_clipping_bounds_are_accepted():
+    layer = BatchNormalization(
+        momentum=np.float32(0.5),
+        epsilon=0,
+        center=np.bool_(False),
+        renorm=True,
+        renorm_clipping={"rmax": float("inf"), "rmin": 0.0, "dmax": np.float64(np.inf)},
+        virtual_batch_size=np.int64(2),
+        beta_regularizer="l2",
+        gamma_constraint="non_neg",
+    )
+    assert layer.momentum == 0.5 and type(layer.momentum) is float
+    assert layer.epsilon == 0.0 and layer.center is False and layer.virtual_batch_size == 2
+    config = layer.get_config()
+    restored = BatchNormalization.from_config(config)
+    assert restored.get_config() == config
+    # epsilon=0 is exact: a channel with variance normalizes to unit variance.
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    y = value(BatchNormalization(epsilon=0.0)(x, training=True))
+    np.testing.assert_allclose(y.var(0), 1.0, rtol=1e-5)
 
 
 @pytest.mark.multi_backend
@@ -609,7 +671,7 @@ def test_bad_constructor_arguments_raise_value_errors_naming_them(kwargs, messag
 )
 def test_axis_that_does_not_fit_the_input_raises(kwargs, shape, message):
     if kwargs.get("fused") and BACKEND != "tensorflow":
-        pytest.skip("fused=True is refused at construction on JAX")
+        pytest.skip("fused=True is refused at construction outside TensorFlow")
     with pytest.raises(ValueError, match=message):
         BatchNormalization(**kwargs)(np.zeros(shape, "float32"))
 
@@ -641,3 +703,52 @@ def test_mask_of_wrong_rank_raises():
 def test_synchronized_outside_tensorflow_raises():
     with pytest.raises(ValueError, match="synchronized=True is only supported"):
         BatchNormalization(synchronized=True)
+    layer = BatchNormalization()
+    with pytest.raises(ValueError, match="synchronized=True is only supported"):
+        layer.synchronized = True
+    model = keras.Sequential([keras.Input((3,)), layer])
+    with pytest.raises(ValueError, match="synchronized=True is only supported"):
+        set_batch_norm_synchronized(model, True)
+    assert set_batch_norm_synchronized(model, False) == [] and layer.synchronized is False
+
+
+@pytest.mark.multi_backend
+def test_synchronized_is_a_checked_setting_that_get_config_reports():
+    layer = BatchNormalization()
+    with pytest.raises(ValueError, match="synchronized='yes' must be True or False"):
+        layer.synchronized = "yes"
+    with pytest.raises(ValueError, match="synchronized=1 must be True or False"):
+        set_batch_norm_synchronized(keras.Sequential([layer]), 1)
+    layer.synchronized = False
+    assert layer.synchronized is False and layer.get_config()["synchronized"] is False
+
+
+class _BlockWithBatchNorm(keras.layers.Layer):
+    """A custom layer that holds a BN layer as an attribute, outside any `model.layers`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3)
+        self.bn = keras.layers.BatchNormalization(name="block_bn")
+        # What the old duck-typed checks took for a BN layer: not one.
+        self.moving_variance = None
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+@pytest.mark.multi_backend
+def test_batch_norm_layers_finds_ours_and_keras_at_any_depth_each_once():
+    inner = keras.Sequential(
+        [keras.Input((3,)), BatchNormalization(name="inner_bn"), keras.layers.LayerNormalization()],
+        name="inner",
+    )
+    outer_bn = BatchNormalization(name="outer_bn")
+    inputs = keras.Input((3,))
+    hidden = inner(_BlockWithBatchNorm(name="block")(inner(inputs)))  # `inner` used twice
+    model = keras.Model(inputs, keras.layers.Dense(2)(outer_bn(hidden)))
+    found = batch_norm_layers(model)
+    assert sorted(layer.name for layer in found) == ["block_bn", "inner_bn", "outer_bn"]
+    assert {type(layer) for layer in found} == {BatchNormalization, keras.layers.BatchNormalization}
+    assert batch_norm_layers(outer_bn) == [outer_bn]
+    assert batch_norm_layers(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])) == []

@@ -24,7 +24,8 @@ def value(tensor):
     """A NumPy copy of a backend tensor or Keras variable (without NumPy 2's copy warning)."""
     if isinstance(tensor, keras.Variable):
         tensor = tensor.value
-    return tensor.numpy() if BACKEND == "tensorflow" else np.asarray(tensor)
+    # keras.ops.convert_to_numpy detaches PyTorch tensors that require a gradient.
+    return np.array(keras.ops.convert_to_numpy(tensor))
 
 
 def random_weights(layer, rng):

@@ -8,7 +8,8 @@ not copied. The file reaches the layer as `layers.BatchNormalization` through it
 `keras.src.layers` whose `BatchNormalization` is ours (everything else, e.g. `Masking` and
 `Input`, stays Keras').
 
-It runs under `pytest` (TensorFlow) and `KERAS_BACKEND=jax pytest -m multi_backend`.
+It runs under `pytest` (TensorFlow) and `KERAS_BACKEND=jax` / `KERAS_BACKEND=torch pytest -m
+multi_backend`.
 """
 
 import importlib

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from layers import BatchNormalization
+from layers import BatchNormalization, set_batch_norm_synchronized
 
 # fused=None must reach the fused kernel on these small inputs (see conftest.fuse_small_tensors).
 pytestmark = pytest.mark.usefixtures("fuse_small_tensors")
@@ -335,6 +335,44 @@ def test_fit_under_mirrored_strategy_with_synchronized_bn_uses_the_global_batch(
     np.testing.assert_allclose(value(bn.moving_variance), x.var(0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", [BatchNormalization, keras.layers.BatchNormalization])
+def test_synchronized_switched_in_place_takes_effect_when_fit_traces_again(strategy, kind):
+    x = np.random.default_rng(6).normal(size=(16, 3)).astype("float32")
+    x[8:] += 4.0  # per replica the variance is about 1, over the global batch about 5
+    with strategy.scope():
+        bn = kind(momentum=0.0)
+        model = keras.Sequential([keras.Input((3,)), bn])
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    weights = [w.copy() for w in model.get_weights()]
+
+    def fit():
+        model.fit(x, np.zeros_like(x), batch_size=16, epochs=1, shuffle=False, verbose=0)
+        return value(bn.moving_variance)
+
+    assert np.all(fit() < 0.5 * x.var(0))
+    assert set_batch_norm_synchronized(model, True) == [bn] and bn.synchronized
+    assert np.all(fit() < 0.5 * x.var(0))  # fit's function was traced unsynchronized
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    np.testing.assert_allclose(fit(), x.var(0), rtol=1e-5)
+    assert set_batch_norm_synchronized(model, False) == [bn]
+    config = model.get_config()["layers"][-1]["config"]
+    assert config["synchronized"] is False
+    for before, after in zip(weights[:2], model.get_weights()[:2], strict=True):
+        np.testing.assert_array_equal(before, after)  # gamma and beta: the same model
+
+
+def test_set_batch_norm_synchronized_changes_no_layer_when_one_cannot_be_synchronized():
+    model = keras.Sequential(
+        [keras.Input((3,)), BatchNormalization(name="a"), BatchNormalization(name="b", fused=True)]
+    )
+    with pytest.raises(ValueError, match=r"BN layer 'b': synchronized=True cannot be set.*fused"):
+        set_batch_norm_synchronized(model, True)
+    assert not any(layer.synchronized for layer in model.layers)
+    ghost = BatchNormalization(virtual_batch_size=2)
+    with pytest.raises(ValueError, match="virtual_batch_size and synchronized=True"):
+        ghost.synchronized = True
+
+
 @pytest.mark.parametrize(
     "shape,fused_ops_expected",
     [
@@ -347,9 +385,9 @@ def test_fit_under_mirrored_strategy_with_synchronized_bn_uses_the_global_batch(
 def test_fused_none_keeps_small_static_inputs_on_the_keras_ops_path(
     monkeypatch, shape, fused_ops_expected
 ):
-    from layers import batch_normalization
+    from layers import _fused
 
-    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 100_000)
+    monkeypatch.setattr(_fused, "MIN_VALUES", 100_000)
     layer = BatchNormalization()
     layer.build(shape)
     assert len(fused_ops(layer, shape, True)) == fused_ops_expected
@@ -372,9 +410,9 @@ def test_fused_none_keeps_small_convolution_outputs_on_the_kernel_in_inference(
     monkeypatch, shape, fused_ops_expected
 ):
     """Grappler can fold an inference FusedBatchNormV3 into the convolution before it."""
-    from layers import batch_normalization
+    from layers import _fused
 
-    monkeypatch.setattr(batch_normalization, "_FUSED_MIN_VALUES", 100_000)
+    monkeypatch.setattr(_fused, "MIN_VALUES", 100_000)
     layer = BatchNormalization()
     layer.build(shape)
     assert len(fused_ops(layer, shape, False)) == fused_ops_expected

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from layers import BatchNormalization, recompute_population_statistics
+from layers import BatchNormalization, recompute_population_statistics, set_batch_norm_synchronized
 
 BACKEND = keras.backend.backend()
 KINDS = {"ours": BatchNormalization, "keras": keras.layers.BatchNormalization}
@@ -276,14 +276,63 @@ def test_bad_data_raises_a_value_error_that_says_what_to_pass(data, kwargs, mess
 
 
 @pytest.mark.multi_backend
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("kind", ["ours", "keras"])
+def test_non_finite_images_are_refused_naming_the_layer_and_the_batch(kind, bad):
+    """NaN or inf in one image would make the statistics NaN, and the model predict one class
+    for everything, silently; refused instead, with nothing changed (issue 15)."""
+    rng = np.random.default_rng(10)
+    model, inner = conv_mlp(kind, rng)
+    batches = [rng.normal(size=(8, 4, 4, 2)).astype("float32") for _ in range(3)]
+    batches[1][5, 2, 3, 0] = bad
+    before = model_state(model)
+    with pytest.raises(
+        ValueError,
+        match=r"BN layer 'bn_conv' \(and 1 BN layers after it\) got "
+        r"NaN or inf statistics from batch 2 of data",
+    ):
+        recompute_population_statistics(model, batches)
+    after = model_state(model)
+    assert all(np.array_equal(before[key], after[key], equal_nan=True) for key in before)
+
+
+class _NanAtPadding(keras.layers.Layer):
+    """Writes NaN into the masked time steps and passes the mask on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, x, mask=None):
+        return keras.ops.where(keras.ops.expand_dims(mask, -1), x, np.nan)
+
+
+@pytest.mark.multi_backend
+@pytest.mark.parametrize("kind", ["ours", "keras"])
+def test_non_finite_values_at_masked_positions_are_not_refused(kind):
+    inputs = keras.Input((4, 3))
+    hidden = _NanAtPadding()(keras.layers.Masking(mask_value=0.0)(inputs))
+    model = keras.Model(inputs, KINDS[kind]()(hidden))
+    x = np.random.default_rng(11).normal(loc=2.0, size=(6, 4, 3)).astype("float32")
+    x[:, 3, :] = 0.0  # the last step is padding, NaN after _NanAtPadding
+    assert recompute_population_statistics(model, [x]) == 1
+    valid = x[:, :3].reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(value(model.layers[-1].moving_mean), valid.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(
+        value(model.layers[-1].moving_variance), valid.var(0, ddof=1), rtol=1e-4
+    )
+
+
+@pytest.mark.multi_backend
 def test_unbuilt_model_raises():
     model = keras.Sequential([BatchNormalization()])
     with pytest.raises(ValueError, match="is not built"):
         recompute_population_statistics(model, [np.zeros((2, 3), "float32")])
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data")
+@pytest.mark.multi_backend
 def test_tf_data_dataset_of_x_y_batches_and_steps():
+    # On JAX and PyTorch too: read as NumPy, as Keras' fit reads a tf.data.Dataset there.
     import tensorflow as tf
 
     rng = np.random.default_rng(6)
@@ -374,6 +423,22 @@ def test_mirrored_strategy_pools_replicas_and_synchronized_layers_use_the_global
         mean, variance = algorithm_2(per_batch)
         np.testing.assert_allclose(value(layer.moving_mean), mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(value(layer.moving_variance), variance, rtol=1e-4)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute")
+def test_switching_synchronized_in_place_retraces_the_pass(mirrored_strategy):
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    x[4:] += 5.0  # the second replica's half has another mean
+    halves = [(h.mean(0), h.var(0), 4) for h in (x[:4].astype(np.float64), x[4:])]
+    with mirrored_strategy.scope():
+        bn = BatchNormalization()
+        model = keras.Sequential([keras.Input((3,)), bn])
+        recompute_population_statistics(model, x, batch_size=8)
+        np.testing.assert_allclose(value(bn.moving_variance), algorithm_2(halves)[1], rtol=1e-4)
+        assert set_batch_norm_synchronized(model, True) == [bn]
+        recompute_population_statistics(model, x, batch_size=8)
+    np.testing.assert_allclose(value(bn.moving_variance), x.var(0, ddof=1), rtol=1e-4)
 
 
 @pytest.mark.multi_backend
