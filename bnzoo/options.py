@@ -396,7 +396,7 @@ class Option:
     metavar: str | None = None
     #: The field's value that `derive` replaces when the run resolves its configuration.
     automatic: Any = None
-    #: Computes the value the run uses when the field holds `automatic` (see `resolve`).
+    #: Computes the value the run uses when the field holds `automatic` (`resolved()`).
     derive: Callable[[Any], Any] | None = None
     #: Written to the run's config.yaml (False: an action on the folder, e.g. --overwrite).
     saved: bool = True
