@@ -1007,16 +1007,23 @@ def save_config(config: TrainConfig, run_dir: str | os.PathLike, *, resumed: boo
     are actions on the folder, not properties of the run, and are not saved: saved, they would
     make repeating the run wipe or roll it back.
 
-    `resumed`: the options chosen when the run started stay chosen unless set anew (a resumed
-    run's command line rarely repeats every flag, and the run's identity is unchanged).
+    `resumed`: the options chosen when the run started stay chosen while the run uses their
+    values (a resumed run's command line rarely repeats every flag, and its identity is the
+    same), unless they are set anew.
     """
     path = os.path.join(run_dir, CONFIG_FILENAME)
     chosen = config.chosen()
+    resolved = config.resolved().to_dict()
     if resumed and os.path.isfile(path):
         before = read_config_values(path, path, ValueError)
         if before.resolved is not None:  # a legacy file cannot tell chosen from derived
-            chosen = _plain({**before.chosen, **chosen})
-    resolved = config.resolved().to_dict()
+            # A choice stays one while the run still uses its value (not after --epochs rose).
+            kept = {
+                key: value
+                for key, value in _plain(before.chosen).items()
+                if key not in chosen and resolved.get(key) == value
+            }
+            chosen = {**kept, **chosen}
     for field, declared in declared_options(TrainConfig):
         if not declared.saved:
             resolved.pop(field.name)

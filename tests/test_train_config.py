@@ -452,10 +452,14 @@ def test_config_yaml_keeps_the_chosen_options_apart_from_the_resolved_values(tmp
 
 
 def test_a_resumed_run_keeps_the_options_chosen_when_it_started(tmp_path):
-    save_config(TrainConfig(lr=0.1, epochs=3, output_dir=str(tmp_path)), tmp_path)
-    save_config(TrainConfig(epochs=5, output_dir=str(tmp_path)), tmp_path, resumed=True)
+    save_config(TrainConfig(lr=0.1, epochs=3, seed=1, output_dir=str(tmp_path)), tmp_path)
+    save_config(TrainConfig(epochs=5, seed=1, output_dir=str(tmp_path)), tmp_path, resumed=True)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert (saved["lr"], saved["epochs"]) == (0.1, 5)
+    assert (saved["lr"], saved["epochs"], saved["seed"]) == (0.1, 5, 1)
+    # Resumed without --epochs, the run trains the default 10: 3 is no longer its choice.
+    save_config(TrainConfig(output_dir=str(tmp_path)), tmp_path, resumed=True)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "epochs" not in saved and saved["resolved"]["epochs"] == 10 and saved["lr"] == 0.1
 
 
 def test_the_identity_check_compares_resolved_values(tmp_path):
