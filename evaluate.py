@@ -23,10 +23,11 @@ from bnzoo.cli import (
     import_tensorflow_quietly,
     run_cli,
 )
-from bnzoo.config import ArgumentParser, TrainConfig, non_empty, optional, positive_int
+from bnzoo.config import TrainConfig
+from bnzoo.options import ArgumentParser, non_empty, optional, positive_int
 
 #: `--bn-statistics-batches` default: train.py's.
-STATISTICS_BATCHES = TrainConfig.bn_statistics_batches
+STATISTICS_BATCHES = TrainConfig.default("bn_statistics_batches")
 
 
 def build_parser() -> ArgumentParser:

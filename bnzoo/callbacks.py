@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -10,7 +10,8 @@ from typing import Any
 
 import keras
 
-from bnzoo.atomic_files import copy_file_atomically
+from bnzoo.atomic_files import copy_file_atomically, is_disk_full
+from bnzoo.signals import interruptions_deferred
 from bnzoo.optimization import current_learning_rate
 from bnzoo.run_folder import (
     HISTORY_COLUMNS,
@@ -42,10 +43,11 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     The order matters for crash safety: last.keras is the commit; best.keras is a copy of it
     and is repaired on resume when a kill fell between the two (the state names the best
-    epoch); history.csv is derived from the committed rows.
+    epoch); history.csv is derived from the committed rows. The training loop never hands it an
+    epoch whose loss is not finite (it stops the run first).
 
-    An epoch whose loss is not finite is not committed: training stops and `diverged_epoch`
-    says where, so the caller can report it instead of checkpointing NaN weights.
+    A full disk is reported with the file that could not be written and the epoch the run
+    folder still holds.
     """
 
     def __init__(self, paths: RunPaths, state: dict[str, Any], monitor: str):
@@ -53,7 +55,6 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.paths = paths
         self.state = state
         self.monitor = monitor
-        self.diverged_epoch: int | None = None
         self._epoch_start = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -61,11 +62,6 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = dict(logs or {})
-        loss = float(logs.get("loss", math.nan))
-        if not math.isfinite(loss):
-            self.diverged_epoch = epoch + 1
-            self.model.stop_training = True
-            return
         row: dict[str, Any] = {"epoch": epoch + 1}
         for key in HISTORY_COLUMNS[1:]:
             if key in logs:
@@ -85,12 +81,32 @@ class RunCheckpoint(keras.callbacks.Callback):
             "best": best,
         }
         # One commit: a Ctrl-C or SIGTERM during it waits for best.keras and history.csv too.
+        previous = self.state["epoch"]
         with interruptions_deferred():
-            save_checkpoint(self.model, self.paths.last_checkpoint, state)
-            self.state = state
-            if improved:
-                copy_file_atomically(self.paths.last_checkpoint, self.paths.best_checkpoint)
-            write_history_csv(self.paths.history, state["history"])
+            try:
+                save_checkpoint(self.model, self.paths.last_checkpoint, state)
+                self.state = state
+                if improved:
+                    copy_file_atomically(self.paths.last_checkpoint, self.paths.best_checkpoint)
+                write_history_csv(self.paths.history, state["history"])
+            except OSError as error:
+                if not is_disk_full(error):
+                    raise
+                raise OSError(errno.ENOSPC, self._disk_full(error, epoch + 1, previous)) from None
+
+    def _disk_full(self, error: OSError, epoch: int, previous: int) -> str:
+        committed = self.state["epoch"] == epoch
+        if committed:
+            kept = f"epoch {epoch} is committed in {self.paths.last_checkpoint}"
+        elif previous:
+            kept = (
+                f"epoch {epoch} was not saved; {self.paths.last_checkpoint} still holds epoch "
+                f"{previous}"
+            )
+        else:
+            kept = f"epoch {epoch} was not saved and no epoch was committed yet"
+        resume = "; free some space, then rerun the same command to resume"
+        return f"{error.strerror or error}: {kept}{resume if previous or committed else ''}"
 
 
 class TensorBoardScalars(keras.callbacks.Callback):

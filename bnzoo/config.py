@@ -1,26 +1,33 @@
-"""A training run's configuration: the dataclass, the command line, `--config run.yaml`, and the
-run folder's identity.
+"""A training run's configuration: its options (each declared once, as a `TrainConfig` field),
+recipes, the values derived from them, the command line, and the run folder's `config.yaml`.
 
-A run is described entirely by a `TrainConfig` (big_vision style). `train.py` builds one from
-its command line, where `--config run.yaml` supplies values that flags given on the command line
-override; the resolved config is saved as `config.yaml` in the run folder, so
-`python train.py --config runs/<run>/config.yaml` repeats (or resumes) the run from its folder
-alone. Rerunning into a folder checks that the folder holds the *same* run before resuming it.
+A run is described by a `TrainConfig` (big_vision style). Each option is one field carrying its
+help, the values it accepts and its command-line group (`bnzoo.options`); the `train.py`
+parser, `--config run.yaml` and the checks of a config made in Python are generated from the
+fields. Values come in layers, each above the one before:
+
+    the field's default < a recipe (--recipe NAME) < the --config file < the command line
+
+and the layers the user set (the file and the command line) are remembered as the run's
+*chosen* options. A few options are *derived* when left unset: the learning rate and weight
+decay from the optimizer, the splits from the dataset. They are resolved where the run uses
+them (`TrainConfig.resolved`), never stored as if the user had chosen them: the run folder's
+`config.yaml` holds the chosen options and, apart under `resolved:`, every value the run used.
+So `python train.py --config runs/<run>/config.yaml --optimizer adam` derives Adam's learning
+rate afresh, while the folder's identity check compares what the runs really use.
 
 No TensorFlow here: the command line is checked before anything heavy is imported.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
+import copy
 import dataclasses
 import datetime
-import difflib
 import json
-import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,12 +37,35 @@ import yaml
 
 from bnzoo.atomic_files import atomic_write_text
 from bnzoo.cli import EXIT_STATUS_HELP, UsageError
+from bnzoo.options import (
+    ArgumentParser,
+    Choice,
+    Interval,
+    KeywordArguments,
+    Kind,
+    Number,
+    Optional,
+    Problem,
+    Switch,
+    Text,
+    add_options,
+    check_values,
+    close_matches,
+    command_line_values,
+    declared_options,
+    field_default,
+    flag_of,
+    option,
+    read_yaml_mapping,
+    values_from_mapping,
+)
 
 NORMALIZATIONS = ("batch_norm", "keras", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
 DISTRIBUTE_MODES = ("auto", "none", "data_parallel", "multi_worker")
 BN_STATISTICS = ("population", "moving")
+RESUME_FROM = ("last", "best")
 
 #: Model keywords that `train.py` sets itself (from the dataset or from a dedicated flag), so a
 #: `--model-arg` for them would be silently overridden or contradict the flag.
@@ -61,13 +91,6 @@ RESERVED_MODEL_ARGS = {
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}
 
-#: Fields that say *where* things are rather than *what* the run is: changing them does not make
-#: a different run, so they are left out of the run folder's identity check.
-LOCATION_FIELDS = ("data_dir", "manual_dir", "output_dir", "overwrite")
-#: Fields that say how many processes and devices run the training rather than what is trained:
-#: a run resumes on another number of workers or replicas (the global batch stays the same).
-EXECUTION_FIELDS = ("distribute", "collective_timeout")
-
 #: `--train-split`/`--val-split`/`--test-split` default: the dataset's own default splits below.
 AUTO = "auto"
 #: TFDS datasets: 90% of `train` to train on, the other 10% to validate, `test` to test.
@@ -81,113 +104,22 @@ IMAGE_FOLDER_PREFIX = "image_folder:"
 #: of every training step's batch statistics instead of an exponential moving average.
 CUMULATIVE = "cumulative"
 
-
-# --- What each option accepts --------------------------------------------------------------------
-
-#: The largest and smallest (normal) float32 magnitudes: the optimizer and the layers compute in
-#: float32, where a learning rate of 1e-300 is 0 and 1e308 is inf.
-FLOAT32_MAX = 3.4028234663852886e38
-FLOAT32_TINY = 1.1754943508222875e-38
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 2**20
 MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit
 #: 30 days: a collective that waits longer for a worker is a hung run, not a slow one.
 MAX_COLLECTIVE_TIMEOUT = 30 * 24 * 3600.0
+MAX_INT32 = 2**31 - 1
 
-
-@dataclasses.dataclass(frozen=True)
-class Interval:
-    """The values a numeric option accepts, e.g. `Interval(0, 1, high_open=True)` is `[0, 1)`."""
-
-    low: float
-    high: float
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        low, high = (
-            str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
-            for bound in (self.low, self.high)
-        )
-        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-
-
-#: Every numeric option's accepted values, checked alike for flags, config files and Python.
-#: The upper limits are far beyond any sensible setting but keep absurd values (a learning rate
-#: of 1e308, a billion epochs) from starting a run that can only fail.
-RANGES: dict[str, Interval] = {
-    "lr": Interval(0, 10, low_open=True),
-    "momentum": Interval(0, 1, high_open=True),
-    "weight_decay": Interval(0, 1, high_open=True),
-    "label_smoothing": Interval(0, 1, high_open=True),
-    "lr_decay_rate": Interval(0, 1, low_open=True),
-    "warmup_epochs": Interval(0, MAX_EPOCHS, high_open=True),
-    "bn_momentum": Interval(0, 1, high_open=True),
-    "bn_epsilon": Interval(0, 1, low_open=True),
-    "epochs": Interval(1, MAX_EPOCHS),
-    "batch_size": Interval(1, MAX_BATCH_SIZE),
-    "shuffle_buffer": Interval(1, 2**31 - 1),
-    "seed": Interval(0, MAX_SEED),
-    "bn_statistics_batches": Interval(1, 2**31 - 1),
-    "collective_timeout": Interval(0, MAX_COLLECTIVE_TIMEOUT, low_open=True),
+#: The command line's groups, in --help order: field group -> title.
+GROUPS = {
+    "model": "model",
+    "data": "data",
+    "optimization": "optimization",
+    "statistics": "batch normalization's inference statistics",
+    "distribution": "distribution",
+    "run": "run",
 }
-INTEGER_OPTIONS = ("epochs", "batch_size", "shuffle_buffer", "seed", "bn_statistics_batches")
-#: Floats that only the host uses (in float64), never the float32 training computation.
-HOST_FLOAT_OPTIONS = ("collective_timeout",)
-#: On/off options (`--augment/--no-augment`); a Python config must not pass "yes" for True.
-SWITCHES = (
-    "freeze_backbone",
-    "augment",
-    "horizontal_flip",
-    "sync_bn",
-    "mixed_precision",
-    "deterministic",
-    "overwrite",
-)
-#: Switches whose default None means "decided by the hardware or the dataset".
-AUTO_SWITCHES = ("mixed_precision", "horizontal_flip")
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _field_name(key: str) -> str:
-    return key.replace("-", "_")
-
-
-def check_number(name: str, value: Any) -> str | None:
-    """Why `value` is not acceptable for numeric option `name` (a field name), or None.
-
-    Integers must be integers (not bools, not 3.0); floats must be finite and, unless only the
-    host uses them (`HOST_FLOAT_OPTIONS`), representable in float32 (zero, or between 1.2e-38
-    and 3.4e38 in magnitude); both must lie in `RANGES`.
-    """
-    interval = RANGES[name]
-    if name in INTEGER_OPTIONS:
-        expected = (
-            f"a positive integer (at most {interval.high:.0f})"
-            if interval.low == 1
-            else f"an integer in {interval}"
-        )
-        if isinstance(value, bool) or not isinstance(value, int) or value not in interval:
-            return f"must be {expected}"
-    else:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"must be a number in {interval}"
-        if not math.isfinite(value):
-            return f"must be a finite number in {interval}"
-        in_float32 = value == 0 or FLOAT32_TINY <= abs(value) <= FLOAT32_MAX
-        if name not in HOST_FLOAT_OPTIONS and not in_float32:
-            return f"must be in {interval} and representable in float32 (training computes in it)"
-    if value not in interval:
-        return f"must be in {interval}"
-    return None
 
 
 def default_splits(dataset: str) -> tuple[str, str, str]:
@@ -225,14 +157,169 @@ def _absolute_image_folder(dataset: str) -> str:
     return IMAGE_FOLDER_PREFIX + os.path.abspath(os.path.expanduser(path))
 
 
-@dataclasses.dataclass
+# --- Kinds particular to training -----------------------------------------------------------------
+
+_IMAGE_SIZE = re.compile(r"\s*[\[(]?\s*(\d+)\s*(?:[,x]\s*(\d+)\s*)?[\])]?\s*")
+
+
+class ImageSize(Kind):
+    """`32` (square), `32,48` or `32x48` (height, width); a `[32, 48]` list in a file."""
+
+    metavar = "H[,W]"
+
+    def parse(self, text: str) -> tuple[int, int]:
+        match = _IMAGE_SIZE.fullmatch(text)
+        sizes = [int(size) for size in match.groups() if size is not None] if match else []
+        if len(sizes) == 1:
+            sizes = sizes * 2
+        if len(sizes) != 2 or min(sizes) < 1:
+            raise Problem(
+                f"expected SIZE or HEIGHT,WIDTH in pixels (e.g. 32 or 32,48), got {text!r}"
+            )
+        return (sizes[0], sizes[1])
+
+    def check(self, value: Any) -> Problem | None:
+        sizes = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if len(sizes) != 2 or not all(
+            isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in sizes
+        ):
+            return Problem(f"must be one or two positive integers (HEIGHT,WIDTH), got {value!r}")
+        return None
+
+    def read(self, value: Any) -> tuple[int, int]:
+        if isinstance(value, list) and len(value) <= 3:
+            return self.parse(",".join(str(item) for item in value))
+        if isinstance(value, int) and not isinstance(value, bool):
+            return self.parse(str(value))
+        return super().read(value)
+
+
+class BatchNormMomentum(Kind):
+    """A moving-average momentum in [0, 1), or `cumulative` (the layer's `momentum=None`)."""
+
+    number = Number(Interval(0, 1, high_open=True))
+
+    def _refused(self, shown: str) -> Problem:
+        return Problem(
+            f"must be a number in {self.number.interval}, {CUMULATIVE} (the layer's cumulative "
+            f"average, momentum=None) or none (the builder's default), got {shown}"
+        )
+
+    def parse(self, text: str) -> float | str:
+        if text.strip().lower() == CUMULATIVE:
+            return CUMULATIVE
+        try:
+            return self.number.parse(text)
+        except Problem:
+            raise self._refused(repr(text)) from None
+
+    def check(self, value: Any) -> Problem | None:
+        if value == CUMULATIVE:
+            return None
+        if isinstance(value, str) or self.number.check(value):
+            return self._refused(repr(value))
+        return None
+
+    def describe_choices(self) -> str:
+        return f"{self.number.interval} or {CUMULATIVE}"
+
+    def in_help(self) -> bool:
+        return True
+
+
+# --- Recipes --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named bundle of option values (`--recipe NAME`): above the options' defaults, below
+    everything the user sets (config file, command line)."""
+
+    name: str
+    description: str
+    values: Mapping[str, Any]
+
+
+#: The registered recipes, by name (`register_recipe`).
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(name: str, description: str, **values: Any) -> Recipe:
+    """Register a recipe: option values (as `TrainConfig` fields) that `--recipe NAME` applies.
+
+    A recipe says *what* is trained and how, never where or on how many processes: options
+    that are not part of a run's identity (locations, `--distribute`, `--overwrite`) are refused.
+
+    Raises:
+        ValueError: a name already taken, an unknown option or one a recipe may not set, or a
+            value its option refuses.
+    """
+    if name in RECIPES:
+        raise ValueError(f"recipe {name!r} is already registered")
+    options = {field.name: declared for field, declared in declared_options(TrainConfig)}
+    for key, value in values.items():
+        if key not in options:
+            raise ValueError(f"recipe {name}: unknown option {key!r}{close_matches(key, options)}")
+        if not options[key].identity or key == "recipe":
+            raise ValueError(f"recipe {name}: {key} is not something a recipe may set")
+        problem = options[key].kind.check(value)
+        if problem:
+            raise ValueError(f"recipe {name}: {key} {problem}")
+    recipe = Recipe(name, description, dict(values))
+    RECIPES[name] = recipe
+    return recipe
+
+
+def _recipe_names() -> tuple[str, ...]:
+    return tuple(RECIPES)
+
+
+# --- The configuration ----------------------------------------------------------------------------
+
+
+def _lr_default(config: TrainConfig) -> float | None:
+    return DEFAULT_LR.get(config.optimizer)
+
+
+def _weight_decay_default(config: TrainConfig) -> float | None:
+    return DEFAULT_WEIGHT_DECAY.get(config.optimizer)
+
+
+def _split_default(index: int):
+    def derive(config: TrainConfig) -> str | None:
+        if not isinstance(config.dataset, str):
+            return None
+        return default_splits(config.dataset)[index]
+
+    return derive
+
+
+def _per_optimizer(defaults: Mapping[str, float]) -> str:
+    return "the optimizer's: " + ", ".join(
+        f"{value:g} for {name}" for name, value in defaults.items()
+    )
+
+
+def _split_help(what: str, index: int) -> str:
+    return (
+        f"{what}; auto = {TFDS_DEFAULT_SPLITS[index]} for TFDS datasets, "
+        f"{IMAGE_FOLDER_DEFAULT_SPLITS[index]} for image folders (whose slices are stratified "
+        "by class)"
+    )
+
+
+@dataclasses.dataclass(init=False)
 class TrainConfig:
     """Everything that defines a training run; `train.py`'s flags map one to one onto fields.
 
-    The defaults are `python train.py`: `plain_cnn` with Batch Normalization on Fashion-MNIST,
-    trained with SGD + momentum at the high learning rate BN allows (Ioffe & Szegedy 2015,
-    section 3.3) on a cosine schedule, in bfloat16 where the CPU has it: about 93% test accuracy in
-    under 10 minutes on a 2-core CPU (docs/training.md).
+    Each field declares its option once: default, help, accepted values and command-line group
+    (`bnzoo.options.option`). The defaults are what `python train.py` trains, chosen as
+    docs/training.md#the-default-recipe describes.
+
+    Options are keyword arguments. The ones given are the run's *chosen* options (saved in its
+    config.yaml as such); the others take the recipe's value (`recipe=`), else their default.
+    Derived options (`lr`, `weight_decay`, the splits) keep their automatic value (None, "auto")
+    here and are filled in by `resolved()`, which the run calls.
 
     Example:
 
@@ -246,109 +333,417 @@ class TrainConfig:
     """
 
     # Model.
-    model: str = "plain_cnn"
-    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
-    weights: str | None = None  # None: random; a tag (imagenet) or a path (bnzoo.fine_tuning)
-    freeze_backbone: bool = False
-    freeze_until: str | None = None  # None: the whole backbone (with --freeze-backbone)
-    normalization: str = "batch_norm"
-    bn_momentum: float | str | None = None  # None: the builder's; "cumulative": momentum=None
-    bn_epsilon: float | None = None
-    # Data. The splits' "auto" resolves to `default_splits(dataset)`.
-    dataset: str = "fashion_mnist"
-    train_split: str = AUTO
-    val_split: str | None = AUTO
-    test_split: str | None = AUTO
-    data_dir: str | None = None
-    manual_dir: str | None = None
-    image_size: tuple[int, int] | None = None
-    augment: bool = False
-    horizontal_flip: bool | None = None  # None: the dataset's policy (bnzoo.data.info)
-    shuffle_buffer: int = 10_000
+    model: str = option(
+        "plain_cnn", "registered model name (python -m models lists them)", group="model"
+    )
+    model_args: dict[str, Any] = option(
+        help="builder keyword override, repeatable; VALUE is a Python/YAML literal "
+        "(width=0.5, widths=[32,64]), checked against the builder's signature",
+        kind=KeywordArguments(),
+        group="model",
+        flag="--model-arg",
+        default_factory=dict,
+    )
+    weights: str | None = option(
+        None,
+        "initialize the backbone from pretrained weights; the classifier (the dataset's "
+        "classes) starts random. TAG: a registered weight set such as imagenet (the model "
+        "then takes RGB 0-255 and applies the weights' preprocessing itself); PATH: a bnzoo "
+        "model.keras, checkpoint or run folder, a .weights.h5 of the same model and classes, "
+        "or a file the builder converts (.pth, TF checkpoint). Loaded only at a fresh start",
+        kind=Optional(Text(), "the default"),
+        group="model",
+        metavar="{none,TAG,PATH}",
+        default_text="none, random initialization",
+    )
+    freeze_backbone: bool = option(
+        False,
+        "with --weights, train only the classifier: the backbone's layers get "
+        "trainable=False, so by Keras' rule their BN layers run in inference mode and keep "
+        "their statistics",
+        kind=Switch(),
+        group="model",
+    )
+    freeze_until: str | None = option(
+        None,
+        "with --freeze-backbone, freeze only the layers up to and including LAYER (e.g. "
+        "inception_4e_output) and fine-tune the later ones",
+        kind=Optional(Text(), "the default"),
+        group="model",
+        metavar="LAYER",
+        default_text="none, the whole backbone",
+    )
+    normalization: str = option(
+        "batch_norm",
+        "batch_norm: bnzoo's Ioffe & Szegedy layer; keras: keras.layers.BatchNormalization; "
+        "none: no normalization (the paper's baseline)",
+        kind=Choice(NORMALIZATIONS),
+        group="model",
+    )
+    bn_momentum: float | str | None = option(
+        None,
+        "moving-average momentum of the BN statistics; cumulative = the average of all "
+        "training batches' statistics (the layer's momentum=None)",
+        kind=Optional(BatchNormMomentum(), "the builder's default"),
+        group="model",
+        default_text="none, the builder's",
+    )
+    bn_epsilon: float | None = option(
+        None,
+        "epsilon added to the variance",
+        kind=Optional(Number(Interval(0, 1, low_open=True)), "the builder's default"),
+        group="model",
+        default_text="none, the builder's",
+    )
+    # Data.
+    dataset: str = option(
+        "fashion_mnist",
+        "any TFDS name, or image_folder:/path (one sub-folder per class)",
+        group="data",
+    )
+    train_split: str = option(
+        AUTO,
+        _split_help("TFDS split syntax", 0),
+        group="data",
+        automatic=AUTO,
+        derive=_split_default(0),
+    )
+    val_split: str | None = option(
+        AUTO,
+        _split_help("validation split, for best-checkpoint selection", 1)
+        + "; none = no validation",
+        kind=Optional(Text(), "no split"),
+        group="data",
+        automatic=AUTO,
+        derive=_split_default(1),
+    )
+    test_split: str | None = option(
+        AUTO,
+        _split_help("split evaluated into metrics.json at the end", 2) + "; none = skip",
+        kind=Optional(Text(), "no split"),
+        group="data",
+        automatic=AUTO,
+        derive=_split_default(2),
+    )
+    data_dir: str | None = option(
+        None,
+        "TFDS data directory",
+        kind=Optional(Text(), "the default"),
+        group="data",
+        identity=False,
+        default_text="none, TFDS's ~/tensorflow_datasets",
+    )
+    manual_dir: str | None = option(
+        None,
+        "folder with the original IDX files when TFDS cannot download them",
+        kind=Optional(Text(), "the default"),
+        group="data",
+        identity=False,
+        default_text="none, /usr/share/datasets/fashion-mnist for Fashion-MNIST",
+    )
+    image_size: tuple[int, int] | None = option(
+        None,
+        "model input size; images are padded or resized to it",
+        kind=Optional(ImageSize(), "the dataset's size"),
+        group="data",
+        default_text="none, the dataset's size raised to the model's minimum",
+    )
+    augment: bool = option(
+        False,
+        "padded random crop (+ horizontal flip where the dataset allows) while training",
+        kind=Switch(),
+        group="data",
+    )
+    horizontal_flip: bool | None = option(
+        None,
+        "with --augment, mirror half of the training images",
+        kind=Switch(automatic=True),
+        group="data",
+        default_text="the dataset's policy, off for digits, characters and Fashion-MNIST's "
+        "aligned product photos",
+    )
+    shuffle_buffer: int = option(
+        10_000,
+        "examples in the shuffle buffer",
+        kind=Number(Interval(1, MAX_INT32), integer=True),
+        group="data",
+    )
     # Optimization.
-    epochs: int = 10  # chosen by validation accuracy: docs/training.md#the-default-recipe
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float | None = None  # None: DEFAULT_LR[optimizer]
-    momentum: float = 0.9
-    lr_schedule: str = "cosine"
-    warmup_epochs: float = 0.5
-    lr_decay_rate: float = 0.9
-    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
-    label_smoothing: float = 0.0
+    epochs: int = option(
+        10,  # chosen by validation accuracy: docs/training.md#the-default-recipe
+        "passes over --train-split; raising it on a finished run trains it further",
+        kind=Number(Interval(1, MAX_EPOCHS), integer=True),
+        group="optimization",
+    )
+    batch_size: int = option(
+        128,
+        "examples per step; the last partial batch is dropped",
+        kind=Number(Interval(1, MAX_BATCH_SIZE), integer=True),
+        group="optimization",
+    )
+    optimizer: str = option(
+        "sgd",
+        "sgd with --momentum, adam, or adamw (decoupled weight decay)",
+        kind=Choice(OPTIMIZERS),
+        group="optimization",
+    )
+    lr: float | None = option(
+        None,
+        "peak learning rate, reached after the warmup",
+        kind=Optional(Number(Interval(0, 10, low_open=True)), "the optimizer's default"),
+        group="optimization",
+        derive=_lr_default,
+        default_text=_per_optimizer(DEFAULT_LR),
+    )
+    momentum: float = option(
+        0.9,
+        "SGD momentum (sgd only)",
+        kind=Number(Interval(0, 1, high_open=True)),
+        group="optimization",
+    )
+    lr_schedule: str = option(
+        "cosine",
+        "learning-rate decay after the warmup",
+        kind=Choice(LR_SCHEDULES),
+        group="optimization",
+    )
+    warmup_epochs: float = option(
+        0.5,
+        "linear warmup from 0 to --lr over this many epochs (fractions allowed), less than "
+        "--epochs",
+        kind=Number(Interval(0, MAX_EPOCHS, high_open=True)),
+        group="optimization",
+    )
+    lr_decay_rate: float = option(
+        0.9,
+        "exponential schedule: learning-rate factor per epoch",
+        kind=Number(Interval(0, 1, low_open=True)),
+        group="optimization",
+    )
+    weight_decay: float | None = option(
+        None,
+        "decoupled weight decay on kernels, not on biases or BN's gamma and beta",
+        kind=Optional(Number(Interval(0, 1, high_open=True)), "the optimizer's default"),
+        group="optimization",
+        derive=_weight_decay_default,
+        default_text=_per_optimizer(DEFAULT_WEIGHT_DECAY),
+    )
+    label_smoothing: float = option(
+        0.0,
+        "mix this much of the uniform distribution into the one-hot training targets",
+        kind=Number(Interval(0, 1, high_open=True)),
+        group="optimization",
+    )
     # Batch Normalization's inference statistics and distribution.
-    bn_statistics: str = "population"
-    bn_statistics_batches: int = 50
-    sync_bn: bool = False
-    distribute: str = "auto"
-    collective_timeout: float = 600.0
+    bn_statistics: str = option(
+        "population",
+        "what BN normalizes with at inference, in validation and in every saved model: "
+        "population = recomputed after each epoch as the paper's Algorithm 2 (mean of batch "
+        "means, m/(m-1) x mean of batch variances over training batches, weights frozen); "
+        "moving = the moving averages kept during training",
+        kind=Choice(BN_STATISTICS),
+        group="statistics",
+    )
+    bn_statistics_batches: int = option(
+        50,
+        "training batches (of --batch-size, no augmentation) that the population "
+        "statistics average over; at most one epoch's worth are used",
+        kind=Number(Interval(1, MAX_INT32), integer=True),
+        group="statistics",
+    )
+    sync_bn: bool = option(
+        False,
+        "BN statistics over the global batch of all replicas (TensorFlow) instead of each "
+        "replica's share; JAX's DataParallel always normalizes over the global batch",
+        kind=Switch(),
+        group="distribution",
+    )
+    distribute: str = option(
+        "auto",
+        "none: one device; data_parallel: every local GPU (TensorFlow MirroredStrategy, "
+        "JAX keras.distribution.DataParallel); multi_worker: several processes or hosts "
+        "running the same command (TF_CONFIG, or KERAS_DISTRIBUTION_* on JAX); auto: "
+        "multi_worker when the environment names several workers, data_parallel with several "
+        "local GPUs, else none. --batch-size stays the global batch",
+        kind=Choice(DISTRIBUTE_MODES),
+        group="distribution",
+        identity=False,
+    )
+    collective_timeout: float = option(
+        600.0,
+        "multi_worker on TensorFlow: a collective operation (gradient all-reduce) that "
+        "waits longer than this for a worker fails the run; a killed worker is detected within "
+        "about 10 s regardless",
+        # Only the host uses it, in float64: no float32 limit.
+        kind=Number(Interval(0, MAX_COLLECTIVE_TIMEOUT, low_open=True), host=True),
+        group="distribution",
+        metavar="SECONDS",
+        identity=False,
+    )
     # Run.
-    mixed_precision: bool | None = None  # None: where the hardware has it (bnzoo.precision)
-    seed: int = 42
-    deterministic: bool = False
-    output_dir: str | None = None
-    overwrite: bool = False
+    recipe: str | None = option(
+        None,
+        "a named bundle of option values, applied under everything set in --config and on "
+        "the command line",
+        kind=Optional(Choice(_recipe_names), "no recipe"),
+        group="run",
+        metavar="NAME",
+        identity=False,
+    )
+    mixed_precision: bool | None = option(
+        None,
+        "mixed_float16 on a GPU, mixed_bfloat16 on CPU; BN statistics stay in float32",
+        kind=Switch(automatic=True),
+        group="run",
+        default_text="on where the hardware computes it natively: any GPU, a CPU with "
+        "AVX512-BF16 or AMX",
+    )
+    seed: int = option(
+        42,
+        "global random seed",
+        kind=Number(Interval(0, MAX_SEED), integer=True),
+        group="run",
+    )
+    deterministic: bool = option(
+        False,
+        "TensorFlow op determinism: bit-identical reruns, somewhat slower",
+        kind=Switch(),
+        group="run",
+    )
+    output_dir: str | None = option(
+        None,
+        "run folder; rerunning resumes it",
+        kind=Optional(Text(), "the default"),
+        group="run",
+        identity=False,
+        default_text="none, runs/<date>-<model>-<dataset>",
+    )
+    overwrite: bool = option(
+        False,
+        "replace the bnzoo run in --output-dir that holds a different run (only its own files "
+        "are removed; a folder holding no bnzoo run is never touched)",
+        kind=Switch(),
+        group="run",
+        saved=False,
+        identity=False,
+    )
+    resume_from: str = option(
+        "last",
+        "the checkpoint a run folder resumes from: last = the newest epoch; best = "
+        "checkpoints/best.keras, the epochs after it trained again (the way on when "
+        "last.keras is damaged)",
+        kind=Choice(RESUME_FROM),
+        group="run",
+        saved=False,
+        identity=False,
+    )
+
+    def __init__(self, **values: Any) -> None:
+        fields = {field.name: field for field in dataclasses.fields(self)}
+        for key in values:
+            if key not in fields:
+                raise TypeError(
+                    f"TrainConfig got an unexpected keyword argument {key!r}"
+                    f"{close_matches(key, fields)}"
+                )
+        recipe = (
+            RECIPES.get(values.get("recipe")) if isinstance(values.get("recipe"), str) else None
+        )
+        below = dict(recipe.values) if recipe is not None else {}
+        for name, field in fields.items():
+            if name in values:
+                value = values[name]
+            elif name in below:
+                value = copy.deepcopy(below[name])
+            else:
+                value = field_default(field)
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_chosen", set(values))
+        object.__setattr__(self, "_derived", set())
+        self.__post_init__()
 
     def __post_init__(self) -> None:
-        # Resolved here, so that config.yaml records the values the run actually used.
-        if self.lr is None:
-            self.lr = DEFAULT_LR.get(self.optimizer)
-        if self.weight_decay is None:
-            self.weight_decay = DEFAULT_WEIGHT_DECAY.get(self.optimizer)
+        # Where a value names a path, it is made absolute, so that config.yaml names the same
+        # file or folder from any working directory.
         if isinstance(self.dataset, str):
-            self.dataset = _absolute_image_folder(self.dataset)
-            splits = default_splits(self.dataset)
-            if self.train_split == AUTO:
-                self.train_split = splits[0]
-            if self.val_split == AUTO:
-                self.val_split = splits[1]
-            if self.test_split == AUTO:
-                self.test_split = splits[2]
+            object.__setattr__(self, "dataset", _absolute_image_folder(self.dataset))
         if isinstance(self.weights, str) and weights_is_path(self.weights):
-            # Absolute, so that config.yaml names the same file from any working directory.
-            self.weights = os.path.abspath(os.path.expanduser(self.weights))
+            object.__setattr__(self, "weights", os.path.abspath(os.path.expanduser(self.weights)))
         if isinstance(self.image_size, list):
-            self.image_size = tuple(self.image_size)
-        self.model_args = dict(self.model_args)
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        if isinstance(self.model_args, dict):
+            object.__setattr__(self, "model_args", dict(self.model_args))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # An option set after construction is chosen like one passed to the constructor.
+        object.__setattr__(self, name, value)
+        if name in _FIELD_NAMES:
+            self._chosen.add(name)
+            self._derived.discard(name)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """Option `name`'s declared default."""
+        return field_default(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every derived option that was left automatic filled in: `lr` and
+        `weight_decay` from the optimizer, the `auto` splits from the dataset. The run uses
+        this; `chosen()` still tells the derived values from the chosen ones."""
+        resolved = copy.copy(self)
+        object.__setattr__(resolved, "_chosen", set(self._chosen))
+        object.__setattr__(resolved, "_derived", set(self._derived))
+        for field, declared in declared_options(self):
+            if declared.derive is not None and getattr(self, field.name) == declared.automatic:
+                object.__setattr__(resolved, field.name, declared.derive(self))
+                resolved._derived.add(field.name)
+        return resolved
+
+    def chosen(self) -> dict[str, Any]:
+        """The options the user set (constructor keywords, `--config`, the command line), as
+        plain YAML/JSON types; derived options appear with their automatic value."""
+        values = {}
+        for field, declared in declared_options(self):
+            if field.name in self._chosen and declared.saved:
+                value = getattr(self, field.name)
+                values[field.name] = declared.automatic if field.name in self._derived else value
+        return _plain(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option as plain YAML/JSON types (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run: every resolved value but locations, actions and
+        how many processes run it (JSON-able, for comparing workers' and saved configs)."""
+        resolved = self.resolved().to_dict()
+        return {
+            field.name: resolved[field.name]
+            for field, declared in declared_options(self)
+            if declared.identity
+        }
 
     def validate(self) -> TrainConfig:
         """Raise `UsageError` (a ValueError) naming the first bad value and the fix; return self
         when all is well. Only the values themselves are checked here: whether the model, the
         dataset and its splits exist is for the run to find out."""
-        _check_choice("normalization", self.normalization, NORMALIZATIONS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("bn-statistics", self.bn_statistics, BN_STATISTICS)
-        _check_choice("distribute", self.distribute, DISTRIBUTE_MODES)
-        for name in RANGES:
-            value = getattr(self, name)
-            if name in ("bn_momentum", "bn_epsilon") and value in (None, CUMULATIVE):
-                continue
-            problem = check_number(name, value)
-            if problem:
-                raise UsageError(f"--{_flag(name)} {problem}, got {value!r}")
+        check_values(self)
         if not self.warmup_epochs < self.epochs:
             raise UsageError(
                 f"--warmup-epochs must be less than --epochs ({self.epochs}), "
                 f"got {self.warmup_epochs!r}"
             )
-        if isinstance(self.bn_momentum, str) and self.bn_momentum != CUMULATIVE:
+        if self.dataset.strip() == IMAGE_FOLDER_PREFIX:
             raise UsageError(
-                f"--bn-momentum must be a number in {RANGES['bn_momentum']}, {CUMULATIVE!r} or "
-                f"none, got {self.bn_momentum!r}"
+                f"--dataset {IMAGE_FOLDER_PREFIX} needs a folder, e.g. "
+                f"{IMAGE_FOLDER_PREFIX}/path/to/images (one sub-folder per class)"
             )
-        for name in SWITCHES:
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (name in AUTO_SWITCHES and value is None):
-                raise UsageError(f"--{_flag(name)} is a switch: true or false, got {value!r}")
         self._check_normalization_options()
         if self.horizontal_flip is not None and not self.augment:
             raise UsageError(
                 "--horizontal-flip/--no-horizontal-flip only has an effect with --augment; "
                 "add --augment or drop it"
             )
-        self._check_image_size()
-        self._check_names()
         self._check_fine_tuning_options()
         for key in self.model_args:
             if key in RESERVED_MODEL_ARGS:
@@ -361,9 +756,10 @@ class TrainConfig:
         if self.normalization == "none":
             for name in ("bn_momentum", "bn_epsilon"):
                 if getattr(self, name) is not None:
+                    flag = "--" + name.replace("_", "-")
                     raise UsageError(
-                        f"--{_flag(name)} has no effect with --normalization none (there is no "
-                        f"BN layer); drop --{_flag(name)} or choose --normalization batch_norm"
+                        f"{flag} has no effect with --normalization none (there is no BN layer); "
+                        f"drop {flag} or choose --normalization batch_norm"
                     )
             if self.sync_bn:
                 raise UsageError(
@@ -388,72 +784,29 @@ class TrainConfig:
                 "--freeze-backbone or drop --freeze-until"
             )
 
-    def _check_image_size(self) -> None:
-        if self.image_size is None:
-            return
-        sizes = tuple(self.image_size)
-        if len(sizes) != 2 or not all(
-            isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in sizes
-        ):
-            raise UsageError(
-                f"--image-size must be one or two positive integers (HEIGHT,WIDTH), got "
-                f"{self.image_size!r}"
-            )
-
-    def _check_names(self) -> None:
-        """Text options: a set option must say something (an empty string is a typo, not a
-        request for the default: that is spelled `none`, or leaving the option out)."""
-        for name in ("model", "dataset", "train_split"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise UsageError(f"--{_flag(name)} must not be empty, got {value!r}")
-        if self.dataset.strip() == IMAGE_FOLDER_PREFIX:
-            raise UsageError(
-                f"--dataset {IMAGE_FOLDER_PREFIX} needs a folder, e.g. "
-                f"{IMAGE_FOLDER_PREFIX}/path/to/images (one sub-folder per class)"
-            )
-        for name in (
-            "val_split",
-            "test_split",
-            "data_dir",
-            "manual_dir",
-            "output_dir",
-            "weights",
-            "freeze_until",
-        ):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise UsageError(
-                    f"--{_flag(name)} must not be empty, got {value!r}; use none for "
-                    + ("no split" if name.endswith("split") else "the default")
-                )
-
     def ignored_settings(self) -> list[str]:
-        """Warnings for values that are set but have no effect on this run.
-
-        Checked against their defaults, because a run's config.yaml records every option: an
-        Adam run's `momentum: 0.9` there is the default, not a request.
-        """
-        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        """Warnings for options that the user set but that have no effect on this run (an
+        option left at its default or a recipe's value is no request)."""
+        chosen = self._chosen
         warnings = []
-        if self.optimizer != "sgd" and self.momentum != defaults["momentum"]:
+        if self.optimizer != "sgd" and "momentum" in chosen:
             warnings.append(
                 f"--momentum {self.momentum:g} has no effect with --optimizer {self.optimizer} "
                 "(it is SGD's momentum)"
             )
-        if self.lr_schedule != "exponential" and self.lr_decay_rate != defaults["lr_decay_rate"]:
+        if self.lr_schedule != "exponential" and "lr_decay_rate" in chosen:
             warnings.append(
                 f"--lr-decay-rate {self.lr_decay_rate:g} has no effect with --lr-schedule "
                 f"{self.lr_schedule} (it is the exponential schedule's factor per epoch)"
             )
-        if self.normalization == "none" and self.bn_statistics != defaults["bn_statistics"]:
+        if self.normalization == "none" and "bn_statistics" in chosen:
             warnings.append(
                 f"--bn-statistics {self.bn_statistics} has no effect with --normalization none "
                 "(there is no BN layer)"
             )
         elif (
             self.normalization == "none" or self.bn_statistics != "population"
-        ) and self.bn_statistics_batches != defaults["bn_statistics_batches"]:
+        ) and "bn_statistics_batches" in chosen:
             warnings.append(
                 f"--bn-statistics-batches {self.bn_statistics_batches} has no effect "
                 + (
@@ -463,237 +816,57 @@ class TrainConfig:
                     "statistics)"
                 )
             )
-        if (
-            self.distribute in ("none", "data_parallel")
-            and self.collective_timeout != defaults["collective_timeout"]
-        ):
+        if self.distribute in ("none", "data_parallel") and "collective_timeout" in chosen:
             warnings.append(
                 f"--collective-timeout {self.collective_timeout:g} has no effect with "
                 f"--distribute {self.distribute} (it bounds multi_worker's collectives)"
             )
         return warnings
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as plain YAML/JSON types (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that make two runs the same run (everything but locations and how many
-        processes run it)."""
-        ignored = LOCATION_FIELDS + EXECUTION_FIELDS
-        return {k: v for k, v in self.to_dict().items() if k not in ignored}
-
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
-        """Build a config from a mapping such as a parsed `config.yaml`; unknown keys are errors."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        values = {_field_name(key): value for key, value in values.items()}
-        for key in values:
-            if key not in known:
-                raise ValueError(f"{source}: unknown key {key!r}{close_matches(key, known)}")
-        return cls(**values)
+    def from_dict(
+        cls,
+        values: Mapping[Any, Any],
+        *,
+        source: str = "config",
+        error: type[ValueError] = ValueError,
+    ) -> TrainConfig:
+        """A config from a mapping such as a parsed YAML file, every value read and checked by
+        its option (`{source}: <key> ...` errors); the keys are its chosen options."""
+        return cls(**values_from_mapping(values, cls, source, error=error))
+
+
+_FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(TrainConfig))
+
+
+def _plain(values: Any) -> Any:
+    """`values` as plain YAML/JSON types (tuples become lists)."""
+    return json.loads(json.dumps(values))
 
 
 def default_output_dir(config: TrainConfig, today: datetime.date | None = None) -> str:
     """`runs/<date>-<model>-<dataset>`, with the dataset name made safe for a folder name."""
     today = today or datetime.date.today()
     dataset = config.dataset
-    if dataset.startswith("image_folder:"):
+    if dataset.startswith(IMAGE_FOLDER_PREFIX):
         dataset = "image_folder-" + Path(dataset.split(":", 1)[1]).name
     dataset = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset).strip("-") or "dataset"
     return os.path.join("runs", f"{today.isoformat()}-{config.model}-{dataset}")
 
 
-# --- Command line --------------------------------------------------------------------------------
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises `UsageError` instead of printing usage and exiting, so the CLI
-    reports a bad flag as one line like every other user error."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # argparse takes `-1e-3` and `-inf` for options (its pattern knows only `-1` and `-.5`),
-        # so `--lr -1e-3` would read "expected one argument" instead of the range it breaks.
-        self._negative_number_matcher = re.compile(
-            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE
-        )
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
-
-
-def close_matches(value: str, options: Sequence[str] | set[str]) -> str:
-    """ "; did you mean 'x', 'y'?" for the options close to `value`, or ""."""
-    matches = difflib.get_close_matches(value, sorted(options), n=3)
-    return f"; did you mean {', '.join(map(repr, matches))}?" if matches else ""
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise UsageError(
-            f"--{name} must be one of {', '.join(choices)}, got {value!r}"
-            f"{close_matches(str(value), choices)}"
-        )
-
-
-def optional(convert):
-    """An argparse type that also accepts `none` (or `null`) for "not set". An empty value is
-    refused: `--val-split ''` is far more likely a shell-quoting slip than a request."""
-
-    def parse(text: str):
-        if text.strip().lower() in ("none", "null"):
-            return None
-        if not text.strip():
-            raise argparse.ArgumentTypeError("must not be empty (use none to leave it unset)")
-        return convert(text)
-
-    parse.__name__ = getattr(convert, "__name__", "value")
-    parse.accepts_none = True  # type: ignore[attr-defined]  (read by config files' null)
-    return parse
-
-
-def non_empty(text: str) -> str:
-    """argparse type: any text but an empty one."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-def number(name: str):
-    """argparse type for numeric option `name` (a `RANGES` key): parsed as an int or a float
-    and checked against its range, so `--lr inf` is refused with the flag named."""
-    convert = int if name in INTEGER_OPTIONS else float
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            # Reuse check_number's wording for a value of the wrong kind.
-            problem = check_number(name, "not a number")
-            raise argparse.ArgumentTypeError(f"{problem}, got {text!r}") from None
-        problem = check_number(name, value)
-        if problem:
-            raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def bn_momentum(text: str) -> float | str:
-    """argparse type for `--bn-momentum`: a number in [0, 1) or `cumulative`."""
-    if text.strip().lower() == CUMULATIVE:
-        return CUMULATIVE
-    try:
-        return number("bn_momentum")(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"must be a number in {RANGES['bn_momentum']}, {CUMULATIVE} (the layer's cumulative "
-            f"average, momentum=None) or none (the builder's default), got {text!r}"
-        ) from None
-
-
-_IMAGE_SIZE = re.compile(r"\s*[\[(]?\s*(\d+)\s*(?:[,x]\s*(\d+)\s*)?[\])]?\s*")
-
-
-def image_size(text: str) -> tuple[int, int]:
-    """argparse type: '32' (square), '32,48' or '32x48' (height, width)."""
-    match = _IMAGE_SIZE.fullmatch(text)
-    sizes = [int(size) for size in match.groups() if size is not None] if match else []
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected SIZE or HEIGHT,WIDTH in pixels (e.g. 32 or 32,48), got {text!r}"
-        )
-    return (sizes[0], sizes[1])
-
-
-#: A `--model-arg` value that starts like a Python/YAML collection or quoted string must parse
-#: as one: `widths=[abc` is a typo, not the string "[abc".
-_LITERAL_OPENERS = ("[", "(", "{", "'", '"')
-
-
-def parse_literal(text: str) -> Any:
-    """A `--model-arg` value: a Python literal (`0.5`, `[32, 64]`, `(3, 3)`, `1e-3`) or, failing
-    that, YAML (`true`, `null`, bare words such as `relu`).
-
-    Raises:
-        ValueError: the text opens a list, tuple, mapping or quoted string that does not
-            close, or it parses to something other than numbers, strings, booleans, null and
-            lists/mappings of them (YAML dates, for instance).
-    """
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        try:
-            value = yaml.safe_load(text)
-        except (yaml.YAMLError, RecursionError):
-            if text.strip().startswith(_LITERAL_OPENERS):
-                raise ValueError(
-                    f"{text!r} is not a valid literal (unbalanced brackets or quotes?); e.g. "
-                    "[32, 64], (3, 3), 'relu'"
-                ) from None
-            value = text
-    if not _is_plain(value):
-        raise ValueError(
-            f"{text!r} is a {type(value).__name__}; a model argument must be a number, a string, "
-            "true/false, null, or a list or mapping of them"
-        )
-    return value
-
-
-def _is_plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(item) for item in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
-def model_arg(text: str) -> tuple[str, Any]:
-    """argparse type: `key=value` for one model builder keyword."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(
-            f"expected KEY=VALUE with KEY a builder keyword (e.g. widths=[32,64]), got {text!r}"
-        )
-    if not value.strip():
-        raise argparse.ArgumentTypeError(
-            f"{key}= needs a value (e.g. {key}=null for None), got {text!r}"
-        )
-    try:
-        return key, parse_literal(value.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{key}={value}: {error}") from None
+# --- Command line ---------------------------------------------------------------------------------
 
 
 def build_train_parser() -> ArgumentParser:
-    """The `train.py` command line, in documented groups; defaults come from `TrainConfig`."""
-    defaults = TrainConfig()
+    """The `train.py` command line, generated from `TrainConfig`'s fields."""
     parser = ArgumentParser(
         prog="train.py",
         description=(
             "Train a bnzoo model; the run folder gets config.yaml, history.csv, TensorBoard logs, "
             "checkpoints, model.keras, saved_model/, metrics.json and training_curves.png. "
-            "Rerunning the same command resumes an interrupted run."
+            "Rerunning the same command resumes an interrupted run. Options are layered: "
+            "defaults < --recipe < --config file < command line."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument(
@@ -703,445 +876,16 @@ def build_train_parser() -> ArgumentParser:
         "the command line override it. A run folder's config.yaml repeats that run.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback for errors")
-
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model", type=non_empty, default=defaults.model, help="registered model name"
-    )
-    group.add_argument(
-        "--model-arg",
-        dest="model_args",
-        metavar="KEY=VALUE",
-        type=model_arg,
-        action="append",
-        default=None,
-        help="builder keyword override, repeatable; VALUE is a Python/YAML literal "
-        "(width=0.5, widths=[32,64])",
-    )
-    group.add_argument(
-        "--weights",
-        type=optional(str),
-        default=defaults.weights,
-        metavar="{none,TAG,PATH}",
-        help="initialize the backbone from pretrained weights; the classifier (the dataset's "
-        "classes) starts random. TAG: a registered weight set such as imagenet (the model "
-        "then takes RGB 0-255 and applies the weights' preprocessing itself); PATH: a bnzoo "
-        "model.keras, checkpoint or run folder, a .weights.h5 of the same model and classes, "
-        "or a file the builder converts (.pth, TF checkpoint). Loaded only at a fresh start",
-    )
-    group.add_argument(
-        "--freeze-backbone",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.freeze_backbone,
-        help="with --weights, train only the classifier: the backbone's layers get "
-        "trainable=False, so by Keras' rule their BN layers run in inference mode and keep "
-        "their statistics",
-    )
-    group.add_argument(
-        "--freeze-until",
-        type=optional(non_empty),
-        default=defaults.freeze_until,
-        metavar="LAYER",
-        help="with --freeze-backbone, freeze only the layers up to and including LAYER (e.g. "
-        "inception_4e_output) and fine-tune the later ones (none = the whole backbone)",
-    )
-    group.add_argument(
-        "--normalization",
-        default=defaults.normalization,
-        choices=NORMALIZATIONS,
-        help="batch_norm: bnzoo's Ioffe & Szegedy layer; keras: keras.layers.BatchNormalization; "
-        "none: no normalization (the paper's baseline)",
-    )
-    group.add_argument(
-        "--bn-momentum",
-        type=optional(bn_momentum),
-        default=defaults.bn_momentum,
-        help="moving-average momentum of the BN statistics, in [0, 1); cumulative = the "
-        "average of all training batches' statistics (the layer's momentum=None); none = the "
-        "builder's default",
-    )
-    group.add_argument(
-        "--bn-epsilon",
-        type=optional(number("bn_epsilon")),
-        default=defaults.bn_epsilon,
-        help="epsilon added to the variance, in (0, 1] (none = the builder's default)",
-    )
-
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset",
-        type=non_empty,
-        default=defaults.dataset,
-        help="any TFDS name, or image_folder:/path (one sub-folder per class)",
-    )
-    # argparse %-formats help texts: a split's % must be doubled.
-    tfds_splits = [split.replace("%", "%%") for split in TFDS_DEFAULT_SPLITS]
-    folder_splits = [split.replace("%", "%%") for split in IMAGE_FOLDER_DEFAULT_SPLITS]
-    group.add_argument(
-        "--train-split",
-        type=non_empty,
-        default=AUTO,
-        help=f"TFDS split syntax; auto = {tfds_splits[0]} for TFDS datasets, "
-        f"{folder_splits[0]} for image folders (whose slices are stratified by class)",
-    )
-    group.add_argument(
-        "--val-split",
-        type=optional(str),
-        default=AUTO,
-        help=f"validation split, for best-checkpoint selection; auto = {tfds_splits[1]} for "
-        f"TFDS datasets, {folder_splits[1]} for image folders; none = no validation",
-    )
-    group.add_argument(
-        "--test-split",
-        type=optional(str),
-        default=AUTO,
-        help=f"split evaluated into metrics.json at the end; auto = {tfds_splits[2]} for TFDS "
-        f"datasets, {folder_splits[2]} for image folders; none = skip",
-    )
-    group.add_argument(
-        "--data-dir",
-        type=optional(str),
-        default=defaults.data_dir,
-        help="TFDS data directory (none = TFDS's default, ~/tensorflow_datasets)",
-    )
-    group.add_argument(
-        "--manual-dir",
-        type=optional(str),
-        default=defaults.manual_dir,
-        help="folder with the original IDX files when TFDS cannot download them "
-        "(none = /usr/share/datasets/fashion-mnist for Fashion-MNIST)",
-    )
-    group.add_argument(
-        "--image-size",
-        type=optional(image_size),
-        default=defaults.image_size,
-        metavar="H[,W]",
-        help="model input size; images are padded or resized to it (none = the dataset's size, "
-        "raised to the model's minimum)",
-    )
-    group.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.augment,
-        help="padded random crop (+ horizontal flip where the dataset allows) while training",
-    )
-    group.add_argument(
-        "--horizontal-flip",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.horizontal_flip,
-        help="with --augment, mirror half of the training images (default: the dataset's "
-        "policy, off for digits, characters and Fashion-MNIST's aligned product photos)",
-    )
-    group.add_argument(
-        "--shuffle-buffer",
-        type=number("shuffle_buffer"),
-        default=defaults.shuffle_buffer,
-        help="examples in the shuffle buffer",
-    )
-
-    group = parser.add_argument_group("optimization")
-    group.add_argument(
-        "--epochs",
-        type=number("epochs"),
-        default=defaults.epochs,
-        help="passes over --train-split; raising it on a finished run trains it further",
-    )
-    group.add_argument(
-        "--batch-size",
-        type=number("batch_size"),
-        default=defaults.batch_size,
-        help="examples per step; the last partial batch is dropped",
-    )
-    group.add_argument(
-        "--optimizer",
-        default=defaults.optimizer,
-        choices=OPTIMIZERS,
-        help="sgd with --momentum, adam, or adamw (decoupled weight decay)",
-    )
-    group.add_argument(
-        "--lr",
-        type=optional(number("lr")),
-        default=None,
-        help="peak learning rate, reached after the warmup, in (0, 10] (none = "
-        + ", ".join(f"{rate:g} for {name}" for name, rate in DEFAULT_LR.items())
-        + ")",
-    )
-    group.add_argument(
-        "--momentum",
-        type=number("momentum"),
-        default=defaults.momentum,
-        help="SGD momentum, in [0, 1) (sgd only)",
-    )
-    group.add_argument(
-        "--lr-schedule",
-        default=defaults.lr_schedule,
-        choices=LR_SCHEDULES,
-        help="learning-rate decay after the warmup",
-    )
-    group.add_argument(
-        "--warmup-epochs",
-        type=number("warmup_epochs"),
-        default=defaults.warmup_epochs,
-        help="linear warmup from 0 to --lr over this many epochs (fractions allowed)",
-    )
-    group.add_argument(
-        "--lr-decay-rate",
-        type=number("lr_decay_rate"),
-        default=defaults.lr_decay_rate,
-        help="exponential schedule: learning-rate factor per epoch, in (0, 1]",
-    )
-    group.add_argument(
-        "--weight-decay",
-        type=optional(number("weight_decay")),
-        default=None,
-        help="decoupled weight decay on kernels, not on biases or BN's gamma and beta (none = "
-        + ", ".join(f"{decay:g} for {name}" for name, decay in DEFAULT_WEIGHT_DECAY.items())
-        + ")",
-    )
-    group.add_argument(
-        "--label-smoothing",
-        type=number("label_smoothing"),
-        default=defaults.label_smoothing,
-        help="mix this much of the uniform distribution into the one-hot training targets, in "
-        "[0, 1)",
-    )
-
-    group = parser.add_argument_group("batch normalization's inference statistics")
-    group.add_argument(
-        "--bn-statistics",
-        default=defaults.bn_statistics,
-        choices=BN_STATISTICS,
-        help="what BN normalizes with at inference, in validation and in every saved model: "
-        "population = recomputed after each epoch as the paper's Algorithm 2 (mean of batch "
-        "means, m/(m-1) x mean of batch variances over training batches, weights frozen); "
-        "moving = the moving averages kept during training",
-    )
-    group.add_argument(
-        "--bn-statistics-batches",
-        type=number("bn_statistics_batches"),
-        default=defaults.bn_statistics_batches,
-        help="training batches (of --batch-size, no augmentation) that the population "
-        "statistics average over; at most one epoch's worth are used",
-    )
-
-    group = parser.add_argument_group("distribution")
-    group.add_argument(
-        "--distribute",
-        default=defaults.distribute,
-        choices=DISTRIBUTE_MODES,
-        help="none: one device; data_parallel: every local GPU (TensorFlow MirroredStrategy, "
-        "JAX keras.distribution.DataParallel); multi_worker: several processes or hosts "
-        "running the same command (TF_CONFIG, or KERAS_DISTRIBUTION_* on JAX); auto: "
-        "multi_worker when the environment names several workers, data_parallel with several "
-        "local GPUs, else none. --batch-size stays the global batch",
-    )
-    group.add_argument(
-        "--sync-bn",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.sync_bn,
-        help="BN statistics over the global batch of all replicas (TensorFlow) instead of each "
-        "replica's share; JAX's DataParallel always normalizes over the global batch",
-    )
-    group.add_argument(
-        "--collective-timeout",
-        type=number("collective_timeout"),
-        default=defaults.collective_timeout,
-        metavar="SECONDS",
-        help="multi_worker on TensorFlow: a collective operation (gradient all-reduce) that "
-        f"waits longer than this for a worker fails the run, in (0, {MAX_COLLECTIVE_TIMEOUT:.0f}]"
-        "; a killed worker is detected within about 10 s regardless",
-    )
-
-    group = parser.add_argument_group("run")
-    group.add_argument(
-        "--mixed-precision",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.mixed_precision,
-        help="mixed_float16 on a GPU, mixed_bfloat16 on CPU; BN statistics stay in float32 "
-        "(default: on where the hardware computes it natively: any GPU, a CPU with "
-        "AVX512-BF16 or AMX)",
-    )
-    group.add_argument(
-        "--seed",
-        type=number("seed"),
-        default=defaults.seed,
-        help=f"global random seed, in [0, {MAX_SEED}]",
-    )
-    group.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.deterministic,
-        help="TensorFlow op determinism: bit-identical reruns, somewhat slower",
-    )
-    group.add_argument(
-        "--output-dir",
-        type=optional(str),
-        default=defaults.output_dir,
-        help="run folder (none = runs/<date>-<model>-<dataset>); rerunning resumes it",
-    )
-    group.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a run folder that holds a different run",
-    )
+    add_options(parser, TrainConfig, GROUPS)
     return parser
-
-
-class _DuplicateKeyError(yaml.YAMLError):
-    pass
-
-
-class StrictYamlLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses a mapping holding the same key twice: PyYAML silently
-    keeps the last value, so `batch_size: 64` further up a file would be accepted and ignored."""
-
-
-def _construct_mapping_without_duplicates(loader: StrictYamlLoader, node: yaml.MappingNode):
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in seen
-            seen.add(key)
-        except TypeError:  # an unhashable key; construct_mapping reports it
-            continue
-        if duplicate:
-            raise _DuplicateKeyError(
-                f"key {key!r} appears twice (line {key_node.start_mark.line + 1}); keep one"
-            )
-    return loader.construct_mapping(node, deep=True)
-
-
-StrictYamlLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_without_duplicates
-)
-
-
-def read_yaml_mapping(path: str, what: str, error: type[ValueError] = UsageError) -> dict[str, Any]:
-    """A YAML file's top-level mapping (empty for an empty file), read strictly.
-
-    Raises:
-        `error` (UsageError for a `--config` file, a command-line error; ValueError for a run
-        folder's file): invalid YAML, a key set twice, or something other than a mapping; the
-        message starts with `what` (e.g. `--config run.yaml`).
-    """
-    with open(path, encoding="utf-8") as stream:
-        try:
-            values = yaml.load(stream, Loader=StrictYamlLoader)  # noqa: S506 (a SafeLoader)
-        except _DuplicateKeyError as problem:
-            raise error(f"{what}: {problem}") from None
-        except yaml.YAMLError as problem:
-            raise error(f"{what}: not valid YAML ({' '.join(str(problem).split())})") from None
-        except UnicodeDecodeError:
-            raise error(f"{what}: not a text (UTF-8) file") from None
-        except RecursionError:
-            raise error(f"{what}: nested too deeply to be a config file") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise error(f"{what}: expected a mapping of option: value, got {values!r}")
-    return values
-
-
-def is_run_config(path: str) -> bool:
-    """Whether `path` is the `config.yaml` that `train.py` wrote into a run folder."""
-    if os.path.basename(path) != CONFIG_FILENAME:
-        return False
-    try:
-        with open(path, encoding="utf-8") as stream:
-            return stream.readline().rstrip("\n") == CONFIG_HEADER
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _config_file_argv(path: str, parser: ArgumentParser) -> list[str]:
-    """Turn a YAML config file into command-line tokens, so argparse checks and converts its
-    values exactly like flags, and real flags placed after them win.
-
-    A run folder's own `config.yaml` runs in that folder, wherever it has moved and whatever the
-    working directory: its `output_dir` becomes the file's folder (`--output-dir` still wins).
-    """
-    if os.path.isdir(path):
-        inside = os.path.join(path, CONFIG_FILENAME)
-        hint = f"; did you mean --config {inside}?" if os.path.isfile(inside) else ""
-        raise FileNotFoundError(f"--config {path}: is a folder, not a file{hint}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path}: no such file")
-    values = read_yaml_mapping(path, f"--config {path}")
-    actions = {
-        action.dest: action
-        for action in parser._actions
-        if action.option_strings and action.dest not in ("help", "config", "debug")
-    }
-    spelled: dict[str, str] = {}
-    argv: list[str] = []
-    for key, value in values.items():
-        name = _field_name(str(key))
-        if name not in actions:
-            raise UsageError(
-                f"--config {path}: unknown option {key!r}{close_matches(name, actions)}"
-            )
-        if name in spelled:
-            raise UsageError(
-                f"--config {path}: {spelled[name]!r} and {key!r} set the same option; keep one"
-            )
-        spelled[name] = str(key)
-        argv += _option_tokens(actions[name], name, key, value, f"--config {path}")
-    if is_run_config(path):
-        argv += ["--output-dir", os.path.dirname(path) or os.curdir]
-    return argv
-
-
-def _option_tokens(
-    action: argparse.Action, name: str, key: Any, value: Any, what: str
-) -> list[str]:
-    """The command-line tokens that set option `name` to a config file's `value`."""
-    flag = action.option_strings[0]
-    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
-        if value is None and name in AUTO_SWITCHES:
-            return []  # null: the automatic choice, which is the option's default
-        if not isinstance(value, bool):
-            expected = "true, false or null" if name in AUTO_SWITCHES else "true or false"
-            raise UsageError(f"{what}: {key} must be {expected}, got {value!r}")
-        if isinstance(action, argparse.BooleanOptionalAction):
-            return [flag if value else f"--no-{flag[2:]}"]
-        return [flag] if value else []
-    if name == "model_args":
-        if value is None:
-            return []
-        if not isinstance(value, dict):
-            raise UsageError(f"{what}: model_args must be a mapping such as {{widths: [32, 64]}}")
-        tokens = []
-        for arg_key, arg_value in value.items():
-            try:
-                text = json.dumps(arg_value, allow_nan=True)
-            except TypeError:
-                raise UsageError(
-                    f"{what}: model_args {arg_key}: {arg_value!r} is a "
-                    f"{type(arg_value).__name__}; use numbers, strings, true/false, null or "
-                    "lists of them"
-                ) from None
-            tokens += [flag, f"{arg_key}={text}"]
-        return tokens
-    if value is None:
-        if not getattr(action.type, "accepts_none", False):
-            raise UsageError(f"{what}: {key} needs a value, got null")
-        return [flag, "none"]
-    if isinstance(value, bool):
-        raise UsageError(
-            f"{what}: {key} must be a value, got {str(value).lower()}"
-            + (" (use null to turn it off)" if name in ("val_split", "test_split") else "")
-        )
-    if isinstance(value, list) and name == "image_size":
-        return [flag, ",".join(str(item) for item in value)]
-    if isinstance(value, (list, dict)):
-        raise UsageError(f"{what}: {key} must be a single value, got {value!r}")
-    return [flag, str(value)]
 
 
 def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse `train.py`'s command line (and its `--config` file) into a validated `TrainConfig`
-    whose `output_dir` is resolved.
+    whose `output_dir` is set.
+
+    The options given in the file and on the command line (which wins; `--model-arg` keys merge)
+    are the config's chosen options.
 
     Raises:
         UsageError: anything wrong with the command line or the config file's contents.
@@ -1150,62 +894,206 @@ def parse_train_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser = build_train_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    values = command_line_values(args, TrainConfig)
     if args.config:
-        args = parser.parse_args([*_config_file_argv(args.config, parser), *argv])
-    values = vars(args)
-    for key in ("config", "debug"):
-        values.pop(key)
-    # `--model-arg` is repeatable; later values (command line after file) win per key.
-    values["model_args"] = dict(values["model_args"] or [])
+        from_file = read_config_file(args.config)
+        if "model_args" in from_file and "model_args" in values:
+            values["model_args"] = {**from_file["model_args"], **values["model_args"]}
+        values = {**from_file, **values}
     config = TrainConfig(**values).validate()
     if config.output_dir is None:
         config.output_dir = default_output_dir(config)
     return config
 
 
-# --- The run folder's config ---------------------------------------------------------------------
+# --- Config files ---------------------------------------------------------------------------------
 
 CONFIG_FILENAME = "config.yaml"
 #: The first line of every config.yaml train.py writes; `is_run_config` recognizes it by it.
-CONFIG_HEADER = "# bnzoo training run: the resolved configuration."
+CONFIG_HEADER = (
+    "# bnzoo training run: the options chosen for it; under resolved: every value it used."
+)
+#: The first line of the run folders' config.yaml before `resolved:` was kept apart: every
+#: value, derived ones included, at the top level.
+LEGACY_CONFIG_HEADER = "# bnzoo training run: the resolved configuration."
+#: The key under which a run's config.yaml records every value the run used. Not an option:
+#: `--config` never reads values from it.
+RESOLVED_KEY = "resolved"
 
 
-def save_config(config: TrainConfig, run_dir: str | os.PathLike) -> str:
-    """Write the resolved config as `run_dir/config.yaml` (atomically); return its path.
+def is_run_config(path: str) -> bool:
+    """Whether `path` is the `config.yaml` that `train.py` wrote into a run folder."""
+    if os.path.basename(path) != CONFIG_FILENAME:
+        return False
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.readline(200).rstrip("\n") in (CONFIG_HEADER, LEGACY_CONFIG_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
 
-    Locations are stored as absolute paths, so the file means the same run from any working
-    directory (and `--config` of a run's own config.yaml always trains in that folder).
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFile:
+    """A config file's contents: the options it sets, and (a run's config.yaml) the values that
+    run resolved to, both read and checked by the options' rules."""
+
+    chosen: dict[str, Any]
+    resolved: dict[str, Any] | None
+
+
+def read_config_values(path: str, what: str, error: type[ValueError] = UsageError) -> ConfigFile:
+    """Read and check a YAML config file (`--config`, or a run's config.yaml).
+
+    Raises:
+        FileNotFoundError: no such file.
+        `error`: bad YAML, an unknown key, a value its option refuses; one line starting with
+            `what`, naming the key.
+    """
+    values = read_yaml_mapping(path, what, error)
+    recorded = values.pop(RESOLVED_KEY, None)
+    chosen = values_from_mapping(values, TrainConfig, what, error=error)
+    resolved = None
+    if recorded is not None:
+        if not isinstance(recorded, dict):
+            raise error(f"{what}: {RESOLVED_KEY} must be a mapping of option: value")
+        resolved = values_from_mapping(
+            recorded, TrainConfig, f"{what} ({RESOLVED_KEY})", error=error
+        )
+    return ConfigFile(chosen, resolved)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A `--config` file's options, checked like flags.
+
+    A run folder's own `config.yaml` runs in that folder, wherever it has moved and whatever the
+    working directory: its `output_dir` becomes the file's folder (`--output-dir` still wins).
+    Its `resolved:` record is checked but sets nothing: derived values are derived afresh.
+    """
+    if os.path.isdir(path):
+        inside = os.path.join(path, CONFIG_FILENAME)
+        hint = f"; did you mean --config {inside}?" if os.path.isfile(inside) else ""
+        raise FileNotFoundError(f"--config {path}: is a folder, not a file{hint}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    values = read_config_values(path, f"--config {path}").chosen
+    if is_run_config(path):
+        values["output_dir"] = os.path.dirname(path) or os.curdir
+    return values
+
+
+def shell_quote(text: str) -> str:
+    """`text` as one shell word: `shlex.quote`, or bash's `$'...'` when it holds a newline or
+    another control character (which a single-quoted word would carry onto a second line)."""
+    if not any(ord(char) < 32 or ord(char) == 127 for char in text):
+        return shlex.quote(text)
+    escaped = []
+    for char in text:
+        if char in "\\'":
+            escaped.append("\\" + char)
+        elif ord(char) < 32 or ord(char) == 127:
+            escaped.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(char, f"\\x{ord(char):02x}"))
+        else:
+            escaped.append(char)
+    return "$'" + "".join(escaped) + "'"
+
+
+def save_config(config: TrainConfig, run_dir: str | os.PathLike, *, resumed: bool = False) -> str:
+    """Write the run's `run_dir/config.yaml` (atomically); return its path.
+
+    The file holds the chosen options at the top level (what `--config` reads back) and every
+    value the run uses under `resolved:` (what the folder's identity check compares). Locations
+    are absolute, so the file means the same run from any working directory (and `--config
+    runs/<run>/config.yaml` always trains in that folder). `--overwrite` and `--resume-from`
+    are actions on the folder, not properties of the run, and are not saved: saved, they would
+    make repeating the run wipe or roll it back.
+
+    `resumed`: the options chosen when the run started stay chosen while the run uses their
+    values (a resumed run's command line rarely repeats every flag, and its identity is the
+    same), unless they are set anew.
     """
     path = os.path.join(run_dir, CONFIG_FILENAME)
+    chosen = config.chosen()
+    resolved = config.resolved().to_dict()
+    if resumed and os.path.isfile(path):
+        before = read_config_values(path, path, ValueError)
+        if before.resolved is not None:  # a legacy file cannot tell chosen from derived
+            # A choice stays one while the run still uses its value (not after --epochs rose).
+            kept = {
+                key: value
+                for key, value in _plain(before.chosen).items()
+                if key not in chosen and resolved.get(key) == value
+            }
+            chosen = {**kept, **chosen}
+    for field, declared in declared_options(TrainConfig):
+        if not declared.saved:
+            resolved.pop(field.name)
+    for values in (chosen, resolved):
+        for key in ("data_dir", "manual_dir"):
+            if values.get(key) is not None:
+                values[key] = os.path.abspath(os.path.expanduser(values[key]))
+        values["output_dir"] = os.path.abspath(run_dir)
     header = (
         f"{CONFIG_HEADER}\n"
-        f"# Repeat, resume or extend it with: python train.py --config {os.path.abspath(path)}\n"
+        "# Repeat, resume or extend it with: python train.py --config "
+        f"{shell_quote(os.path.abspath(path))}\n"
     )
-    values = config.to_dict()
-    # `--overwrite` is an action on the folder, not a property of the run: saved, it would make
-    # `--config runs/<run>/config.yaml` silently wipe the run it is meant to repeat.
-    values.pop("overwrite")
-    for key in ("data_dir", "manual_dir"):
-        if values[key] is not None:
-            values[key] = os.path.abspath(os.path.expanduser(values[key]))
-    values["output_dir"] = os.path.abspath(run_dir)
-    atomic_write_text(path, header + yaml.safe_dump(values, sort_keys=False))
+    body = yaml.safe_dump({**chosen, RESOLVED_KEY: resolved}, sort_keys=False, allow_unicode=False)
+    atomic_write_text(path, header + body)
     return path
 
 
 def load_config(run_dir: str | os.PathLike) -> TrainConfig:
-    """Read a run folder's `config.yaml` back into a `TrainConfig`."""
+    """The configuration a run folder's run used (its `config.yaml`'s `resolved:` values),
+    checked by the same rules as the command line.
+
+    Raises:
+        FileNotFoundError: the folder has no config.yaml.
+        ValueError: the file is not a valid run configuration; one line naming the file and
+            the key.
+    """
+    run_dir = os.fspath(run_dir)
     path = os.path.join(run_dir, CONFIG_FILENAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} is not a bnzoo run folder: it has no {CONFIG_FILENAME}")
-    return TrainConfig.from_dict(read_yaml_mapping(path, path, ValueError), source=path)
+    contents = read_config_values(path, path, ValueError)
+    # A config.yaml written before `resolved:` existed holds every value at the top level.
+    values = contents.resolved if contents.resolved is not None else contents.chosen
+    try:
+        return TrainConfig(**values).validate().resolved()
+    except UsageError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
-    """Human-readable `key: saved -> current` for every identity field that differs."""
+    """Human-readable `key: saved -> current` for every identity value that differs."""
     old, new = saved.identity(), current.identity()
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
     ]
+
+
+def options_table() -> str:
+    """The Markdown table of every option, for docs/training.md (kept equal by a test)."""
+    rows = ["| option | default | accepts | what it does |", "| --- | --- | --- | --- |"]
+    for field, declared in declared_options(TrainConfig):
+        kind = declared.kind
+        flag = flag_of(field, declared)
+        if kind.action == "switch":
+            flag = f"{flag}, --no-{flag[2:]}"
+        default = declared.default_text or (
+            "" if kind.action == "append" else _markdown_default(field_default(field))
+        )
+        accepts = kind.describe_choices() or declared.metavar or kind.metavar or "text"
+        text = declared.help.replace("|", "\\|")
+        rows.append(f"| `{flag}` | {default} | {accepts} | {text} |")
+    return "\n".join(rows)
+
+
+def _markdown_default(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "off" if not value else "on"
+    return f"`{value}`"

@@ -1,8 +1,10 @@
-"""The optimizer, its learning-rate schedule, the loss and the metrics of a training run.
+"""The optimizer, its learning-rate schedule and the loss of a training run.
 
-`WarmupSchedule` is serialized inside every checkpoint's optimizer; `import models` registers it
-(models/__init__.py imports this module), so a user's `keras.saving.load_model` finds it after
-importing only `layers` and `models`.
+The optimizer holds its learning rate as a plain float variable, which the training loop sets
+from `WarmupSchedule` at the optimizer's step counter (`apply_learning_rate_schedule`) instead
+of handing Keras the schedule. A checkpoint then saves an ordinary Keras optimizer: it loads with
+`keras.saving.load_model` after importing only `layers` and `models`, and resuming continues the
+schedule exactly, because the schedule is a function of the restored step counter.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from keras import ops
 from bnzoo.config import TrainConfig
 
 
+# Registered so that checkpoints of bnzoo's first format, whose optimizer serialized the
+# schedule, still load where bnzoo is imported.
 @keras.saving.register_keras_serializable(package="bnzoo")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup to a peak learning rate, then constant, exponential or cosine decay.
@@ -106,6 +110,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupSchedule:
     """The learning-rate schedule of `config`, in optimizer steps."""
+    config = config.resolved()
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1)
     return WarmupSchedule(
@@ -121,7 +126,11 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupSchedule:
 def build_optimizer(
     config: TrainConfig, model: keras.Model, steps_per_epoch: int
 ) -> keras.optimizers.Optimizer:
-    """SGD with momentum, Adam or AdamW on `config`'s schedule, with decoupled weight decay.
+    """SGD with momentum, Adam or AdamW for `config`, with decoupled weight decay.
+
+    The optimizer's learning rate is a variable holding the rate of `config`'s schedule
+    (`build_schedule`) at step 0; a training loop keeps it on the schedule with
+    `apply_learning_rate_schedule`.
 
     Keras applies `weight_decay` decoupled from the gradient for every optimizer
     (`w -= lr * weight_decay * w`), so `adam` with a weight decay behaves like `adamw`; the two
@@ -129,16 +138,17 @@ def build_optimizer(
     gamma and beta: shrinking gamma only rescales a normalized activation, which the next layer
     undoes, so decaying it regularizes nothing and fights the normalization.
     """
-    schedule = build_schedule(config, steps_per_epoch)
+    config = config.resolved()
+    learning_rate = float(ops.convert_to_numpy(build_schedule(config, steps_per_epoch)(0)))
     weight_decay = config.weight_decay or None
     if config.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(
-            schedule, momentum=config.momentum, weight_decay=weight_decay
+            learning_rate, momentum=config.momentum, weight_decay=weight_decay
         )
     elif config.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(schedule, weight_decay=weight_decay)
+        optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
     elif config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
     else:
         raise ValueError(f"--optimizer must be sgd, adam or adamw, got {config.optimizer!r}")
     if weight_decay:
@@ -146,6 +156,26 @@ def build_optimizer(
             var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
         )
     return optimizer
+
+
+def apply_learning_rate_schedule(
+    optimizer: keras.optimizers.Optimizer, schedule: keras.optimizers.schedules.LearningRateSchedule
+) -> None:
+    """Set the optimizer's learning-rate variable to `schedule` at the optimizer's step counter.
+
+    Called by the training loop (inside its compiled step, before and after the update), so the
+    variable always holds the rate of the next step: the rate `current_learning_rate` reports and
+    a checkpoint stores. A `LossScaleOptimizer` forwards both to its inner optimizer, whose
+    counter skips the steps with non-finite gradients, as a schedule inside it would.
+    """
+    optimizer.learning_rate = schedule(optimizer.iterations)
+
+
+def learning_rate_variable_indices(optimizer: keras.optimizers.Optimizer) -> tuple[int, int]:
+    """Where the learning rate and the step counter sit in `optimizer.variables`, for a
+    stateless (JAX) step that sets the rate in the optimizer's state values."""
+    identities = [id(variable) for variable in optimizer.variables]
+    return identities.index(id(optimizer.learning_rate)), identities.index(id(optimizer.iterations))
 
 
 def build_loss(
@@ -159,14 +189,7 @@ def build_loss(
     )
 
 
-def build_metrics(num_classes: int | None = None) -> list[keras.metrics.Metric]:
-    """Accuracy, and top-5 accuracy unless there are 5 classes or fewer (where every prediction
-    is in the top 5, so it would always read 100%)."""
-    metrics: list[keras.metrics.Metric] = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    if num_classes is None or num_classes > 5:
-        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"))
-    return metrics
-
-
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    """The rate of the optimizer's next step (its learning-rate variable, or its schedule at its
+    step counter)."""
     return float(ops.convert_to_numpy(optimizer.learning_rate))

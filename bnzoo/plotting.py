@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bnzoo.atomic_files import removed_unless_renamed
+from bnzoo.atomic_files import replaced_atomically
 
 
 def _pyplot():
@@ -28,13 +28,11 @@ def _pyplot():
 
 def _save_figure(figure, path: str) -> None:
     pyplot = _pyplot()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    with removed_unless_renamed(tmp):
-        try:
-            figure.savefig(tmp, dpi=120, bbox_inches="tight")
-        finally:
-            pyplot.close(figure)
-        os.replace(tmp, path)
+    try:
+        with replaced_atomically(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        pyplot.close(figure)
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:

@@ -1,9 +1,9 @@
-"""The run folder: where each artifact lives, its lock, checkpoints with their training state,
+"""The run folder: the name of every artifact, its lock, checkpoints with their training state,
 `history.csv`, and whether a folder holds this run.
 
 A run folder (`runs/<date>-<model>-<dataset>/` by default) holds::
 
-    config.yaml            the resolved TrainConfig (bnzoo.config)
+    config.yaml            the chosen options and every value the run used (bnzoo.config)
     history.csv            one row per finished epoch, `epoch` counted from 1
     logs/                  TensorBoard event files (train/ and validation/)
     checkpoints/last.keras the newest finished epoch: weights, BN moving statistics, optimizer
@@ -15,6 +15,10 @@ A run folder (`runs/<date>-<model>-<dataset>/` by default) holds::
     training_curves.png    loss, accuracy and learning rate per epoch
     model.tflite           float32 and int8 TFLite models, written on request by
     model_int8.tflite      `python -m bnzoo.export` (bnzoo.export.tflite)
+
+`RunPaths` is the one place these names are spelled, so bnzoo knows exactly which files are its
+own: `--overwrite` removes those and nothing else, and a folder that holds no bnzoo run is never
+touched.
 
 Crash safety rests on one rule: every file is written under a temporary name and moved into
 place with `os.replace` (`bnzoo.atomic_files`). `checkpoints/last.keras` is the commit point of an
@@ -29,8 +33,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import fnmatch
 import io
 import json
+import math
 import os
 import shutil
 import zipfile
@@ -40,18 +46,28 @@ from typing import TYPE_CHECKING, Any
 from bnzoo.atomic_files import (
     atomic_write_text,
     copy_file_atomically,
-    fsync_directory,
-    fsync_file,
-    removed_unless_renamed,
+    replaced_atomically,
+    temporary_target,
 )
-from bnzoo.config import CONFIG_FILENAME, TrainConfig, config_differences, load_config
+from bnzoo.config import (
+    CONFIG_FILENAME,
+    MAX_EPOCHS,
+    TrainConfig,
+    config_differences,
+    is_run_config,
+    load_config,
+)
 
 if TYPE_CHECKING:
     import keras
 
 #: The member of a checkpoint's `.keras` archive that holds the training state.
 STATE_MEMBER = "bnzoo_training_state.json"
-STATE_FORMAT = 1
+#: 2: the optimizer holds its learning rate as a plain variable, set from the schedule by the
+#: training loop (format 1 serialized bnzoo's schedule inside the optimizer).
+STATE_FORMAT = 2
+#: A training state is ~200 bytes per epoch; a larger member is not one of ours.
+MAX_STATE_BYTES = 64 * 1024 * 1024
 
 HISTORY_COLUMNS = (
     "epoch",
@@ -66,28 +82,44 @@ HISTORY_COLUMNS = (
     "bn_statistics_seconds",
 )
 
+LOCK_FILENAME = ".lock"
+#: What TensorFlow's summary writer names its event files in logs/train and logs/validation.
+EVENT_FILE_PATTERN = "events.out.tfevents.*"
+#: What a SavedModel export writes (Keras' ExportArchive, then bnzoo's assets.extra/bnzoo.json).
+SAVED_MODEL_FILES = ("saved_model.pb", "fingerprint.pb", "keras_metadata.pb")
+SAVED_MODEL_VARIABLE_PATTERNS = ("variables.index", "variables.data-*-of-*")
+SAVED_MODEL_METADATA = os.path.join("assets.extra", "bnzoo.json")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunPaths:
-    """Where each artifact of a run lives."""
+    """Where each artifact of a run lives: the one owner of the run folder's file names."""
 
     run_dir: str
 
+    def _path(self, *names: str) -> str:
+        return os.path.join(self.run_dir, *names)
+
     @property
     def config(self) -> str:
-        return os.path.join(self.run_dir, CONFIG_FILENAME)
+        return self._path(CONFIG_FILENAME)
 
     @property
     def history(self) -> str:
-        return os.path.join(self.run_dir, "history.csv")
+        return self._path("history.csv")
 
     @property
     def logs(self) -> str:
-        return os.path.join(self.run_dir, "logs")
+        return self._path("logs")
+
+    @property
+    def log_folders(self) -> list[str]:
+        """The TensorBoard writers' folders under `logs`."""
+        return [os.path.join(self.logs, name) for name in ("train", "validation")]
 
     @property
     def checkpoints(self) -> str:
-        return os.path.join(self.run_dir, "checkpoints")
+        return self._path("checkpoints")
 
     @property
     def last_checkpoint(self) -> str:
@@ -97,38 +129,50 @@ class RunPaths:
     def best_checkpoint(self) -> str:
         return os.path.join(self.checkpoints, "best.keras")
 
+    def checkpoint(self, which: str) -> str:
+        """`last` or `best` (`--resume-from`)."""
+        return self.best_checkpoint if which == "best" else self.last_checkpoint
+
     @property
     def model(self) -> str:
-        return os.path.join(self.run_dir, "model.keras")
+        return self._path("model.keras")
 
     @property
     def saved_model(self) -> str:
-        return os.path.join(self.run_dir, "saved_model")
+        return self._path("saved_model")
 
     @property
     def metrics(self) -> str:
-        return os.path.join(self.run_dir, "metrics.json")
+        return self._path("metrics.json")
 
     @property
     def curves(self) -> str:
-        return os.path.join(self.run_dir, "training_curves.png")
+        return self._path("training_curves.png")
+
+    @property
+    def tflite_model(self) -> str:
+        """float32 TFLite model, written by `python -m bnzoo.export` from model.keras."""
+        return self._path("model.tflite")
+
+    @property
+    def tflite_int8_model(self) -> str:
+        """int8 TFLite model, written by `python -m bnzoo.export` from model.keras."""
+        return self._path("model_int8.tflite")
 
     @property
     def tflite_models(self) -> list[str]:
-        """Written by `python -m bnzoo.export` from model.keras, not by `train`."""
-        from bnzoo.export.tflite import FLOAT_FILENAME, INT8_FILENAME
+        return [self.tflite_model, self.tflite_int8_model]
 
-        return [os.path.join(self.run_dir, name) for name in (FLOAT_FILENAME, INT8_FILENAME)]
+    @property
+    def lock(self) -> str:
+        return self._path(LOCK_FILENAME)
 
-    def artifacts(self) -> list[str]:
-        """Everything `train` writes; `--overwrite` removes exactly these, nothing else."""
+    def files(self) -> list[str]:
+        """The run's files outside its folders (logs/, checkpoints/, saved_model/)."""
         return [
             self.config,
             self.history,
-            self.logs,
-            self.checkpoints,
             self.model,
-            self.saved_model,
             self.metrics,
             self.curves,
             *self.tflite_models,
@@ -137,30 +181,94 @@ class RunPaths:
     def final_artifacts(self, config: TrainConfig) -> list[str]:
         """The artifacts whose presence (with all epochs checkpointed) marks a complete run."""
         paths = [self.history, self.model, os.path.join(self.saved_model, "saved_model.pb")]
-        if config.test_split:
+        if config.resolved().test_split:
             paths.append(self.metrics)
         return paths
 
+    def results(self) -> list[str]:
+        """What a run that got somewhere leaves: committed epochs, history rows, a trained
+        model or test metrics. A folder with any of these is never replaced without
+        `--overwrite`."""
+        found = [
+            path
+            for path in (self.last_checkpoint, self.best_checkpoint, self.model, self.metrics)
+            if os.path.lexists(path)
+        ]
+        if _has_rows(self.history):
+            found.append(self.history)
+        return found
 
-def _is_temporary(name: str) -> bool:
-    return ".tmp-" in name or ".old-" in name
+
+def _has_rows(path: str) -> bool:
+    """Whether a history.csv has a row below its header (read only that far)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            return bool(stream.readline(65536)) and bool(stream.readline(65536).strip())
+    except OSError:
+        return False
+
+
+# --- Removing the run's own files -----------------------------------------------------------------
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def _remove_matching(folder: str, patterns: tuple[str, ...]) -> None:
+    """Remove `folder`'s entries named like `patterns`, then `folder` if that emptied it."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return
+    for name in os.listdir(folder):
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            _remove(os.path.join(folder, name))
+    with contextlib.suppress(OSError):  # not empty: the user's files stay, and so does it
+        os.rmdir(folder)
 
 
 def remove_temporary_files(paths: RunPaths) -> None:
-    """Delete what a killed process left half-written (never a committed artifact)."""
-    for folder in (paths.run_dir, paths.checkpoints):
-        if not os.path.isdir(folder):
+    """Delete what a killed bnzoo process left half-written: entries whose name follows
+    `bnzoo.atomic_files`' temporary scheme *for one of the run's own artifacts* (never a
+    committed artifact, never a user's file that merely contains `.tmp-`)."""
+    own = {
+        paths.run_dir: {os.path.basename(path) for path in [*paths.files(), paths.saved_model]},
+        paths.checkpoints: {
+            os.path.basename(paths.last_checkpoint),
+            os.path.basename(paths.best_checkpoint),
+        },
+    }
+    for folder, targets in own.items():
+        if not os.path.isdir(folder) or os.path.islink(folder):
             continue
         for name in os.listdir(folder):
-            if _is_temporary(name):
-                target = os.path.join(folder, name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target, ignore_errors=True)
-                else:
-                    os.remove(target)
+            if temporary_target(name) in targets:
+                _remove(os.path.join(folder, name))
 
 
-LOCK_FILENAME = ".lock"
+def remove_run_artifacts(paths: RunPaths) -> None:
+    """`--overwrite`, or a run that never finished an epoch: remove what a bnzoo run writes,
+    by name, and the run's folders when that empties them; any other file stays."""
+    remove_temporary_files(paths)
+    for path in paths.files():
+        with contextlib.suppress(FileNotFoundError):
+            if not os.path.isdir(path) or os.path.islink(path):
+                os.remove(path)
+    _remove_matching(
+        paths.checkpoints,
+        (os.path.basename(paths.last_checkpoint), os.path.basename(paths.best_checkpoint)),
+    )
+    for folder in paths.log_folders:
+        _remove_matching(folder, (EVENT_FILE_PATTERN,))
+    _remove_matching(paths.logs, ())
+    saved_model = paths.saved_model
+    _remove_matching(os.path.join(saved_model, "variables"), SAVED_MODEL_VARIABLE_PATTERNS)
+    _remove_matching(os.path.join(saved_model, os.path.dirname(SAVED_MODEL_METADATA)), ("*.json",))
+    _remove_matching(os.path.join(saved_model, "assets"), ())
+    _remove_matching(saved_model, SAVED_MODEL_FILES)
 
 
 @contextlib.contextmanager
@@ -176,7 +284,15 @@ def locked_run_folder(paths: RunPaths):
     except ImportError:  # pragma: no cover - not POSIX: no locking
         yield
         return
-    with open(os.path.join(paths.run_dir, LOCK_FILENAME), "a") as stream:
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(paths.lock, flags, 0o666)
+    except OSError as error:
+        raise ValueError(
+            f"{paths.lock}: cannot open the run folder's lock file ({error.strerror}); "
+            "choose another --output-dir"
+        ) from None
+    with open(fd, "a") as stream:
         try:
             fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -190,47 +306,119 @@ def locked_run_folder(paths: RunPaths):
             fcntl.flock(stream, fcntl.LOCK_UN)
 
 
-def remove_run_artifacts(paths: RunPaths) -> None:
-    """`--overwrite`: remove the previous run's artifacts, leaving any other file alone."""
-    remove_temporary_files(paths)
-    for path in paths.artifacts():
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
-# --- Checkpoints ---------------------------------------------------------------------------------
+# --- Checkpoints ----------------------------------------------------------------------------------
 
 
 def save_checkpoint(model: keras.Model, path: str, state: dict[str, Any]) -> None:
     """Save the model with its optimizer and `state` (epoch, history, best) as one `.keras` file,
     atomically: a reader sees the previous checkpoint or this one, never a mix."""
-    tmp = f"{path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
-    with removed_unless_renamed(tmp):
+    with replaced_atomically(path) as tmp:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:
             archive.writestr(STATE_MEMBER, json.dumps(state, indent=1))
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    fsync_directory(os.path.dirname(path))
+
+
+def new_training_state() -> dict[str, Any]:
+    """The state of a run before its first epoch."""
+    return {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}
 
 
 def read_checkpoint_state(path: str) -> dict[str, Any] | None:
-    """The training state stored in checkpoint `path`, or None when there is no checkpoint."""
-    if not os.path.exists(path):
+    """The training state stored in checkpoint `path`, checked (`check_training_state`), or
+    None when there is no checkpoint.
+
+    Raises:
+        ValueError: not a readable bnzoo checkpoint, or a state that is not one bnzoo wrote;
+            one line naming the file and the key.
+    """
+    if not os.path.lexists(path):
         return None
     try:
         with zipfile.ZipFile(path) as archive:
-            state = json.loads(archive.read(STATE_MEMBER))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as error:
+            member = archive.getinfo(STATE_MEMBER)
+            if member.file_size > MAX_STATE_BYTES:
+                raise ValueError(f"its {STATE_MEMBER} is {member.file_size:,} bytes")
+            state = json.loads(archive.read(member))
+    except KeyError:
+        raise ValueError(f"{path} is not a readable bnzoo checkpoint (no {STATE_MEMBER})") from None
+    except (
+        zipfile.BadZipFile,
+        ValueError,  # json's errors, UnicodeDecodeError, ours above
+        OSError,
+        EOFError,
+        NotImplementedError,  # an unsupported compression method
+        RecursionError,
+    ) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise ValueError(f"{path} is not a readable bnzoo checkpoint ({reason})") from None
+    return check_training_state(state, f"{path} ({STATE_MEMBER})")
+
+
+def _is_count(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_EPOCHS
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_training_state(state: Any, source: str) -> dict[str, Any]:
+    """`state` if it is a training state as `bnzoo.callbacks.RunCheckpoint` writes it: `format`,
+    `epoch` (committed epochs), `history` (one row per epoch, `epoch` 1, 2, ... and numbers) and
+    `best` (null, or the monitored metric's best value and its epoch).
+
+    Checked before any work starts: a state that fails only when the first epoch commits would
+    lose that epoch's work.
+
+    Raises:
+        ValueError: `{source}: <key> ...`, naming the key.
+    """
+
+    def fail(message: str) -> None:
+        raise ValueError(f"{source}: {message}; the checkpoint is damaged or not bnzoo's")
+
+    if not isinstance(state, dict):
+        fail(f"the training state must be a JSON object, got a {type(state).__name__}")
+    if state.get("format") == 1:
         raise ValueError(
-            f"{path} is not a readable bnzoo checkpoint ({error}); pass --overwrite to start "
-            "the run over"
-        ) from None
+            f"{source}: a checkpoint of an earlier bnzoo (format 1) whose optimizer holds a "
+            "learning-rate schedule this version does not restore; finish the run with the "
+            "version that started it, or train it again in a new --output-dir"
+        )
     if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
+        fail(f"format must be {STATE_FORMAT}, got {state.get('format')!r}")
+    for key in ("epoch", "history", "best"):
+        if key not in state:
+            fail(f"{key} is missing")
+    epoch = state["epoch"]
+    if not _is_count(epoch):
+        fail(f"epoch must be a count of epochs, got {epoch!r}")
+    history = state["history"]
+    if not isinstance(history, list) or len(history) != epoch:
+        fail(f"history must be a list of one row per epoch ({epoch}), got {_short(history)}")
+    for number, row in enumerate(history, start=1):
+        if not isinstance(row, dict) or row.get("epoch") != number:
+            fail(f"history row {number} must be a mapping with epoch: {number}, got {_short(row)}")
+        for key, value in row.items():
+            if key not in HISTORY_COLUMNS or not (key == "epoch" or _is_finite(value)):
+                fail(f"history row {number}: {key!r}: {_short(value)} is not a history value")
+    best = state["best"]
+    if best is not None and not (
+        isinstance(best, dict)
+        and isinstance(best.get("monitor"), str)
+        and _is_finite(best.get("value"))
+        and _is_count(best.get("epoch"), low=1)
+        and best["epoch"] <= epoch
+    ):
+        fail(
+            f"best must be null or {{monitor, value, epoch}} of a trained epoch, got {_short(best)}"
+        )
     return state
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def write_history_csv(path: str, rows: list[dict[str, Any]]) -> None:
@@ -262,11 +450,10 @@ def repair_best_checkpoint(paths: RunPaths, state: dict[str, Any]) -> None:
     best = state.get("best")
     if not best or best["epoch"] != state["epoch"]:
         return
-    best_state = (
-        read_checkpoint_state(paths.best_checkpoint)
-        if os.path.exists(paths.best_checkpoint)
-        else None
-    )
+    try:
+        best_state = read_checkpoint_state(paths.best_checkpoint)
+    except ValueError:  # damaged: last.keras holds the best epoch, so the copy repairs it
+        best_state = None
     if best_state is None or best_state["epoch"] != best["epoch"]:
         copy_file_atomically(paths.last_checkpoint, paths.best_checkpoint)
 
@@ -279,10 +466,44 @@ def is_complete(paths: RunPaths, config: TrainConfig, state: dict[str, Any] | No
     )
 
 
-def committed_epochs(paths: RunPaths) -> int:
-    """Epochs committed in the run folder (0 without a checkpoint)."""
-    state = read_checkpoint_state(paths.last_checkpoint)
+def committed_epochs(paths: RunPaths, which: str = "last") -> int:
+    """Epochs committed in the run folder's `which` checkpoint (0 without one)."""
+    state = read_checkpoint_state(paths.checkpoint(which))
     return 0 if state is None else int(state["epoch"])
+
+
+def read_resume_state(paths: RunPaths, which: str = "last") -> dict[str, Any] | None:
+    """The state of the checkpoint a run resumes from (`--resume-from`), or None without one.
+
+    Raises:
+        ValueError: the checkpoint is damaged (or, with `best`, missing). When last.keras is
+            damaged but best.keras is intact, the message offers `--resume-from best` rather
+            than `--overwrite`, which would delete best.keras too.
+    """
+    path = paths.checkpoint(which)
+    if which == "best" and not os.path.lexists(path):
+        raise ValueError(
+            f"--resume-from best: {paths.run_dir} has no {path} to resume from; leave "
+            "--resume-from out to resume from the last checkpoint"
+        )
+    try:
+        return read_checkpoint_state(path)
+    except ValueError as error:
+        if which == "best":
+            raise
+        try:
+            best = read_checkpoint_state(paths.best_checkpoint)
+        except ValueError:
+            best = None
+        if best is not None:
+            raise ValueError(
+                f"{error}; {paths.best_checkpoint} is intact (epoch {best['epoch']}): rerun with "
+                "--resume-from best to continue from it (the epochs after it are trained again)"
+            ) from None
+        raise ValueError(
+            f"{error}; no intact checkpoint is left to resume from: pass --overwrite to start "
+            "the run over"
+        ) from None
 
 
 def check_run_folder(
@@ -292,56 +513,85 @@ def check_run_folder(
 ) -> str:
     """Decide what to do with `run_dir` for `config`.
 
-    - A missing or empty folder (or `config.overwrite`): a new run.
+    - A missing or empty folder: a new run.
+    - A folder that holds no bnzoo run (no config.yaml written by train.py): refused, with or
+      without `--overwrite` (which only ever replaces a bnzoo run's own files).
+    - A bnzoo run and `config.overwrite`: a new run (the caller removes the old run's files).
     - The same run: resume it. `--epochs` may differ: raising it extends a run, finished or
       not, and the remaining epochs follow the schedule of the new `--epochs` (a cosine schedule
       is stretched to end at the new last epoch, so the rate rises from where the shorter
       schedule ended and anneals to 0 again; constant and exponential schedules just go on).
       Lowering it below the epochs already trained is refused.
-    - A different run that never finished an epoch (killed in its first): there is nothing to
-      lose, so it is replaced, and `log` says so.
+    - A different run that left no results (no checkpoint, history row, model.keras or
+      metrics.json: it was killed in its first epoch): there is nothing to lose, so it is
+      replaced, and `log` says so.
+
+    "The same run" compares the values the runs use (`TrainConfig.identity`): the saved run's
+    `resolved:` values with this config's, so a default derived differently (another
+    optimizer's learning rate) makes a different run even when no option names it.
 
     Returns:
         "new" (the caller clears the folder's artifacts) or "resume".
 
     Raises:
-        ValueError: the folder holds a different run with trained epochs, files that are not a
-            bnzoo run, or more epochs than `config.epochs`, and `config.overwrite` is not set.
+        ValueError: the folder holds files that are not a bnzoo run, a different run with
+            results, a run whose checkpoint is missing or damaged, or more epochs than
+            `config.epochs`; one line that says what to do.
     """
     run_dir = os.fspath(run_dir)
-    if not os.path.exists(run_dir):
-        _check_creatable(run_dir)
-        return "new"
-    if not os.path.isdir(run_dir):
-        raise ValueError(f"--output-dir {run_dir} is a file, not a folder; choose another path")
-    if config.overwrite:
-        return "new"
-    if not os.path.exists(os.path.join(run_dir, CONFIG_FILENAME)):
-        # `.lock` is the lock file of `locked_run_folder`; alone, it means a run killed at birth.
-        if [name for name in os.listdir(run_dir) if name != LOCK_FILENAME]:
+    paths = RunPaths(run_dir)
+
+    def new() -> str:
+        if config.resume_from == "best":
             raise ValueError(
-                f"--output-dir {run_dir} is not empty and holds no bnzoo run (no "
-                f"{CONFIG_FILENAME}); choose another --output-dir or pass --overwrite"
+                f"--resume-from best: {run_dir} holds no run of these options to resume; drop "
+                "--resume-from to start one"
             )
         return "new"
+
+    if not os.path.lexists(run_dir):
+        _check_creatable(run_dir)
+        return new()
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"--output-dir {run_dir} is a file, not a folder; choose another path")
+    # `.lock` is the lock file of `locked_run_folder`; alone, it means a run killed at birth.
+    if not [name for name in os.listdir(run_dir) if name != LOCK_FILENAME]:
+        return new()
+    if not is_run_config(paths.config):
+        raise ValueError(
+            f"--output-dir {run_dir} is not empty and holds no bnzoo run (no {CONFIG_FILENAME} "
+            "written by train.py), so nothing in it is replaced, with --overwrite or without: "
+            "choose another --output-dir"
+        )
+    if config.overwrite:
+        return new()
     saved = load_config(run_dir)
-    epochs = committed_epochs(RunPaths(run_dir))
+    state = read_resume_state(paths, config.resume_from)
+    epochs = 0 if state is None else int(state["epoch"])
+    results = paths.results()
     differences = [
         difference
         for difference in config_differences(saved, config)
         if not difference.startswith("epochs:")
     ]
-    if differences and epochs == 0:
+    if differences and not results:
         if log is not None:
             log(
                 f"replacing {run_dir}: it holds a different run ({'; '.join(differences)}) "
                 "that never finished an epoch"
             )
-        return "new"
+        return new()
     if differences:
         raise ValueError(
             f"{run_dir} holds a different run ({'; '.join(differences)}); pass --overwrite to "
             "replace it or choose another --output-dir"
+        )
+    if state is None and results:
+        lost = ", ".join(os.path.relpath(path, run_dir) for path in results)
+        raise ValueError(
+            f"{run_dir} holds this run's results ({lost}) but no checkpoint to resume from "
+            f"({os.path.relpath(paths.last_checkpoint, run_dir)} is missing); pass --overwrite "
+            "to train it again or choose another --output-dir"
         )
     if config.epochs < epochs:
         raise ValueError(
@@ -370,26 +620,23 @@ def _check_creatable(run_dir: str) -> None:
 
 
 def discard_unstarted_run(paths: RunPaths, remove_folder: bool) -> bool:
-    """Remove what a run wrote if it never committed an epoch; returns whether it did.
+    """Remove what a run wrote if it left no results; returns whether it did.
 
     Called when a run fails or is interrupted: without a committed epoch there is nothing to
     resume, and the leftover config.yaml would make the corrected command fail as "a different
-    run". Nothing happens while another process holds the folder's lock, or once an epoch is
-    committed. `remove_folder` also removes the folder itself when it is then empty (the run
-    created it).
+    run". Nothing happens while another process holds the folder's lock, or once the folder
+    holds results (`RunPaths.results`: a committed epoch, a history row, a model, metrics).
+    `remove_folder` also removes the folder itself when it is then empty (the run created it).
     """
     if not os.path.isdir(paths.run_dir):
         return False
     try:
         with locked_run_folder(paths):
-            try:
-                if committed_epochs(paths) > 0:
-                    return False
-            except ValueError:  # an unreadable checkpoint is not ours to judge
+            if paths.results():
                 return False
             remove_run_artifacts(paths)
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(paths.run_dir, LOCK_FILENAME))
+                os.remove(paths.lock)
     except ValueError:  # in use by another train.py
         return False
     if remove_folder:

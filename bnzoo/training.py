@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from typing import Any
 
 import keras
 
-from bnzoo.atomic_files import save_model_atomically
+from bnzoo.atomic_files import copy_file_atomically, is_disk_full, save_model_atomically
 from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
 from bnzoo.cli import EXIT_AT_ONCE, Terminated, UsageError
 from bnzoo.config import CUMULATIVE, TrainConfig, default_output_dir, load_config, save_config
@@ -53,20 +54,21 @@ from bnzoo.memory import check_input_batch_fits, check_training_step_fits
 from bnzoo.model_args import check_model_options
 from bnzoo.optimization import (
     build_loss,
-    build_metrics,
     build_optimizer,
+    build_schedule,
     current_learning_rate,
 )
 from bnzoo.precision import has_gpu, resolve_policy
 from bnzoo.run_folder import (
-    STATE_FORMAT,
     RunPaths,
     check_run_folder,
     committed_epochs,
     discard_unstarted_run,
     is_complete,
     locked_run_folder,
+    new_training_state,
     read_checkpoint_state,
+    read_resume_state,
     remove_run_artifacts,
     remove_temporary_files,
     repair_best_checkpoint,
@@ -216,6 +218,7 @@ def describe_evaluation_splits(config: TrainConfig) -> str:
     """`validating on X, testing on Y`, noting that an image folder's slices are stratified."""
     from bnzoo.data.image_folder import FILE_ORDER_SEED, PREFIX
 
+    config = config.resolved()
     text = (f"validating on {config.val_split}" if config.val_split else "no validation split") + (
         f", testing on {config.test_split}" if config.test_split else ", no test split"
     )
@@ -263,6 +266,7 @@ def warn_about_overlapping_splits(config: TrainConfig, log: Log = _print) -> Non
     training split: its accuracy would be measured partly on training data."""
     from bnzoo.data import overlapping_examples
 
+    config = config.resolved()
     for flag, split in (("--val-split", config.val_split), ("--test-split", config.test_split)):
         if not split:
             continue
@@ -394,6 +398,9 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
     check_model_options(config)
     if config.output_dir is None:
         config.output_dir = default_output_dir(config)
+    # The derived options' values (learning rate, weight decay, splits), which the run reads
+    # throughout; config.yaml still tells them from the chosen ones.
+    config = config.resolved()
     paths = RunPaths(config.output_dir)
     plan = plan_distribution(config.distribute)
 
@@ -448,7 +455,7 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
 
 def _inspect_run_folder(config: TrainConfig, paths: RunPaths, log: Log) -> _FolderVerdict:
     mode = check_run_folder(paths.run_dir, config, log=log)
-    state = read_checkpoint_state(paths.last_checkpoint) if mode == "resume" else None
+    state = read_resume_state(paths, config.resume_from) if mode == "resume" else None
     complete = is_complete(paths, config, state)
     if mode == "resume" and not complete:
         saved_epochs = load_config(paths.run_dir).epochs
@@ -619,12 +626,9 @@ def _run(
         # Before the optimizer, which is built for the trainable variables (also on resuming:
         # the checkpoint's optimizer holds variables for those alone).
         freeze(model, config, log)
-        optimizer = build_optimizer(config, model, steps_per_epoch)
-        model.compile(
-            optimizer=optimizer,
-            loss=build_loss(config),
-            metrics=build_metrics(train_info.num_classes),
-        )
+        # Compiled for the optimizer alone (the loop computes the loss and metrics itself):
+        # Keras then wraps it for loss scaling under mixed_float16 and saves it in checkpoints.
+        model.compile(optimizer=build_optimizer(config, model, steps_per_epoch))
         # The optimizer's variables must exist before a checkpoint can fill them.
         model.optimizer.build(model.trainable_variables)
     if has_input_convention(model):
@@ -652,11 +656,18 @@ def _run(
                 remove_run_artifacts(paths)
             else:
                 remove_temporary_files(paths)
+                if config.resume_from == "best":
+                    best = read_resume_state(paths, "best")
+                    log(
+                        f"resuming from {paths.best_checkpoint} (epoch {best['epoch']}), which "
+                        f"replaces {paths.last_checkpoint}"
+                    )
+                    copy_file_atomically(paths.best_checkpoint, paths.last_checkpoint)
                 # Read again under the lock: a process that held it may have committed since.
                 state = read_checkpoint_state(paths.last_checkpoint)
             # config.yaml first: a kill right after it leaves a folder that resumes. A resumed
             # run rewrites it too, recording a raised --epochs and where the data is now.
-            save_config(config, paths.run_dir)
+            save_config(config, paths.run_dir, resumed=verdict.mode == "resume")
             os.makedirs(paths.checkpoints, exist_ok=True)
             if state is not None:
                 # Outside the strategy's scope: loading creates throwaway Keras objects (an
@@ -665,7 +676,7 @@ def _run(
                 model.load_weights(paths.last_checkpoint)
                 repair_best_checkpoint(paths, state)
             else:
-                state = {"format": STATE_FORMAT, "epoch": 0, "history": [], "best": None}
+                state = new_training_state()
             write_history_csv(paths.history, state["history"])
             return state
 
@@ -717,9 +728,19 @@ def _run(
         # early would look like a crashed one to the chief's runtime).
         def write_artifacts():
             with cluster.host_local():
-                return write_final_artifacts(
-                    model, paths, config, train_info, image_size, test_ds, state["history"], log
-                )
+                try:
+                    return write_final_artifacts(
+                        model, paths, config, train_info, image_size, test_ds, state["history"], log
+                    )
+                except OSError as error:
+                    if not is_disk_full(error):
+                        raise
+                    raise OSError(
+                        errno.ENOSPC,
+                        f"{error.strerror or error}: the {plural(config.epochs, 'epoch')} are "
+                        f"committed in {paths.last_checkpoint}; free some space, then rerun the "
+                        "same command to write the final files",
+                    ) from None
 
         metrics = _on_chief(cluster, write_artifacts)
         return RunResult(paths.run_dir, config.epochs, initial_epoch, False, metrics)
@@ -779,6 +800,7 @@ def _train_epochs(
         build_loss(config, reduction=None),
         config.batch_size,
         num_classes=inputs.train_info.num_classes,
+        learning_rate_schedule=build_schedule(config, steps_per_epoch),
     )
     make_val_batches = inputs.evaluation_batches(val_ds, val_info) if val_ds is not None else None
     # Only the chief writes: checkpoints (which commit first, so TensorBoard never shows an

@@ -19,9 +19,14 @@ Both compute what `model.fit` reports:
   of the global batch's loss.
 - `accuracy`, `top5_accuracy`: `keras.metrics.categorical_accuracy` and
   `top_k_categorical_accuracy(k=5)` over every example of the epoch. Top-5 accuracy is left out
-  with 5 classes or fewer, where every prediction is in the top 5 (as `build_metrics` does).
+  with 5 classes or fewer, where every prediction is in the top 5 (`reports_top_k`).
 - Evaluation: the same over every example of the split, the last batch padded with examples of
   weight 0 so that every replica runs the same number of equally shaped steps.
+
+The learning rate follows the run's schedule: each step sets the optimizer's learning-rate
+variable from the schedule at the optimizer's step counter, before the update and again after it
+(`bnzoo.optimization.apply_learning_rate_schedule`), so the variable always holds the next
+step's rate and a checkpoint saves a plain optimizer.
 
 Mixed precision: the logits are cast to float32 before the loss, and the loss goes through the
 optimizer's `scale_loss` (identity, or dynamic loss scaling under `mixed_float16`, where
@@ -38,6 +43,7 @@ import numpy as np
 from keras import ops
 
 from bnzoo.distribution import Distribution
+from bnzoo.optimization import apply_learning_rate_schedule, learning_rate_variable_indices
 from bnzoo.signals import raise_if_interrupted
 
 #: Builds this worker's input batches `(images, one-hot labels)`: see `bnzoo.training_data`.
@@ -78,6 +84,8 @@ class TrainingLoop:
         global_batch_size: examples per step over all replicas.
         num_classes: the classifier's classes; with 5 or fewer the logs have no
             `top5_accuracy`. None: always report it.
+        learning_rate_schedule: sets the optimizer's learning rate at every step, from its
+            step counter; None: the optimizer's rate stays as it is.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class TrainingLoop:
         loss_fn: keras.losses.Loss,
         global_batch_size: int,
         num_classes: int | None = None,
+        learning_rate_schedule: keras.optimizers.schedules.LearningRateSchedule | None = None,
     ):
         self.model = model
         self.distribution = distribution
@@ -94,6 +103,7 @@ class TrainingLoop:
         self.global_batch_size = global_batch_size
         self.num_classes = num_classes
         self.top_k = reports_top_k(num_classes)
+        self.learning_rate_schedule = learning_rate_schedule
 
     def train_epoch(
         self, make_batches: BatchesFactory, steps: int, on_step: StepCallback | None = None
@@ -179,7 +189,13 @@ class TensorFlowLoop(TrainingLoop):
 
     def _distributed_train_step(self, iterator):
         images, labels = next(iterator)
-        return self.distribution.strategy.run(self._replica_train, args=(images, labels))
+        schedule = self.learning_rate_schedule
+        if schedule is not None:  # in cross-replica context: every replica's copy at once
+            apply_learning_rate_schedule(self.model.optimizer, schedule)
+        sums = self.distribution.strategy.run(self._replica_train, args=(images, labels))
+        if schedule is not None:
+            apply_learning_rate_schedule(self.model.optimizer, schedule)
+        return sums
 
     def _distributed_evaluation_step(self, batch):
         return self.distribution.strategy.run(self._replica_evaluation_step, args=batch)
@@ -238,6 +254,11 @@ class JaxLoop(TrainingLoop):
         model = self.model
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
+        self._learning_rate_slots = (
+            learning_rate_variable_indices(model.optimizer)
+            if self.learning_rate_schedule is not None
+            else None
+        )
         state_shardings = None
         if keras.distribution.distribution() is not None:
             state_shardings = tuple(
@@ -304,11 +325,23 @@ class JaxLoop(TrainingLoop):
         (_, (loss, accuracy, top5, non_trainable)), gradients = gradient_fn(
             trainable, non_trainable
         )
+        optimizer_values = self._scheduled(optimizer_values)
         trainable, optimizer_values = optimizer.stateless_apply(
             optimizer_values, gradients, trainable
         )
+        optimizer_values = self._scheduled(optimizer_values)
         sums = ops.stack([loss, ops.sum(accuracy), ops.sum(top5)])
         return (trainable, non_trainable, optimizer_values), sums
+
+    def _scheduled(self, optimizer_values):
+        """The optimizer's state values with the learning rate set from the schedule at their
+        step counter (`apply_learning_rate_schedule`, stateless)."""
+        if self._learning_rate_slots is None:
+            return optimizer_values
+        rate, step = self._learning_rate_slots
+        values = list(optimizer_values)
+        values[rate] = ops.cast(self.learning_rate_schedule(values[step]), values[rate].dtype)
+        return values
 
     def _pure_evaluation_step(self, trainable, non_trainable, images, labels):
         model = self.model
@@ -362,12 +395,14 @@ def make_training_loop(
     loss_fn: keras.losses.Loss,
     global_batch_size: int,
     num_classes: int | None = None,
+    learning_rate_schedule: keras.optimizers.schedules.LearningRateSchedule | None = None,
 ) -> TrainingLoop:
     """The loop for the current Keras backend (arguments: `TrainingLoop`'s)."""
+    arguments = (model, distribution, loss_fn, global_batch_size, num_classes)
     if keras.backend.backend() == "jax":
-        return JaxLoop(model, distribution, loss_fn, global_batch_size, num_classes)
+        return JaxLoop(*arguments, learning_rate_schedule)
     if keras.backend.backend() == "tensorflow":
-        return TensorFlowLoop(model, distribution, loss_fn, global_batch_size, num_classes)
+        return TensorFlowLoop(*arguments, learning_rate_schedule)
     raise ValueError(
         f"train.py trains on the tensorflow or jax backend, not {keras.backend.backend()!r}; "
         "set KERAS_BACKEND"

@@ -111,6 +111,10 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
+# `import models` registers everything a `.keras` file written by bnzoo can refer to: the
+# builders' own layers (GoogLeNet's LRN, the weights' input preprocessing); checkpoints hold a
+# plain Keras optimizer. So `import layers, models` is enough for `keras.saving.load_model` on
+# any file bnzoo writes.
 # This imports Keras and TensorFlow, so it is skipped only while `python -m models` locates its
 # `__main__` (sys.argv[0] is "-m" then): that command parses its arguments first and answers
 # `--help` without TensorFlow.

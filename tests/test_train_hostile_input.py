@@ -1,13 +1,54 @@
-"""train.py given hostile command lines and config files, in a real process: each mistake is
-one line on stderr and exit status 2 (a bad command line), answered before TensorFlow is
-imported, with no run folder left behind."""
+"""train.py and evaluate.py given hostile command lines and config files: each mistake is one
+line on stderr and exit status 2 (a bad command line), answered before TensorFlow is imported,
+with no run folder left behind.
 
+Argument errors never import TensorFlow, so they are checked in process: the scripts' `main`
+under `bnzoo.cli.run_cli`, exactly what `python train.py` runs, with the TensorFlow import made
+to fail. A few cases run the real script in a subprocess for the process's exit contract.
+"""
+
+import importlib.util
 import os
 
 import pytest
 import yaml
 
-from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR
+from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name[: -len(".py")], os.path.join(ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_in_process(monkeypatch, capsys):
+    """`run(script, *argv)` runs the script's `main` as `python script` does and returns (exit
+    status, the stderr lines, stdout); importing TensorFlow fails the test."""
+
+    def forbidden():
+        raise AssertionError("the argument error came after TensorFlow was imported")
+
+    def run(script, *argv):
+        module = load_script(script)
+        monkeypatch.setattr(module, "import_tensorflow_quietly", forbidden)
+        status = run_cli(module.main, [str(arg) for arg in argv], prog=script)
+        captured = capsys.readouterr()
+        return status, captured.err.splitlines(), captured.out
+
+    return run
+
+
+def one_error_line(result, status, script="train.py"):
+    code, lines, _ = result
+    assert code == status, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{script}: error: "), lines[0]
+    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -83,11 +124,13 @@ from bnzoo.cli import EXIT_USAGE, EXIT_USER_ERROR
         (["--weights", ""], "argument --weights: must not be empty (use none"),
     ],
 )
-def test_bad_flags_exit_2_in_one_line_naming_the_flag(argv, message, tmp_path, run_script):
-    output_dir = tmp_path / "run"
-    result = run_script.run("train.py", *argv, "--output-dir", output_dir, cwd=tmp_path)
-    assert message in run_script.error_line(result, EXIT_USAGE)
-    assert result.stdout == ""
+def test_bad_flags_exit_2_in_one_line_naming_the_flag(
+    argv, message, tmp_path, monkeypatch, run_in_process
+):
+    monkeypatch.chdir(tmp_path)
+    result = run_in_process("train.py", *argv, "--output-dir", tmp_path / "run")
+    assert message in one_error_line(result, EXIT_USAGE)
+    assert result[2] == ""
     assert os.listdir(tmp_path) == []  # no run folder, no runs/
 
 
@@ -101,51 +144,84 @@ def test_bad_flags_exit_2_in_one_line_naming_the_flag(argv, message, tmp_path, r
         ("model_args: {when: 2024-01-01}\n", "model_args when: datetime.date(2024, 1, 1) is a"),
         ("val_split: false\n", "val_split must be a value, got false (use null to turn it off)"),
         ("lr: [0.1]\n", "lr must be a single value, got [0.1]"),
-        ("lr: .inf\n", "argument --lr: must be a finite number"),
-        ("image_size: [32, 32, 3]\n", "argument --image-size: expected SIZE or HEIGHT,WIDTH"),
-        ("output_dir: ''\n", "argument --output-dir: must not be empty"),
+        ("lr: .inf\n", "run.yaml: lr must be a finite number in (0, 10], got inf"),
+        ("image_size: [32, 32, 3]\n", "image_size expected SIZE or HEIGHT,WIDTH"),
+        ("output_dir: ''\n", "output_dir must not be empty (use none for the default)"),
         ("- a list\n", "expected a mapping of option: value"),
         ("bogus: 1\n", "unknown option 'bogus'"),
         ("dataset: null\n", "dataset needs a value, got null"),
         ("train_split: ~\n", "train_split needs a value, got null"),
         ("model_args: {widths: " + "[" * 5000 + "}\n", "nested too deeply"),
         ("lr: \xff\n", "not a text (UTF-8) file"),
-        ("bn_statistics_batches: 0\n", "argument --bn-statistics-batches: must be a positive"),
-        ("collective_timeout: .inf\n", "argument --collective-timeout: must be a finite number"),
+        ("bn_statistics_batches: 0\n", "bn_statistics_batches must be a positive integer"),
+        ("collective_timeout: .inf\n", "collective_timeout must be a finite number"),
         ("collective_timeout: null\n", "collective_timeout needs a value, got null"),
         ("sync_bn: 'yes'\n", "sync_bn must be true or false, got 'yes'"),
         ("mixed_precision: 'no'\n", "mixed_precision must be true, false or null, got 'no'"),
         ("distribute: null\n", "distribute needs a value, got null"),
+        ("a: &a [1, 1]\nb: [*a, *a]\n", "line 2: an alias (*a) repeats a value by reference"),
+        ("1: 2\n", "run.yaml: 1 is not an option name"),
+        ("model_args: 5\n", "model_args must be a mapping such as {widths: [32, 64]}, got 5"),
+        (
+            "batch_size: lots\n",
+            "batch_size must be a positive integer (at most 1048576), got 'lots'",
+        ),
+        ("recipe: nope\n", "recipe must be one of"),
+        ("resolved: {lr: 0}\n", "run.yaml (resolved): lr must be in (0, 10], got 0"),
     ],
 )
-def test_bad_config_files_exit_2_in_one_line(text, message, tmp_path, run_script):
+def test_bad_config_files_exit_2_in_one_line(text, message, tmp_path, monkeypatch, run_in_process):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "run.yaml"
     path.write_bytes(text.encode("latin-1") if "\xff" in text else text.encode())
-    result = run_script.run(
-        "train.py", "--config", path, "--output-dir", tmp_path / "run", cwd=tmp_path
-    )
-    assert message in run_script.error_line(result, EXIT_USAGE)
+    result = run_in_process("train.py", "--config", path, "--output-dir", tmp_path / "run")
+    assert message in one_error_line(result, EXIT_USAGE)
     assert os.listdir(tmp_path) == ["run.yaml"]
 
 
-def test_a_missing_config_file_is_a_run_time_error_exit_1(tmp_path, run_script):
-    result = run_script.run("train.py", "--config", tmp_path / "nope.yaml", cwd=tmp_path)
-    assert "nope.yaml: no such file" in run_script.error_line(result, EXIT_USER_ERROR)
+@pytest.mark.parametrize(
+    "argv, files, message",
+    [
+        (["--lr", "inf"], {}, "argument --lr: must be a finite number in (0, 10], got 'inf'"),
+        (["--config", "run.yaml"], {"run.yaml": "lr: [0.1]\n"}, "lr must be a single value"),
+        (["--freeze-backbone"], {}, "--freeze-backbone needs --weights"),
+    ],
+)
+def test_the_script_exits_2_with_one_line_and_leaves_nothing(
+    argv, files, message, tmp_path, run_script
+):
+    """The process's contract, on the real script: status 2, one stderr line, no traceback,
+    nothing on stdout, no run folder."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    result = run_script.run("train.py", *argv, "--output-dir", tmp_path / "run", cwd=tmp_path)
+    assert message in run_script.error_line(result, EXIT_USAGE)
+    assert result.stdout == ""
+    assert sorted(os.listdir(tmp_path)) == sorted(files)
 
 
-def test_a_run_folder_given_as_config_points_at_its_config_yaml(tmp_path, run_script):
+def test_a_missing_config_file_is_a_run_time_error_exit_1(tmp_path, run_in_process):
+    result = run_in_process("train.py", "--config", tmp_path / "nope.yaml")
+    assert "nope.yaml: no such file" in one_error_line(result, EXIT_USER_ERROR)
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_without_reading_it(run_in_process):
+    result = run_in_process("train.py", "--config", "/dev/zero")
+    assert "--config /dev/zero: not a regular file" in one_error_line(result, EXIT_USER_ERROR)
+
+
+def test_a_run_folder_given_as_config_points_at_its_config_yaml(tmp_path, run_in_process):
     (tmp_path / "config.yaml").write_text("epochs: 1\n")
-    result = run_script.run("train.py", "--config", tmp_path, cwd=tmp_path)
-    line = run_script.error_line(result, EXIT_USER_ERROR)
+    line = one_error_line(run_in_process("train.py", "--config", tmp_path), EXIT_USER_ERROR)
     assert line.endswith(f"is a folder, not a file; did you mean --config {tmp_path}/config.yaml?")
 
 
-def test_evaluate_output_into_a_missing_folder_fails_before_evaluating(tmp_path, run_script):
+def test_evaluate_output_into_a_missing_folder_fails_before_evaluating(tmp_path, run_in_process):
     """The model path does not even exist: the --output check comes first, before TensorFlow."""
-    result = run_script.run(
+    result = run_in_process(
         "evaluate.py", tmp_path / "no-model", "--output", tmp_path / "missing" / "m.json"
     )
-    line = run_script.error_line(result, EXIT_USER_ERROR, "evaluate.py")
+    line = one_error_line(result, EXIT_USER_ERROR, "evaluate.py")
     assert f"--output {tmp_path / 'missing' / 'm.json'}: folder" in line
     assert "does not exist; create it first" in line
 
@@ -160,14 +236,14 @@ def test_evaluate_output_into_a_missing_folder_fails_before_evaluating(tmp_path,
     ],
 )
 def test_evaluate_statistics_options_are_checked_before_anything_is_read(
-    argv, message, tmp_path, run_script
+    argv, message, tmp_path, run_in_process
 ):
     """The model path does not even exist: the options are wrong by themselves (exit 2)."""
-    result = run_script.run("evaluate.py", tmp_path / "no-model", *argv)
-    assert message in run_script.error_line(result, EXIT_USAGE, "evaluate.py")
+    result = run_in_process("evaluate.py", tmp_path / "no-model", *argv)
+    assert message in one_error_line(result, EXIT_USAGE, "evaluate.py")
 
 
-def test_a_run_config_repeats_the_run_in_its_own_folder_from_any_directory(tmp_path):
+def test_a_run_config_repeats_the_run_in_its_own_folder_from_any_directory(tmp_path, monkeypatch):
     """config.yaml names its run folder by where it is, not by the working directory it was
     written from: `--config <run>/config.yaml` resumes that run from anywhere, even moved."""
     from bnzoo.config import TrainConfig, parse_train_args, save_config
@@ -181,12 +257,53 @@ def test_a_run_config_repeats_the_run_in_its_own_folder_from_any_directory(tmp_p
     os.renames(run, moved)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    os.chdir(elsewhere)
-    try:
-        config = parse_train_args(["--config", "../archive/first/config.yaml"])
-        assert os.path.samefile(config.output_dir, moved)
-        # An explicit --output-dir still wins: repeat the run in a new folder.
-        again = parse_train_args(["--config", str(moved / "config.yaml"), "--output-dir", "new"])
-        assert again.output_dir == "new"
-    finally:
-        os.chdir(tmp_path)
+    monkeypatch.chdir(elsewhere)
+    config = parse_train_args(["--config", "../archive/first/config.yaml"])
+    assert os.path.samefile(config.output_dir, moved)
+    # An explicit --output-dir still wins: repeat the run in a new folder.
+    again = parse_train_args(["--config", str(moved / "config.yaml"), "--output-dir", "new"])
+    assert again.output_dir == "new"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "bnzoo.json: the description must be a JSON object, got [1, 2]"),
+        ('{"class_names": "abc"}', "bnzoo.json: class_names must be a list of strings"),
+        ('{"preprocessing": {"mean": [0.5], "std": [0]}}', "preprocessing must be a mapping whose"),
+        ('{"input": {"shape": [1, 2]}}', "bnzoo.json: input must be {shape: [null, height,"),
+        ("{", "bnzoo.json: not a JSON description of the export"),
+    ],
+)
+def test_a_damaged_export_description_is_one_line_naming_the_file(
+    content, message, tmp_path, capsys
+):
+    """`python -m bnzoo.export RUN` reads the run's saved_model/assets.extra/bnzoo.json before
+    TensorFlow: a file from elsewhere is refused in one line, not a traceback."""
+    from bnzoo.config import TrainConfig, save_config
+    from bnzoo.export.__main__ import main
+
+    save_config(TrainConfig(output_dir=str(tmp_path)), tmp_path)
+    (tmp_path / "model.keras").write_bytes(b"")
+    description = tmp_path / "saved_model" / "assets.extra" / "bnzoo.json"
+    description.parent.mkdir(parents=True)
+    description.write_text(content)
+    assert run_cli(main, [str(tmp_path)], prog="python -m bnzoo.export") == EXIT_USER_ERROR
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_overwrite_on_a_folder_holding_no_run_deletes_nothing(tmp_path, capsys):
+    """The user's logs/, checkpoints/, saved_model/ and metrics.json survive `--overwrite`:
+    it only ever replaces a bnzoo run's own files."""
+    folder = tmp_path / "mine"
+    names = ["logs/notes.txt", "checkpoints/x.keras", "saved_model/a.pb", "metrics.json"]
+    for name in names:
+        os.makedirs(os.path.dirname(folder / name), exist_ok=True)
+        (folder / name).write_text("the user's")
+    argv = ["--overwrite", "--output-dir", str(folder), "--train-split", "train[:64]"]
+    assert run_cli(load_script("train.py").main, argv, prog="train.py") == EXIT_USER_ERROR
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "holds no bnzoo run" in lines[0], lines
+    for name in names:
+        assert (folder / name).read_text() == "the user's"

@@ -3,15 +3,18 @@ exactly once in history.csv, the optimizer state (its step counter) carries over
 finishes with every artifact."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import keras
 import pytest
 
+from bnzoo.optimization import WarmupSchedule
 from bnzoo.run_folder import RunPaths, read_checkpoint_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +42,21 @@ def command(output_dir):
         "--output-dir",
         output_dir,
     ]
+
+
+#: Loads a checkpoint as a user does: importing keras, layers and models only.
+LOAD_WITH_LAYERS_AND_MODELS = """
+import json, sys
+import keras, layers, models
+checkpoint = keras.saving.load_model(sys.argv[1])
+optimizer = checkpoint.optimizer
+print(json.dumps({
+    "iterations": int(optimizer.iterations),
+    "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
+    "optimizer": type(optimizer).__name__,
+    "bnzoo": sorted(name for name in sys.modules if name.split(".")[0] == "bnzoo"),
+}))
+"""
 
 
 def committed_epoch(paths):
@@ -109,12 +127,31 @@ def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path)
     assert not leftovers
 
     # The optimizer state came back: its step counter counts every epoch exactly once. A resume
-    # that rebuilt a fresh optimizer would restart it (and the learning-rate schedule) at 0.
-    import layers  # noqa: F401  (bnzoo's BN layer, to load the checkpoint)
-    import models  # noqa: F401  (registers the schedule inside the checkpoint's optimizer)
-
-    checkpoint = keras.models.load_model(paths.last_checkpoint)
-    assert int(checkpoint.optimizer.iterations) == EPOCHS * STEPS_PER_EPOCH
+    # that rebuilt a fresh optimizer would restart it (and the learning-rate schedule) at 0. The
+    # checkpoint holds a plain Keras optimizer: it loads with keras, layers and models alone.
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_LAYERS_AND_MODELS, paths.last_checkpoint],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    checkpoint = json.loads(loaded.stdout.splitlines()[-1])
+    assert checkpoint["bnzoo"] == []
+    assert (checkpoint["optimizer"], checkpoint["iterations"]) == ("SGD", EPOCHS * STEPS_PER_EPOCH)
+    # The learning rate followed the schedule across the kill: each epoch's row holds the rate
+    # of the schedule (lr 0.1, half an epoch of warmup, cosine) at that epoch's last step.
+    schedule = WarmupSchedule(
+        0.1, STEPS_PER_EPOCH // 2, EPOCHS * STEPS_PER_EPOCH, steps_per_epoch=STEPS_PER_EPOCH
+    )
+    expected = [
+        float(keras.ops.convert_to_numpy(schedule(epoch * STEPS_PER_EPOCH)))
+        for epoch in range(1, EPOCHS + 1)
+    ]
+    assert [float(row["learning_rate"]) for row in rows] == pytest.approx(expected, abs=1e-7)
+    assert checkpoint["learning_rate"] == pytest.approx(expected[-1], abs=1e-7)
     state = read_checkpoint_state(paths.last_checkpoint)
     assert state["epoch"] == EPOCHS
     assert [row["epoch"] for row in state["history"]] == list(range(1, EPOCHS + 1))
@@ -228,3 +265,37 @@ def test_a_diverged_epoch_keeps_only_the_finite_epochs_before_it(
     else:
         assert str(raised.value) == f"{message}. The run folder keeps the last finite epoch (1)"
         assert committed_epoch(RunPaths(str(run_dir))) == 1
+
+
+@pytest.mark.slow
+def test_a_damaged_last_checkpoint_resumes_from_best_when_asked(tmp_path):
+    """A damaged last.keras is refused with the way on (`--resume-from best`), not --overwrite,
+    which would delete the intact best.keras; with it, the run continues from best.keras."""
+    from bnzoo.config import TrainConfig
+    from bnzoo.training import train
+
+    run_dir = tmp_path / "run"
+    options = dict(
+        train_split="train[:128]",
+        val_split="train[128:192]",
+        test_split=None,
+        batch_size=64,
+        model_args={"widths": [4, 8]},
+        output_dir=str(run_dir),
+    )
+    train(TrainConfig(**options, epochs=2), log=lambda line: None)
+    paths = RunPaths(str(run_dir))
+    best_epoch = read_checkpoint_state(paths.best_checkpoint)["epoch"]
+    with zipfile.ZipFile(paths.last_checkpoint, "w") as archive:  # readable zip, no state
+        archive.writestr("config.json", "{}")
+    with pytest.raises(ValueError) as raised:
+        train(TrainConfig(**options, epochs=3), log=lambda line: None)
+    assert "last.keras is not a readable bnzoo checkpoint" in str(raised.value)
+    assert f"is intact (epoch {best_epoch}): rerun with --resume-from best" in str(raised.value)
+    assert "--overwrite" not in str(raised.value)
+    lines = []
+    result = train(TrainConfig(**options, epochs=3, resume_from="best"), log=lines.append)
+    assert result.resumed_from_epoch == best_epoch
+    assert f"resuming from {paths.best_checkpoint} (epoch {best_epoch})" in "\n".join(lines)
+    state = read_checkpoint_state(paths.last_checkpoint)
+    assert [row["epoch"] for row in state["history"]] == [1, 2, 3]

@@ -3,6 +3,7 @@
 Small inline Keras models keep these fast; the end-to-end runs are in test_train_end_to_end.py.
 """
 
+import json
 import math
 import os
 import zipfile
@@ -13,12 +14,19 @@ import pytest
 
 from bnzoo.config import TrainConfig
 from bnzoo.memory import activation_elements, check_input_batch_fits, check_training_step_fits
-from bnzoo.optimization import WarmupSchedule, build_optimizer, build_schedule
+from bnzoo.optimization import (
+    WarmupSchedule,
+    build_optimizer,
+    build_schedule,
+    current_learning_rate,
+)
 from bnzoo.run_folder import (
+    STATE_FORMAT,
     STATE_MEMBER,
     RunPaths,
     read_checkpoint_state,
     read_history_csv,
+    read_resume_state,
     remove_run_artifacts,
     remove_temporary_files,
     repair_best_checkpoint,
@@ -116,9 +124,13 @@ def test_weight_decay_shrinks_kernels_but_not_biases_or_batch_norm_parameters():
     "name, expected_class", [("sgd", "SGD"), ("adam", "Adam"), ("adamw", "AdamW")]
 )
 def test_optimizer_choice(name, expected_class):
-    optimizer = build_optimizer(TrainConfig(optimizer=name), small_model(), steps_per_epoch=5)
+    config = TrainConfig(optimizer=name)
+    optimizer = build_optimizer(config, small_model(), steps_per_epoch=5)
     assert type(optimizer).__name__ == expected_class
-    assert isinstance(optimizer.learning_rate, float) or optimizer.learning_rate is not None
+    # A plain rate, the schedule's at step 0 (the loop keeps it on the schedule).
+    expected = float(value(build_schedule(config, steps_per_epoch=5)(0)))
+    assert current_learning_rate(optimizer) == pytest.approx(expected)
+    assert isinstance(optimizer.get_config()["learning_rate"], float)
 
 
 @pytest.mark.parametrize(
@@ -153,6 +165,12 @@ def compiled_small_model(seed=0):
     return model
 
 
+def state_after(epochs):
+    """A valid training state after `epochs` epochs."""
+    history = [{"epoch": epoch, "loss": 1.0 / epoch} for epoch in range(1, epochs + 1)]
+    return {"format": STATE_FORMAT, "epoch": epochs, "history": history, "best": None}
+
+
 def fit_a_little(model):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 6)).astype("float32")
@@ -164,7 +182,12 @@ def test_checkpoint_restores_weights_bn_statistics_and_optimizer_state(tmp_path)
     model = compiled_small_model()
     fit_a_little(model)
     path = str(tmp_path / "last.keras")
-    state = {"format": 1, "epoch": 1, "history": [{"epoch": 1, "loss": 1.0}], "best": None}
+    state = {
+        "format": STATE_FORMAT,
+        "epoch": 1,
+        "history": [{"epoch": 1, "loss": 1.0}],
+        "best": None,
+    }
     save_checkpoint(model, path, state)
 
     restored = compiled_small_model(seed=1)  # different initial weights
@@ -180,11 +203,51 @@ def test_checkpoint_restores_weights_bn_statistics_and_optimizer_state(tmp_path)
         np.testing.assert_array_equal(value(original), value(copy), err_msg=original.path)
 
 
+@pytest.mark.multi_backend
+def test_the_loop_trains_every_step_at_the_schedules_rate_and_leaves_the_next_rate():
+    """SGD without momentum: each step moves the kernel by -rate(step) x the mean
+    cross-entropy's gradient, computed here in NumPy; the optimizer starts at a wrong rate, which
+    the loop replaces from the step counter, and ends holding the next step's rate."""
+    import tensorflow as tf
+
+    from bnzoo.distribution import plan_distribution, start_distribution
+    from bnzoo.training_loop import make_training_loop
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    y = np.eye(2, dtype="float32")[rng.integers(0, 2, 8)]
+    schedule = WarmupSchedule(0.4, warmup_steps=2, total_steps=6, decay="cosine")
+    rates = [float(value(schedule(step))) for step in range(7)]
+    with start_distribution(plan_distribution("none")) as distribution:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, keras.layers.Dense(2, use_bias=False)(inputs))
+        model.compile(optimizer=keras.optimizers.SGD(123.0))
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+        loop = make_training_loop(
+            model, distribution, loss, 4, num_classes=2, learning_rate_schedule=schedule
+        )
+        kernel = value(model.trainable_variables[0]).astype("float64")
+        for epoch in range(3):
+            loop.train_epoch(lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(4), 2)
+            for step in range(2):
+                images, labels = x[4 * step : 4 * step + 4], y[4 * step : 4 * step + 4]
+                logits = images @ kernel
+                probabilities = np.exp(logits - logits.max(1, keepdims=True))
+                probabilities /= probabilities.sum(1, keepdims=True)
+                kernel = kernel - rates[2 * epoch + step] * images.T @ (probabilities - labels) / 4
+            np.testing.assert_allclose(
+                value(model.trainable_variables[0]), kernel, rtol=1e-5, atol=1e-6
+            )
+            assert int(value(model.optimizer.iterations)) == 2 * epoch + 2
+            assert current_learning_rate(model.optimizer) == pytest.approx(rates[2 * epoch + 2])
+
+
 def test_checkpoint_is_still_a_plain_keras_file(tmp_path):
     model = compiled_small_model()
     fit_a_little(model)
     path = str(tmp_path / "last.keras")
-    save_checkpoint(model, path, {"format": 1, "epoch": 2, "history": [], "best": None})
+    save_checkpoint(model, path, state_after(2))
     loaded = keras.models.load_model(path)
     x = np.ones((2, 6), "float32")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
@@ -197,14 +260,14 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint_and_no_temporary_fil
 ):
     model = compiled_small_model()
     path = str(tmp_path / "last.keras")
-    save_checkpoint(model, path, {"format": 1, "epoch": 1, "history": [], "best": None})
+    save_checkpoint(model, path, state_after(1))
 
     def crash(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(model, path, {"format": 1, "epoch": 2, "history": [], "best": None})
+        save_checkpoint(model, path, state_after(2))
     monkeypatch.undo()
     assert read_checkpoint_state(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.keras"]
@@ -221,7 +284,7 @@ def test_a_signal_while_copying_best_leaves_no_temporary_file(
     paths = RunPaths(str(tmp_path))
     os.makedirs(paths.checkpoints)
     model = compiled_small_model()
-    save_checkpoint(model, paths.last_checkpoint, {"format": 1, "epoch": 1, "history": []})
+    save_checkpoint(model, paths.last_checkpoint, state_after(1))
 
     def interrupted(path):
         raise signal_exception()
@@ -233,18 +296,41 @@ def test_a_signal_while_copying_best_leaves_no_temporary_file(
 
 
 def test_what_a_sigkill_leaves_under_a_temporary_name_is_removed_by_the_next_run(tmp_path):
-    model = compiled_small_model()
-    path = str(tmp_path / "last.keras")
-    save_checkpoint(model, path, {"format": 1, "epoch": 1, "history": [], "best": None})
-    (tmp_path / "last.tmp-12345.keras").write_bytes(b"half a zip")
-    remove_temporary_files(RunPaths(str(tmp_path)))
-    assert os.listdir(tmp_path) == ["last.keras"]
+    """Exactly the temporaries of bnzoo's naming scheme made for the run's own files go; a
+    user's file with `.tmp-` or `.old-` in its name stays."""
+    paths = RunPaths(str(tmp_path))
+    os.makedirs(paths.checkpoints)
+    save_checkpoint(compiled_small_model(), paths.last_checkpoint, state_after(1))
+    left_by_a_kill = [
+        "checkpoints/last.tmp-12345-0123456789ab.keras",
+        "config.tmp-7-abcdef012345.yaml",
+        "saved_model.old-7-abcdef012345",
+        "saved_model.tmp-7-abcdef012345",
+    ]
+    users = [
+        "checkpoints/last.tmp-12345.keras",  # not the scheme: no random part
+        "notes.tmp-7-abcdef012345.txt",  # the scheme, but not for a file of the run
+        "data.old-backup",
+        "my.tmp-files",
+    ]
+    for name in left_by_a_kill + users:
+        if "saved_model" in name:
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(b"half a file")
+    remove_temporary_files(paths)
+    left = {
+        os.path.relpath(os.path.join(root, name), tmp_path)
+        for root, dirs, files in os.walk(tmp_path)
+        for name in files + dirs
+    }
+    assert left == {"checkpoints", "checkpoints/last.keras", *users}
 
 
 def test_unreadable_checkpoint_is_a_value_error(tmp_path):
     path = tmp_path / "last.keras"
     path.write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable bnzoo checkpoint.*--overwrite"):
+    with pytest.raises(ValueError, match="last.keras is not a readable bnzoo checkpoint"):
         read_checkpoint_state(str(path))
 
 
@@ -252,13 +338,8 @@ def test_best_checkpoint_is_repaired_after_a_kill_between_last_and_best(tmp_path
     paths = RunPaths(str(tmp_path))
     os.makedirs(paths.checkpoints)
     model = compiled_small_model()
-    save_checkpoint(model, paths.best_checkpoint, {"format": 1, "epoch": 1, "history": []})
-    state = {
-        "format": 1,
-        "epoch": 2,
-        "history": [],
-        "best": {"monitor": "val_accuracy", "value": 0.9, "epoch": 2},
-    }
+    save_checkpoint(model, paths.best_checkpoint, state_after(1))
+    state = {**state_after(2), "best": {"monitor": "val_accuracy", "value": 0.9, "epoch": 2}}
     save_checkpoint(model, paths.last_checkpoint, state)  # the kill came before the copy
     repair_best_checkpoint(paths, state)
     assert read_checkpoint_state(paths.best_checkpoint) == state
@@ -283,6 +364,128 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     open(tmp_path / "my_notes.txt", "w").close()
     remove_run_artifacts(paths)
     assert os.listdir(tmp_path) == ["my_notes.txt"]
+
+
+def test_overwrite_leaves_a_users_files_inside_the_runs_folders(tmp_path):
+    """By name: TensorBoard's event files, the two checkpoints, what a SavedModel export
+    writes; the folders go only when that empties them."""
+    paths = RunPaths(str(tmp_path))
+    bnzoo_files = [
+        "checkpoints/best.keras",
+        "logs/train/events.out.tfevents.1700000000.host.42.0.v2",
+        "logs/validation/events.out.tfevents.1700000000.host.42.1.v2",
+        "saved_model/saved_model.pb",
+        "saved_model/fingerprint.pb",
+        "saved_model/variables/variables.index",
+        "saved_model/variables/variables.data-00000-of-00001",
+        "saved_model/assets.extra/bnzoo.json",
+    ]
+    users = ["checkpoints/epoch3-for-paper.keras", "logs/train/notes.txt", "saved_model/README"]
+    for name in bnzoo_files + users:
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text("x")
+    os.makedirs(tmp_path / "saved_model" / "assets")
+    remove_run_artifacts(paths)
+    left = {
+        os.path.relpath(os.path.join(root, name), tmp_path)
+        for root, _, files in os.walk(tmp_path)
+        for name in files
+    }
+    assert left == set(users)
+    assert not os.path.exists(tmp_path / "logs" / "validation")
+    assert not os.path.exists(tmp_path / "saved_model" / "variables")
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ([1, 2], "the training state must be a JSON object, got a list"),
+        ({"format": STATE_FORMAT, "history": [], "best": None}, "epoch is missing"),
+        ({**state_after(2), "epoch": "2"}, "epoch must be a count of epochs, got '2'"),
+        (
+            {**state_after(2), "history": state_after(1)["history"]},
+            "history must be a list of one row per epoch",
+        ),
+        (
+            {**state_after(1), "history": [{"epoch": 1, "loss": "low"}]},
+            "history row 1: 'loss': 'low' is not",
+        ),
+        (
+            {**state_after(1), "history": [{"epoch": 2}]},
+            "history row 1 must be a mapping with epoch: 1",
+        ),
+        (
+            {**state_after(1), "best": {"monitor": "val_accuracy", "value": 0.5, "epoch": 3}},
+            "best must be null or",
+        ),
+        ({**state_after(1), "best": 0.9}, "best must be null or"),
+        ({**state_after(1), "format": 1}, "a checkpoint of an earlier bnzoo .format 1."),
+    ],
+)
+def test_a_tampered_training_state_is_refused_naming_the_file_and_the_key(state, message, tmp_path):
+    path = tmp_path / "last.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(STATE_MEMBER, json.dumps(state))
+    with pytest.raises(ValueError, match=f"last.keras \\({STATE_MEMBER}\\): {message}"):
+        read_checkpoint_state(str(path))
+
+
+def test_a_damaged_last_checkpoint_offers_resuming_from_an_intact_best_not_overwrite(tmp_path):
+    paths = RunPaths(str(tmp_path))
+    os.makedirs(paths.checkpoints)
+    model = compiled_small_model()
+    save_checkpoint(model, paths.best_checkpoint, state_after(2))
+    with open(paths.last_checkpoint, "wb") as stream:
+        stream.write(b"PK\x03\x04 damaged")
+    with pytest.raises(ValueError) as raised:
+        read_resume_state(paths)
+    message = str(raised.value)
+    assert "last.keras is not a readable bnzoo checkpoint" in message
+    assert "best.keras is intact (epoch 2): rerun with --resume-from best" in message
+    assert "--overwrite" not in message
+    assert read_resume_state(paths, "best")["epoch"] == 2
+    os.remove(paths.best_checkpoint)
+    with pytest.raises(
+        ValueError, match="no intact checkpoint is left to resume from: pass --overwrite"
+    ):
+        read_resume_state(paths)
+
+
+@pytest.mark.parametrize("committed_before", [0, 1])
+def test_a_full_disk_names_the_file_and_the_epoch_that_was_kept(
+    committed_before, tmp_path, monkeypatch
+):
+    from bnzoo import callbacks
+
+    paths = RunPaths(str(tmp_path))
+    os.makedirs(paths.checkpoints)
+    model = compiled_small_model()
+    state = state_after(committed_before)
+    if committed_before:
+        save_checkpoint(model, paths.last_checkpoint, state)
+    checkpoint = callbacks.RunCheckpoint(paths, state, monitor="accuracy")
+    checkpoint.set_model(model)
+
+    def full(model, path):
+        # What h5py raises: no errno, only the text.
+        raise OSError(
+            "Unable to synchronously write data (file write failed: errno = 28, error message = "
+            "'No space left on device')"
+        )
+
+    monkeypatch.setattr(model, "save", lambda path: full(model, path))
+    checkpoint.on_epoch_begin(committed_before)
+    with pytest.raises(OSError) as raised:
+        checkpoint.on_epoch_end(committed_before, {"loss": 0.5, "accuracy": 0.5})
+    message = str(raised.value)
+    assert f"no space left on device writing {paths.last_checkpoint}" in message
+    if committed_before:
+        assert f"epoch 2 was not saved; {paths.last_checkpoint} still holds epoch 1" in message
+        assert "free some space, then rerun the same command to resume" in message
+        assert read_checkpoint_state(paths.last_checkpoint)["epoch"] == 1
+    else:
+        assert "epoch 1 was not saved and no epoch was committed yet" in message
+    assert os.listdir(paths.checkpoints) == (["last.keras"] if committed_before else [])
 
 
 def test_bn_momentum_cumulative_builds_the_layers_cumulative_average():

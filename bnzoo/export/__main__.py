@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from bnzoo.cli import import_tensorflow_quietly, run_cli
-from bnzoo.config import ArgumentParser, positive_int
+from bnzoo.options import ArgumentParser, positive_int
 
 
 def build_parser() -> ArgumentParser:

@@ -22,12 +22,12 @@ freed with the object (`tf.saved_model.load(path).serving_default` alone fails w
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bnzoo.atomic_files import removed_unless_renamed
+from bnzoo.atomic_files import replaced_atomically
 
 if TYPE_CHECKING:
     import keras
@@ -235,11 +235,10 @@ def export_serving_model(
     # tracking the model too would save a second copy of every weight.
     archive.add_endpoint(SIGNATURE_NAME, serve)
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with removed_unless_renamed(tmp):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # A folder is moved over the previous export in two renames; a kill between them leaves no
+    # `path`, which `train.py` treats as "export again", never as a valid half-export.
+    with replaced_atomically(path, folder=True) as tmp:
         archive.write_out(tmp, verbose=False)
         description = {
             **interface_description(image_shape, mean, std, image_size),
@@ -247,25 +246,10 @@ def export_serving_model(
             "keras_backend": keras.backend.backend(),
             **(metadata or {}),
         }
+        # Inside the folder just made for this export (exclusively): no other file to protect.
         os.makedirs(os.path.join(tmp, os.path.dirname(METADATA_PATH)), exist_ok=True)
         with open(os.path.join(tmp, METADATA_PATH), "w", encoding="utf-8") as stream:
             json.dump(description, stream, indent=2)
-
-        # A folder cannot be os.replace'd over a non-empty one: move the old export aside first.
-        # A kill between the two renames leaves no `path` (and a `.old-` folder that the next run
-        # deletes), which `train.py` treats as "export again", never as a valid half-export.
-        old = None
-        try:
-            if os.path.exists(path):
-                old = f"{path}.old-{os.getpid()}"
-                os.replace(path, old)
-            os.replace(tmp, path)
-        except BaseException:  # a failure between the renames: put the previous export back
-            if old is not None and not os.path.exists(path):
-                os.replace(old, path)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -290,10 +274,95 @@ def interface_description(
     }
 
 
+#: bnzoo.json is a few hundred bytes (its class names at most a few MB): a larger file is not ours.
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+
+
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The `assets.extra/bnzoo.json` of a bnzoo SavedModel, or {} for other SavedModels."""
+    """The `assets.extra/bnzoo.json` of a bnzoo SavedModel, or {} for other SavedModels.
+
+    Raises:
+        ValueError: the file is not a JSON object with the fields `check_export_metadata`
+            expects (one line naming the file and the field).
+    """
     metadata_path = os.path.join(os.fspath(path), METADATA_PATH)
     if not os.path.isfile(metadata_path):
         return {}
-    with open(metadata_path, encoding="utf-8") as stream:
-        return json.load(stream)
+    if os.path.getsize(metadata_path) > MAX_METADATA_BYTES:
+        raise ValueError(f"{metadata_path}: larger than a bnzoo export description can be")
+    try:
+        with open(metadata_path, encoding="utf-8") as stream:
+            description = json.load(stream)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise ValueError(
+            f"{metadata_path}: not a JSON description of the export ({reason})"
+        ) from None
+    return check_export_metadata(description, metadata_path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_export_metadata(description: Any, source: str) -> dict[str, Any]:
+    """`description` (a parsed bnzoo.json or TFLite `bnzoo` entry) if it has the shape the
+    readers rely on: the fields of `interface_description` and the run's facts.
+
+    Raises:
+        ValueError: `{source}: ...` naming the field that is missing or of the wrong kind.
+    """
+
+    def fail(key: str, expected: str) -> None:
+        got = description.get(key) if isinstance(description, dict) else description
+        text = repr(got)
+        text = text if len(text) <= 60 else text[:57] + "..."
+        raise ValueError(
+            f"{source}: {key} must be {expected}, got {text}; the export is damaged or not "
+            "bnzoo's: export the run again"
+        )
+
+    if not isinstance(description, dict):
+        fail("the description", "a JSON object")
+    for key in ("dataset", "test_split", "model", "signature"):
+        if description.get(key) is not None and not isinstance(description[key], str):
+            fail(key, "a string")
+    class_names = description.get("class_names")
+    if class_names is not None and not (
+        isinstance(class_names, list) and all(isinstance(name, str) for name in class_names)
+    ):
+        fail("class_names", "a list of strings")
+    model_input = description.get("input")
+    if model_input is not None:
+        shape = model_input.get("shape") if isinstance(model_input, dict) else None
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 4
+            and shape[0] is None
+            and all(_is_size(size) or size is None for size in shape[1:3])
+            and _is_size(shape[3])
+        ):
+            fail("input", "{shape: [null, height, width, channels], ...}")
+    preprocessing = description.get("preprocessing")
+    if preprocessing is not None:
+        if not isinstance(preprocessing, dict):
+            fail("preprocessing", "a mapping of mean, std and image_size")
+        for key in ("mean", "std"):
+            values = preprocessing.get(key)
+            if not (
+                isinstance(values, list)
+                and values
+                and all(_is_number(value) for value in values)
+                and (key == "mean" or all(value > 0 for value in values))
+            ):
+                fail("preprocessing", f"a mapping whose {key} is a list of numbers")
+        image_size = preprocessing.get("image_size")
+        if image_size is not None and not (
+            isinstance(image_size, list) and len(image_size) == 2 and all(map(_is_size, image_size))
+        ):
+            fail("preprocessing", "a mapping whose image_size is null or [height, width]")
+    return description

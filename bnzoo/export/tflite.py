@@ -45,15 +45,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bnzoo.atomic_files import removed_unless_renamed
-from bnzoo.export.saved_model import INPUT_NAME, SIGNATURE_NAME, interface_description
+from bnzoo.atomic_files import atomic_write_bytes
+from bnzoo.export.saved_model import (
+    INPUT_NAME,
+    SIGNATURE_NAME,
+    check_export_metadata,
+    interface_description,
+)
 
 if TYPE_CHECKING:
     import keras
 
-#: File names of the two variants in a run folder.
-FLOAT_FILENAME = "model.tflite"
-INT8_FILENAME = "model_int8.tflite"
 #: Name of the flatbuffer metadata entry holding bnzoo's JSON description.
 METADATA_NAME = "bnzoo"
 #: A TFLite flatbuffer carries this file identifier at bytes 4-8.
@@ -193,13 +195,7 @@ def export_tflite(model: keras.Model, path: str | os.PathLike, **kwargs: Any) ->
     blob = convert_to_tflite(model, **kwargs)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with removed_unless_renamed(tmp):
-        with open(tmp, "wb") as stream:
-            stream.write(blob)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
+    atomic_write_bytes(path, blob)
     return path
 
 
@@ -292,13 +288,16 @@ def read_tflite_metadata(path: str | os.PathLike) -> dict[str, Any]:
             entry = model.Metadata(index)
             if entry.Name() == METADATA_NAME.encode():
                 data = model.Buffers(entry.Buffer()).DataAsNumpy()
-                return json.loads(bytes(data).decode("utf-8"))
+                description = json.loads(bytes(data).decode("utf-8"))
+                break
+        else:
+            return {}
     except Exception as error:  # a damaged flatbuffer fails in struct, flatbuffers or json
         raise ValueError(
             f"{path} is a damaged TFLite model ({type(error).__name__}: {error}); export it "
             "again with python -m bnzoo.export RUN"
         ) from None
-    return {}
+    return check_export_metadata(description, f"{path} ({METADATA_NAME} metadata)")
 
 
 # --- Serving -------------------------------------------------------------------------------------
@@ -418,13 +417,15 @@ def read_run(run_dir: str | os.PathLike):
     """
     from bnzoo.config import load_config
     from bnzoo.export.saved_model import read_export_metadata
+    from bnzoo.run_folder import RunPaths
 
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"{run_dir} does not exist; give a bnzoo run folder")
     config = load_config(run_dir)
-    exported = read_export_metadata(os.path.join(run_dir, "saved_model"))
-    if not os.path.isfile(os.path.join(run_dir, "model.keras")) or not exported:
+    paths = RunPaths(run_dir)
+    exported = read_export_metadata(paths.saved_model)
+    if not os.path.isfile(paths.model) or not exported:
         raise ValueError(
             f"run folder {run_dir} has no trained model yet (model.keras and saved_model/): "
             "rerun its train.py command to finish it"
@@ -463,7 +464,7 @@ def export_run(
         raise ValueError(f"--calibration-images must be positive, got {calibration_images}")
     run_dir = os.fspath(run_dir)
     config, exported = read_run(run_dir)
-    model_path = os.path.join(run_dir, "model.keras")
+    paths = RunPaths(run_dir)
     preprocessing = exported["preprocessing"]
     kwargs = {
         "image_shape": exported["input"]["shape"][1:],
@@ -488,18 +489,16 @@ def export_run(
     written = []
     # train.py holds this lock while it trains and replaces model.keras: a run in progress is
     # refused rather than exported from a model about to change.
-    with locked_run_folder(RunPaths(run_dir)):
-        model = keras.models.load_model(model_path, compile=False)
-        path = export_tflite(
-            model, os.path.join(run_dir, FLOAT_FILENAME), **kwargs, metadata=description
-        )
+    with locked_run_folder(paths):
+        model = keras.models.load_model(paths.model, compile=False)
+        path = export_tflite(model, paths.tflite_model, **kwargs, metadata=description)
         log(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, float32)")
         written.append(path)
         if int8:
             calibration = {"images": count, "split": config.train_split, "seed": config.seed}
             path = export_tflite(
                 model,
-                os.path.join(run_dir, INT8_FILENAME),
+                paths.tflite_int8_model,
                 **kwargs,
                 quantization="int8",
                 calibration_images=calibration_batches(train_ds, count, seed=config.seed),
