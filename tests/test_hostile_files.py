@@ -413,3 +413,28 @@ def test_convert_refuses_the_537_byte_memory_bomb_in_one_line_within_bounded_mem
     assert str(source) in line and "268,435,456 elements" in line
     assert sorted(os.listdir(work)) == [source.name]  # no destination, no temporary
     assert result.peak_rss < 1.75 * 2**30, result.peak_rss
+
+
+def test_caffe_conversion_checks_shapes_before_arithmetic_that_could_broadcast(tmp_path):
+    # A running mean of shape (4096, 1) minus a bias of (4096,) would broadcast to 4096 x 4096
+    # (64 MiB here; 16 GiB at 65536) before any shape was compared with the model's.
+    import models
+    from models.bn_inception_weights import from_caffe_state_dict
+
+    model = models.bn_inception(
+        input_shape=(32, 32, 3), weights=None, width_multiplier=1 / 32, min_depth=1
+    )
+    n = 4096
+    obj = {
+        "conv1_7x7_s2.weight": tensor((2, 3, 7, 7), (147, 49, 7, 1)),
+        "conv1_7x7_s2.bias": tensor((n,), (1,), key="1"),
+        "conv1_7x7_s2_bn.running_mean": tensor((n, 1), (1, 1), key="1"),
+        "conv1_7x7_s2_bn.running_var": tensor((n, 1), (1, 1), key="1"),
+        "conv1_7x7_s2_bn.weight": tensor((n, 1), (1, 1), key="1"),
+        "conv1_7x7_s2_bn.bias": tensor((n, 1), (1, 1), key="1"),
+    }
+    path = zip_pth(tmp_path / "x.pth", obj, {"0": bytes(4 * 294), "1": bytes(4 * n)})
+    error, peak = peak_traced_bytes(from_caffe_state_dict, str(path), model)
+    assert type(error) is ValueError, error
+    assert "'conv1_7x7_s2.bias' has shape (4096,)" in str(error) and "(2,)" in str(error)
+    assert peak < 4 * MiB
