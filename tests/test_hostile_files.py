@@ -18,6 +18,7 @@ import threading
 import time
 import tracemalloc
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -438,3 +439,106 @@ def test_caffe_conversion_checks_shapes_before_arithmetic_that_could_broadcast(t
     assert type(error) is ValueError, error
     assert "'conv1_7x7_s2.bias' has shape (4096,)" in str(error) and "(2,)" in str(error)
     assert peak < 4 * MiB
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Image folders: regular files only, with a size and a pixel bound.
+# ------------------------------------------------------------------------------------------
+
+
+def png_bytes(width, height, pixels=b"\0\0"):
+    """A complete grayscale PNG declaring `width` x `height` (the pixel data need not fill it:
+    the header alone is what an image folder reads when it loads)."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(pixels))
+        + chunk(b"IEND", b"")
+    )
+
+
+def image_folder_with(tmp_path, name, make):
+    """Two classes of one 2x1 PNG each, and `make(path)` creating `a/<name>` (sorted first)."""
+    folder = tmp_path / "images"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        (folder / label / "z.png").write_bytes(png_bytes(2, 1, b"\0\x10\x20"))
+    make(folder / "a" / name)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "what"),
+    [
+        ("zero.png", lambda path: os.symlink("/dev/zero", path), "a character device"),
+        ("pipe.jpg", os.mkfifo, "a FIFO (named pipe)"),
+    ],
+)
+def test_train_on_a_folder_with_a_device_or_fifo_named_like_an_image_stops_in_one_line(
+    tmp_path, name, make, what
+):
+    # Before: the link to /dev/zero read 4.6 GB and ended in a traceback; the FIFO blocked
+    # train.py forever.
+    folder = image_folder_with(tmp_path, name, make)
+    output = tmp_path / "run"
+    result = run_measured(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", f"image_folder:{folder}"]
+        + ["--output-dir", output, "--epochs", "1"],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    line = one_error_line(result, 1, "train.py")
+    assert f"{folder / 'a' / name}: {what}, not an image file" in line
+    assert not output.exists()
+    assert result.peak_rss < 2**30, result.peak_rss
+
+
+def test_files_too_large_to_be_images_are_refused_without_being_read(tmp_path):
+    from bnzoo.data import load_dataset
+    from bnzoo.data.image_folder import MAX_IMAGE_FILE_BYTES
+
+    def sparse_png(path):
+        path.write_bytes(png_bytes(2, 1))
+        os.truncate(path, MAX_IMAGE_FILE_BYTES + 1)  # sparse: no disk used
+
+    folder = image_folder_with(tmp_path, "huge.png", sparse_png)
+    outcome, peak = peak_traced_bytes(load_dataset, f"image_folder:{folder}", split="train")
+    assert type(outcome) is ValueError
+    assert f"{folder / 'a' / 'huge.png'}: 268,435,457 bytes, more than the 256 MiB" in str(outcome)
+    assert peak < 16 * MiB
+
+
+def test_an_image_declaring_ten_billion_pixels_is_refused_when_the_folder_loads(tmp_path):
+    # 100,000 x 100,000 in a 70-byte PNG: TensorFlow would decode it into 10 GB per image.
+    from bnzoo.data import load_dataset
+
+    folder = image_folder_with(
+        tmp_path, "bomb.png", lambda path: path.write_bytes(png_bytes(100_000, 100_000))
+    )
+    with pytest.raises(ValueError, match="declares 100000 x 100000 pixels, more than the"):
+        load_dataset(f"image_folder:{folder}", split="train")
+    assert os.path.getsize(folder / "a" / "bomb.png") < 100
+
+
+def test_a_broken_link_named_like_an_image_is_named(tmp_path):
+    from bnzoo.data import load_dataset
+
+    folder = image_folder_with(tmp_path, "gone.png", lambda path: os.symlink("nowhere", path))
+    with pytest.raises(ValueError, match="gone.png: a broken symbolic link"):
+        load_dataset(f"image_folder:{folder}", split="train")
+
+
+def test_jpeg_header_search_gives_up_on_junk_after_a_megabyte(tmp_path):
+    from bnzoo.data.image_folder import read_image_header
+
+    path = tmp_path / "junk.jpg"
+    path.write_bytes(b"\xff\xd8" + b"\0" * (8 * MiB))
+    with pytest.raises(ValueError, match="no JPEG marker in the first megabyte"):
+        read_image_header(str(path))
