@@ -9,6 +9,7 @@ subprocess and its exit status, its single stderr line, its peak memory (`os.wai
 left on disk are checked.
 """
 
+import gzip
 import os
 import pickle
 import struct
@@ -542,3 +543,28 @@ def test_jpeg_header_search_gives_up_on_junk_after_a_megabyte(tmp_path):
     path.write_bytes(b"\xff\xd8" + b"\0" * (8 * MiB))
     with pytest.raises(ValueError, match="no JPEG marker in the first megabyte"):
         read_image_header(str(path))
+
+
+# ------------------------------------------------------------------------------------------
+# IDX files (--manual-dir): the header's size is checked before the payload is inflated.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((2**32 - 1,) * 3, "more than the 1,073,741,824 bytes expected here"),
+        ((10, 28, 28), "7840 bytes of data) but the file holds more"),
+    ],
+)
+def test_an_idx_gzip_bomb_is_refused_without_inflating_it(tmp_path, shape, message):
+    from bnzoo.data.idx import read_idx
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 0x08, len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
+    path.write_bytes(gzip.compress(header + bytes(64 * MiB)))
+    assert os.path.getsize(path) < 100_000
+    error, peak = peak_traced_bytes(read_idx, path)
+    assert type(error) is ValueError and message in str(error), error
+    assert str(path) in str(error)
+    assert peak < 4 * MiB  # 64 MiB when the whole file was inflated first
