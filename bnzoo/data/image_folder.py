@@ -54,7 +54,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 MAX_IMAGE_FILE_BYTES = 256 * 2**20
 #: The most pixels an image may declare: Pillow's decompression-bomb limit (where
 #: `PIL.Image.open` raises), 13,377 x 13,377. A PNG of a few hundred bytes can declare
-#: 100,000 x 100,000 pixels, which TensorFlow would try to decode into 30 GB.
+#: 100,000 x 100,000 pixels, which TensorFlow would try to decode into 10 GB (gray) to 30 GB.
 MAX_IMAGE_PIXELS = 2 * (2**30 // 4 // 3)
 FILE_ORDER_SEED = 1337
 PREFIX = "image_folder:"
