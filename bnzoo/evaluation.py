@@ -37,6 +37,13 @@ import numpy as np
 
 from bnzoo.atomic_files import atomic_write_text
 from bnzoo.config import CONFIG_FILENAME, load_config
+from bnzoo.memory import check_inference_fits
+from bnzoo.model_files import (
+    declared_input_shapes,
+    input_values,
+    load_keras_model,
+    read_keras_config,
+)
 
 TOP_K = 5
 
@@ -301,9 +308,9 @@ def locate_model(path: str) -> ModelSource:
                 f"{path} is not a model: expected a .keras file (a zip archive), a .tflite "
                 "file, a SavedModel folder or a bnzoo run folder"
             )
-        with zipfile.ZipFile(path) as archive:
-            if "config.json" not in archive.namelist():
-                raise ValueError(f"{path} is a zip archive but not a .keras model (no config.json)")
+        # A crafted archive (a config nested 100,000 deep, a bomb, weights that are not HDF5)
+        # is refused here, before TensorFlow is even imported.
+        read_keras_config(path)
         model_path, kind = path, "keras"
         run_dir = _find_run_dir(path)
 
@@ -362,15 +369,6 @@ def _saved_model_classifier(path: str, image_shape: Sequence[int]) -> Callable:
 
     classify.loaded = loaded  # keeps the variables alive as long as the function
     return classify
-
-
-def _keras_load_reason(error: Exception, limit: int = 300) -> str:
-    """The gist of a Keras deserialization error, which embeds whole layer configs."""
-    message = " ".join(str(error).split())
-    _, marker, reason = message.partition("Exception encountered: ")
-    if marker:
-        message = reason.split(" Full object config:")[0]
-    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,18 +434,16 @@ def _keras_classifier(
     preprocessing: dict[str, Any] | None,
     recompute: StatisticsRecompute | None = None,
     data_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 256,
 ) -> Callable:
-    import keras
-
-    import layers  # noqa: F401  (registers bnzoo's layers for deserialization)
     from bnzoo.export import serving_function
 
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for a malformed archive
-        raise ValueError(
-            f"cannot load {path} as a Keras model: {_keras_load_reason(error)}"
-        ) from None
+    # The inputs the file declares are checked against memory before Keras builds anything:
+    # the serving function resizes every batch to them.
+    for shape in declared_input_shapes(read_keras_config(path)):
+        if input_values(shape) is not None:
+            check_inference_fits(shape[1:], batch_size, path)
+    model = load_keras_model(path)
     input_shape = tuple(model.input_shape[1:])
     if len(input_shape) != 3 or input_shape[2] != info.image_shape[2]:
         raise ValueError(
@@ -555,11 +551,21 @@ def evaluate_path(
             source.preprocessing,
             recompute,
             {"dataset": dataset, "data_dir": data_dir, "manual_dir": manual_dir},
+            batch_size=batch_size,
         )
-    return evaluate_classifier(
-        classifier,
-        examples,
-        class_names=info.class_names,
-        batch_size=batch_size,
-        description={"model": source.model_path, "dataset": dataset, "split": split},
-    )
+    import tensorflow as tf
+
+    try:
+        return evaluate_classifier(
+            classifier,
+            examples,
+            class_names=info.class_names,
+            batch_size=batch_size,
+            description={"model": source.model_path, "dataset": dataset, "split": split},
+        )
+    except tf.errors.ResourceExhaustedError:
+        # A SavedModel's graph is opaque: what it allocates is known only when it runs.
+        raise ValueError(
+            f"{source.model_path} ran out of memory on batches of {batch_size}; use a smaller "
+            "--batch-size, or a machine with more memory"
+        ) from None

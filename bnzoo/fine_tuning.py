@@ -26,12 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zipfile
 from collections.abc import Callable
 from typing import Any
 
 from bnzoo.cli import UsageError
 from bnzoo.config import CONFIG_FILENAME, TrainConfig, weights_is_path
+from bnzoo.model_files import load_keras_model, read_keras_config
 
 #: The classifier: `train.py` sizes it for the dataset, so it is the one layer a source may lack
 #: or have in another shape.
@@ -80,10 +80,14 @@ def weights_source(config: TrainConfig) -> WeightsSource | None:
 
 
 def check_weights_source(config: TrainConfig) -> None:
-    """That a `--weights` path exists, at a fresh start (a resumed run does not read it).
+    """That a `--weights` path exists and is a file of the kind its name says, at a fresh
+    start (a resumed run does not read it), before the dataset is loaded: a text file named
+    `x.h5` is called what it is, not found wanting later for another reason.
 
     Raises:
         UsageError: no such file or folder, or a run folder without its model.keras yet.
+        ValueError: a file that is not of its kind (not HDF5, not a PyTorch file, not a
+            TensorFlow checkpoint, not a `.keras` archive Keras could have written).
     """
     source = weights_source(config)
     if source is None or source.kind == TAG:
@@ -94,28 +98,36 @@ def check_weights_source(config: TrainConfig) -> None:
                 f"--weights {source.value}: this run folder has no model.keras yet (an unfinished "
                 "run); pass one of its checkpoints/*.keras files instead"
             )
-        return
-    if source.kind == CONVERTED_FILE and (
-        os.path.exists(source.value + ".index") or os.path.isdir(source.value)
-    ):
-        return  # a TensorFlow checkpoint's prefix, or its folder
-    if not os.path.isfile(source.value):
+    elif not (
+        source.kind == CONVERTED_FILE
+        and (os.path.exists(source.value + ".index") or os.path.isdir(source.value))
+    ) and not os.path.isfile(source.value):  # not a TensorFlow checkpoint's prefix or folder
         raise UsageError(
             f"--weights {source.value}: no such file or folder; pass a bnzoo .keras model or run "
             "folder, a .weights.h5, .pth or TensorFlow checkpoint, or a tag such as imagenet"
         )
+    if source.kind == KERAS_MODEL:
+        try:
+            read_keras_config(source.path)
+        except ValueError as error:
+            raise ValueError(f"--weights {error}") from None
+    elif source.kind == KERAS_WEIGHTS:
+        from models.weight_files import check_hdf5_file
+
+        check_hdf5_file(source.path, what="--weights")
+    else:
+        from models.pretrained import check_local_weights
+
+        check_local_weights(source.value, what="--weights")
 
 
 def keras_file_has_preprocessing(path: str) -> bool:
     """Whether a `.keras` file's model starts with an `ImagePreprocessing` layer (it then takes
     RGB in [0, 255]); read from the archive's config.json, without building the model."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        raise ValueError(
-            f"--weights {path}: not a Keras .keras model file ({' '.join(str(error).split())})"
-        ) from None
+        config = read_keras_config(path)
+    except ValueError as error:
+        raise ValueError(f"--weights {error}") from None
     return PREPROCESSING_CLASS in json.dumps(config)
 
 
@@ -246,18 +258,10 @@ def _build_donor(config: TrainConfig, source: WeightsSource, architecture: dict[
 
 
 def _load_keras_model(source: WeightsSource):
-    import keras
-
-    import layers  # noqa: F401  (registers bnzoo's layers for deserialization)
-    import models  # noqa: F401
-
     try:
-        return keras.models.load_model(source.path, compile=False)
-    except (ValueError, TypeError, KeyError, OSError) as error:
-        raise UsageError(
-            f"--weights {source.value}: cannot load {source.path} as a Keras model "
-            f"({' '.join(str(error).split())[:300]})"
-        ) from None
+        return load_keras_model(source.path)
+    except ValueError as error:
+        raise UsageError(f"--weights {source.value}: {error}") from None
 
 
 def _load_weights_file(model: Any, source: WeightsSource, config: TrainConfig) -> None:

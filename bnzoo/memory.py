@@ -21,6 +21,7 @@ for the model when TensorFlow sees a GPU), so a refusal means the run could not 
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 BYTES_PER_WEIGHT = 4 * 4
 #: Host bytes per value of a float32 input batch held by the input pipeline (see above).
 PIPELINE_BYTES_PER_VALUE = 64
+#: Bytes per input value when a model is evaluated (`check_inference_fits`): the float32 batch,
+#: its resized and its normalized copy, and the first layer's output, at least as large: 4 x 4.
+INFERENCE_BYTES_PER_VALUE = 16
 
 
 def format_bytes(count: float) -> str:
@@ -175,3 +179,44 @@ def check_training_step_fits(
     memory, what = host_memory()
     if memory is not None and host_bytes > memory:
         _refuse(size_text, needs, host_bytes, memory, what)
+
+
+def check_inference_fits(
+    input_shape: tuple[int, ...], batch_size: int, what: str, *, fix: str = "--batch-size"
+) -> None:
+    """Refuse to evaluate a model whose input batches cannot fit in memory, before the model is
+    loaded or built: a `.keras` file can declare 100,000 x 100,000 inputs in a few bytes, and
+    TensorFlow would fail on the first batch with a 50-line out-of-memory traceback.
+
+    The estimate is a lower bound (`INFERENCE_BYTES_PER_VALUE` per input value, the model's
+    own activations not counted), compared with the GPU's memory when TensorFlow sees one,
+    else with the host's available memory.
+
+    Args:
+        input_shape: one example's shape, without the batch dimension.
+        batch_size: examples per call.
+        what: how the message names the model.
+        fix: the option that sets `batch_size`.
+
+    Raises:
+        ValueError: naming `what`, the estimate and the memory.
+    """
+    per_example = math.prod(input_shape) * INFERENCE_BYTES_PER_VALUE
+    shape_text = "x".join(str(size) for size in input_shape)
+    device_memory = gpu_memory() if "tensorflow" in sys.modules else None
+    memory, kind = (device_memory, "GPU memory") if device_memory else host_memory()
+    if memory is None:
+        return
+    if per_example > memory:
+        raise ValueError(
+            f"{what} takes {shape_text} inputs: one example needs about "
+            f"{format_bytes(per_example)}, more than this machine's {format_bytes(memory)} of "
+            f"{kind}; it cannot be evaluated here"
+        )
+    if per_example * batch_size > memory:
+        fitting = max(1, memory // per_example)
+        raise ValueError(
+            f"{what} takes {shape_text} inputs: batches of {batch_size} need about "
+            f"{format_bytes(per_example * batch_size)}, more than this machine's "
+            f"{format_bytes(memory)} of {kind}; use {fix} {fitting} or less"
+        )

@@ -102,6 +102,24 @@ def _classifier(kernel: np.ndarray, bias: np.ndarray, model: Any) -> dict[str, n
     return {"kernel": kernel, "bias": bias}
 
 
+def _caffe_tensor(
+    state: dict[str, np.ndarray], key: str, shape: tuple[int, ...], layer: str, model: Any
+) -> np.ndarray:
+    """`state[key]`, checked to have `shape` before any arithmetic: a `.pth` from elsewhere
+    may hold tensors of any shape, and `running_mean - bias` of a (n, 1) and an (n,) array would
+    broadcast to n x n."""
+    value = state.get(key)
+    if value is None:
+        raise ValueError(f"no {key!r} for layer {layer!r} in the state dict")
+    if value.shape != shape:
+        raise ValueError(
+            f"{key!r} has shape {value.shape}, but layer {layer!r} of {model.name!r} needs "
+            f"{shape} (PyTorch's order): the state dict is of another architecture (check "
+            "width_multiplier, min_depth and classes)"
+        )
+    return value
+
+
 def from_caffe_state_dict(path: str, model: Any) -> dict[str, dict[str, np.ndarray]]:
     """`{layer: {variable: array}}` for `model` from Cadene's BN-Inception `.pth` file."""
     state = read_state_dict(path)
@@ -116,25 +134,44 @@ def from_caffe_state_dict(path: str, model: Any) -> dict[str, dict[str, np.ndarr
         name = layer.name
         if not layer.weights or name == "predictions" or name.endswith("_bn"):
             continue
-        kernel = state.get(f"{name}.weight")
-        if kernel is None:
-            raise ValueError(f"no '{name}.weight' for layer {name!r}")
+        if not hasattr(layer, "kernel"):
+            raise ValueError(
+                f"layer {name!r} of {model.name!r} is not a convolution: Caffe BN-Inception "
+                "weights fit models.bn_inception's layers only"
+            )
+        height, width, inputs, filters = (int(size) for size in layer.kernel.shape)
+        kernel = _caffe_tensor(
+            state, f"{name}.weight", (filters, inputs, height, width), name, model
+        )
         weights[name] = {"kernel": np.transpose(kernel, (2, 3, 1, 0))}
-        bias = state.get(f"{name}.bias", np.zeros(kernel.shape[0], kernel.dtype))
+        if f"{name}.bias" in state:
+            bias = _caffe_tensor(state, f"{name}.bias", (filters,), name, model)
+        else:
+            bias = np.zeros(filters, kernel.dtype)
         if f"{name}_bn.running_mean" in state:
-            weights[f"{name}_bn"] = {
-                "gamma": state[f"{name}_bn.weight"],
-                "beta": state[f"{name}_bn.bias"],
-                # Exact at inference: BN subtracts the mean right after the bias.
-                "moving_mean": state[f"{name}_bn.running_mean"] - bias,
-                "moving_variance": state[f"{name}_bn.running_var"],
+            bn = {
+                variable: _caffe_tensor(state, f"{name}_bn.{key}", (filters,), f"{name}_bn", model)
+                for variable, key in (
+                    ("gamma", "weight"),
+                    ("beta", "bias"),
+                    ("moving_mean", "running_mean"),
+                    ("moving_variance", "running_var"),
+                )
             }
+            # Exact at inference: BN subtracts the mean right after the bias.
+            bn["moving_mean"] = bn["moving_mean"] - bias
+            weights[f"{name}_bn"] = bn
         else:
             weights[name]["bias"] = bias
     classifier = state.get("last_linear.weight", state.get("fc.weight"))
     classifier_bias = state.get("last_linear.bias", state.get("fc.bias"))
-    if classifier is None:
-        raise ValueError("no classifier ('last_linear.weight') in the state dict")
+    if classifier is None or classifier_bias is None:
+        raise ValueError("no classifier ('last_linear.weight' and '.bias') in the state dict")
+    if classifier.ndim != 2 or classifier_bias.shape != classifier.shape[:1]:
+        raise ValueError(
+            f"the classifier has shapes {classifier.shape} and {classifier_bias.shape}, not "
+            "(classes, features) and (classes,)"
+        )
     weights["predictions"] = _classifier(classifier.T, classifier_bias, model)
     return weights
 

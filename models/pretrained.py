@@ -376,6 +376,7 @@ def resolve_weights(
             f"weights file {path!r} does not exist. Check the path, or pass weights=None for a "
             "randomly initialized model."
         )
+    check_local_weights(path)
     return WeightsRequest(path=path, source_format=source_format)
 
 
@@ -386,6 +387,22 @@ def _classes_accepted(weight_set: WeightSet) -> tuple[int, ...]:
 
 def _looks_like_a_file(path: str) -> bool:
     return path.endswith((".h5", ".hdf5", ".pth", ".pt", ".ckpt", ".index", ".keras"))
+
+
+def check_local_weights(path: str, what: str = "") -> tuple[str, str]:
+    """(source format, path) of a local weights file, checked to be a file of that format
+    (`models.weight_files`): a text file named `x.h5` is refused here, naming it, not by h5py
+    as "file signature not found" once the model is built. `what` names it in messages.
+
+    Raises:
+        FileNotFoundError: no such file or checkpoint.
+        ValueError: a `.keras` model, an unknown extension, or a file that is not of its format.
+    """
+    from .weight_files import check_weights_file
+
+    source_format, path = _local_format(path)
+    check_weights_file(path, source_format, what)
+    return source_format, path
 
 
 def _local_format(path: str) -> tuple[str, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import zlib
 
@@ -106,14 +107,25 @@ IDX_DATASETS: dict[str, IdxDatasetSpec] = {
 }
 
 
-def _read_bytes(path: str) -> bytes:
-    """The file's content, gunzipped when it starts with the gzip magic number."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
+#: The largest IDX payload read: 1 GiB, twenty times MNIST's training images (47 MB). The
+#: header is read first and its declared size checked against this (or the dataset's exact
+#: size) before anything else is read: a gzip file of a few kilobytes can inflate to gigabytes.
+MAX_IDX_BYTES = 2**30
+
+
+def _open_idx(path: str):
+    """`path` as a binary stream, gunzipped on the fly when it starts with the gzip magic."""
+    stream = open(path, "rb")
+    if stream.read(2) == _GZIP_MAGIC:
+        stream.seek(0)
+        return gzip.GzipFile(fileobj=stream, mode="rb"), stream
+    stream.seek(0)
+    return stream, stream
+
+
+def _read_exactly(stream, count: int, path: str) -> bytes:
     try:
-        return gzip.decompress(raw)
+        return stream.read(count)
     except (EOFError, OSError, zlib.error) as error:
         # EOFError: truncated stream; BadGzipFile (an OSError) / zlib.error: corrupt stream.
         raise ValueError(
@@ -121,22 +133,25 @@ def _read_bytes(path: str) -> bytes:
         ) from error
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike, *, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Decodes one IDX file (gzip-compressed or not) into a NumPy array.
 
     Every structural fact the header states is checked: the magic number, a known element type
     and that the payload holds exactly the number of elements the dimensions promise (a
-    truncated or padded file is rejected rather than silently reshaped).
+    truncated or padded file is rejected rather than silently reshaped). The header is read
+    first, and a payload larger than `max_bytes` is refused before it is read or inflated.
 
     Args:
         path: An IDX file, e.g. `train-images-idx3-ubyte.gz`.
+        max_bytes: the largest payload accepted.
 
     Returns:
         An array of the header's shape, in native byte order (uint8 for MNIST files).
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: the file is not a valid IDX file; the message names the file.
+        ValueError: the file is not a valid IDX file, or larger than `max_bytes`; the message
+            names the file.
 
     Example:
     >>> images = bnzoo.data.idx.read_idx(
@@ -147,30 +162,39 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"IDX file not found: {path}")
-    data = _read_bytes(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
-        raise ValueError(
-            f"{path}: not an IDX file (magic number {data[:4].hex() or 'missing'}, expected "
-            "00 00 <type> <ndim> with type one of "
-            f"{', '.join(f'{code:02x}' for code in IDX_DTYPES)})."
-        )
-    dtype = IDX_DTYPES[data[2]]
-    ndim = data[3]
-    header_size = 4 + 4 * ndim
-    if len(data) < header_size:
-        raise ValueError(
-            f"{path}: corrupt or truncated IDX header (magic number {data[:4].hex()} declares "
-            f"{ndim} dimensions, but the file holds only {len(data)} bytes); download it again."
-        )
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    actual = len(data) - header_size
-    if actual != expected:
+    stream, file = _open_idx(path)
+    with file, stream:
+        magic = _read_exactly(stream, 4, path)
+        if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_DTYPES:
+            raise ValueError(
+                f"{path}: not an IDX file (magic number {magic.hex() or 'missing'}, expected "
+                "00 00 <type> <ndim> with type one of "
+                f"{', '.join(f'{code:02x}' for code in IDX_DTYPES)})."
+            )
+        dtype = IDX_DTYPES[magic[2]]
+        ndim = magic[3]
+        sizes = _read_exactly(stream, 4 * ndim, path)
+        if len(sizes) < 4 * ndim:
+            raise ValueError(
+                f"{path}: corrupt or truncated IDX header (magic number {magic.hex()} declares "
+                f"{ndim} dimensions, but the file holds only {4 + len(sizes)} bytes); download "
+                "it again."
+            )
+        shape = tuple(int(d) for d in np.frombuffer(sizes, dtype=">u4"))
+        expected = math.prod(shape) * dtype.itemsize
+        if expected > max_bytes:
+            raise ValueError(
+                f"{path}: IDX header promises shape {shape} ({expected:,} bytes of data), more "
+                f"than the {max_bytes:,} bytes expected here; not the dataset's file."
+            )
+        data = _read_exactly(stream, expected + 1, path)
+    if len(data) != expected:
+        held = f"{len(data):,} bytes" if len(data) <= expected else "more"
         raise ValueError(
             f"{path}: IDX header promises shape {shape} ({expected} bytes of data) but the file "
-            f"holds {actual} bytes; it is truncated or corrupt, download it again."
+            f"holds {held}; it is truncated or corrupt, download it again."
         )
-    array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
@@ -261,8 +285,11 @@ def load_idx_dataset(
     for split, (images_name, labels_name) in spec.files.items():
         images_path = find_idx_file(directory, images_name)
         labels_path = find_idx_file(directory, labels_name)
-        images = read_idx(images_path)
-        labels = read_idx(labels_path)
+        # The spec gives each file's size: nothing twice as large is read (within that, the
+        # verification below says what the file holds instead).
+        rows, cols = spec.image_size
+        images = read_idx(images_path, max_bytes=2 * spec.split_size(split) * rows * cols)
+        labels = read_idx(labels_path, max_bytes=2 * spec.split_size(split))
         _verify_split(spec, split, images, images_path, labels, labels_path)
         result[split] = (images[..., np.newaxis], labels.astype(np.int64))
     return result

@@ -17,7 +17,10 @@ classes in roughly their shares.
 Sizes and channels are read from each file's header, and the end of each file is checked for
 its format's end marker (a few bytes each, no decoding), when the dataset is loaded: a
 non-image, a broken header or a truncated file surfaces at once, naming the file, not in the
-middle of training. Damaged pixel data inside a complete file fails only when TensorFlow
+middle of training. The folder may come from anyone: only regular files are opened (a FIFO
+named `x.png` would block forever, a link to `/dev/zero` read forever), and files larger than
+`MAX_IMAGE_FILE_BYTES` or declaring more than `MAX_IMAGE_PIXELS` are refused before TensorFlow
+reads or decodes them. Damaged pixel data inside a complete file fails only when TensorFlow
 decodes it; `naming_undecodable_images` then finds the file and names it.
 
 - Channels: 1 when every image is grayscale (with or without alpha), else 3 (RGB; alpha is
@@ -33,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import struct
 from collections.abc import Iterator, Sequence
 
@@ -43,6 +47,15 @@ import tensorflow_datasets as tfds
 from bnzoo.data.info import DatasetInfo, horizontal_flip_default, normalization_for
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+#: The largest file read as one image: 256 MiB. TensorFlow reads a whole file into memory to
+#: decode it, several at once in the input pipeline; 256 MiB is ten times a 50-megapixel
+#: photo's JPEG or PNG and holds a 9,000 x 9,000 uncompressed RGB BMP. A larger file named
+#: like an image is not one to train on, and reading it would cost that memory first.
+MAX_IMAGE_FILE_BYTES = 256 * 2**20
+#: The most pixels an image may declare: Pillow's decompression-bomb limit (where
+#: `PIL.Image.open` raises), 13,377 x 13,377. A PNG of a few hundred bytes can declare
+#: 100,000 x 100,000 pixels, which TensorFlow would try to decode into 10 GB (gray) to 30 GB.
+MAX_IMAGE_PIXELS = 2 * (2**30 // 4 // 3)
 FILE_ORDER_SEED = 1337
 PREFIX = "image_folder:"
 SPLIT_NAME = "train"
@@ -90,39 +103,105 @@ def inspect_image_file(path: str) -> tuple[int, int, int, bool]:
     writers append data after the end marker, which decoders ignore.
 
     Raises:
-        ValueError: the file is not a PNG, JPEG, BMP or GIF, or its header is corrupt.
+        ValueError: the file is not a regular file (a FIFO, a device, a broken link), is larger
+            than `MAX_IMAGE_FILE_BYTES`, is not a PNG, JPEG, BMP or GIF, its header is corrupt
+            or it declares more than `MAX_IMAGE_PIXELS`.
     """
-    with open(path, "rb") as f:
+    with _open_image_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(64)
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
         f.seek(max(0, size - len(_PNG_END)))
-        tail = f.read()
-        try:
-            if head.startswith(_PNG_SIGNATURE):
-                if len(head) < 26:
-                    raise ValueError("a PNG signature, then the file ends (truncated)")
-                if head[12:16] != b"IHDR":
-                    raise ValueError("a PNG signature but no IHDR header chunk after it")
-                width, height = struct.unpack(">II", head[16:24])
-                color_type = head[25]
-                if color_type not in _PNG_CHANNELS:
-                    raise ValueError(f"unknown PNG color type {color_type}")
-                return height, width, _PNG_CHANNELS[color_type], tail.endswith(_PNG_END)
-            if head[:6] in (b"GIF87a", b"GIF89a"):
-                width, height = struct.unpack("<HH", head[6:10])
-                return height, width, 3, tail.endswith(_GIF_TRAILER)
-            if head.startswith(b"BM"):
-                height, width, channels, complete = _read_bmp_header(head, size)
-                return height, width, channels, complete
-            if head.startswith(b"\xff\xd8"):
-                f.seek(2)
-                height, width, channels = _read_jpeg_sof(f)
-                return height, width, channels, tail.endswith(_JPEG_END)
-        except struct.error as error:
-            raise ValueError(f"{path}: truncated image header ({error}).") from error
-        except ValueError as error:
-            raise ValueError(f"{path}: cannot read the image ({error}).") from error
+        tail = f.read(len(_PNG_END))
+        height, width, channels, complete = _parse_image(f, path, head, tail, size)
+    if height * abs(width) > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{path}: declares {abs(width)} x {height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+            "bnzoo decodes (Pillow's decompression-bomb limit); a crafted or damaged file, or "
+            "an image to downscale before training"
+        )
+    return height, width, channels, complete
+
+
+def _describe_file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_regular_file(path: str, mode: int, size: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise ValueError(
+            f"{path}: {_describe_file_type(mode)}, not an image file; an image folder holds "
+            "regular files only: remove it"
+        )
+    if size > MAX_IMAGE_FILE_BYTES:
+        raise ValueError(
+            f"{path}: {size:,} bytes, more than the {MAX_IMAGE_FILE_BYTES // 2**20} MiB bnzoo "
+            "reads as one image; remove it or shrink it"
+        )
+
+
+def _open_image_file(path: str):
+    """`path` opened for reading, if it is a regular file of at most `MAX_IMAGE_FILE_BYTES`.
+
+    Checked before opening (opening a device can have effects of its own) and again on the
+    open file (the path might have been replaced in between): non-blocking, so that a FIFO
+    put there meanwhile cannot block the open.
+    """
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: a broken symbolic link or a vanished file; remove it") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it ({error.strerror})") from None
+    _check_regular_file(path, status.st_mode, status.st_size)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as error:
+        raise ValueError(f"{path}: cannot open it ({error.strerror})") from None
+    status = os.fstat(descriptor)
+    try:
+        _check_regular_file(path, status.st_mode, status.st_size)
+    except ValueError:
+        os.close(descriptor)
+        raise
+    return os.fdopen(descriptor, "rb")
+
+
+def _parse_image(f, path: str, head: bytes, tail: bytes, size: int) -> tuple[int, int, int, bool]:
+    """`inspect_image_file`'s answer from the open file `f`, its first 64 and last 12 bytes."""
+    try:
+        if head.startswith(_PNG_SIGNATURE):
+            if len(head) < 26:
+                raise ValueError("a PNG signature, then the file ends (truncated)")
+            if head[12:16] != b"IHDR":
+                raise ValueError("a PNG signature but no IHDR header chunk after it")
+            width, height = struct.unpack(">II", head[16:24])
+            color_type = head[25]
+            if color_type not in _PNG_CHANNELS:
+                raise ValueError(f"unknown PNG color type {color_type}")
+            return height, width, _PNG_CHANNELS[color_type], tail.endswith(_PNG_END)
+        if head[:6] in (b"GIF87a", b"GIF89a"):
+            width, height = struct.unpack("<HH", head[6:10])
+            return height, width, 3, tail.endswith(_GIF_TRAILER)
+        if head.startswith(b"BM"):
+            height, width, channels, complete = _read_bmp_header(head, size)
+            return height, width, channels, complete
+        if head.startswith(b"\xff\xd8"):
+            f.seek(2)
+            height, width, channels = _read_jpeg_sof(f)
+            return height, width, channels, tail.endswith(_JPEG_END)
+    except struct.error as error:
+        raise ValueError(f"{path}: truncated image header ({error}).") from error
+    except ValueError as error:
+        raise ValueError(f"{path}: cannot read the image ({error}).") from error
     if not head:
         raise ValueError(f"{path}: empty file; remove it from the image folder.")
     raise ValueError(
@@ -147,13 +226,23 @@ def _read_bmp_header(head: bytes, size: int) -> tuple[int, int, int, bool]:
     return abs(height), width, bits // 8, complete
 
 
+#: Bytes outside marker segments that the start-of-frame search reads one at a time before it
+#: gives up: a valid JPEG has none (segments follow each other), so this only bounds the time a
+#: crafted file of junk can take.
+_JPEG_MAX_STRAY_BYTES = 2**20
+
+
 def _read_jpeg_sof(f) -> tuple[int, int, int]:
     """Walks JPEG marker segments up to the start-of-frame, which holds size and components."""
+    stray = 0
     while True:
         byte = f.read(1)
         if not byte:
             raise ValueError("no start-of-frame marker before the end of the file")
         if byte != b"\xff":
+            stray += 1
+            if stray > _JPEG_MAX_STRAY_BYTES:
+                raise ValueError("no JPEG marker in the first megabyte after the header")
             continue
         marker = f.read(1)
         while marker == b"\xff":  # fill bytes before a marker
