@@ -32,6 +32,7 @@ from typing import Any
 #: Public name -> the module that defines it.
 _EXPORTS = {
     "bn_inception": "models.bn_inception",
+    "compact_cnn": "models.compact_cnn",
     "inception_v1": "models.inception_v1",
     "inception_v3": "models.inception_v3",
     "paper_mlp": "models.paper_mlp",
@@ -58,6 +59,7 @@ _EXPORTS = {
 #: Modules whose import registers builders (and their weights) in the registry.
 BUILDER_MODULES = (
     "models.bn_inception",
+    "models.compact_cnn",
     "models.inception_v1",
     "models.inception_v3",
     "models.paper_mlp",
