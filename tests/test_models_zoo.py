@@ -20,7 +20,7 @@ TINY = {
     # Inception-v3's smallest input; its three valid convolutions need 75×75.
     models.inception_v3: dict(input_shape=(75, 75, 3), width_multiplier=0.01, min_depth=8),
     models.plain_cnn: dict(input_shape=(12, 12, 1), widths=(8, 16)),
-    models.compact_cnn: dict(input_shape=(12, 12, 1), stem_width=8, widths=(8, 16)),
+    models.compact_cnn: dict(input_shape=(12, 12, 1), widths=(8, 16), depths=(1, 2)),
     models.paper_mlp: dict(input_shape=(6, 6, 1), hidden_units=16),
 }
 CLASSES = 5

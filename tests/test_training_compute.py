@@ -15,11 +15,11 @@ from bnzoo.training_compute import planned_training_compute, training_compute
 #: 54,000 examples through plain_cnn's 29.1 M multiply-adds, forward and backward).
 DEFAULT_RUN_BUDGET = 16e12
 
-#: compact_cnn at its smallest: one 8-filter stem convolution at 28x28, one 8-filter block at
-#: 14x14, one 16-filter block at 7x7, a 16 -> 10 classifier.
-TINY_MODEL = {"stem_width": 8, "widths": [8, 16], "depths": [1, 1]}
+#: compact_cnn at its smallest: one 8-filter block at 28x28, one 16-filter block at 14x14, a
+#: 16 -> 10 classifier.
+TINY_MODEL = {"widths": [8, 16], "depths": [1, 1]}
 # 3x3 convolutions: positions x 9 x input channels x filters; the classifier 16 x 10.
-TINY_FORWARD = 28 * 28 * 9 * 1 * 8 + 14 * 14 * 9 * 8 * 8 + 7 * 7 * 9 * 8 * 16 + 16 * 10
+TINY_FORWARD = 28 * 28 * 9 * 1 * 8 + 14 * 14 * 9 * 8 * 16 + 16 * 10
 
 
 def test_training_counts_forward_and_backward_of_every_example_stepped_on():
