@@ -630,7 +630,7 @@ def _run(
         train_info = dataclasses.replace(train_info, mean=mean, std=std)
     inputs = RunInputs(config, cluster, train_ds, train_info, image_size)
     compute = training_compute(
-        models.count_multiply_adds(model),
+        models.count_multiply_adds(model),  # static shapes: train.py's inputs have a known size
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         batch_size=config.batch_size,
