@@ -6,6 +6,9 @@ import pytest
 
 import models
 
+# Building and shapes only: the same on every backend.
+pytestmark = pytest.mark.multi_backend
+
 
 def convolutions(model):
     return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
