@@ -13,7 +13,8 @@ fraction of a plain memory copy of the same tensor, BN's physical limit since it
 Every time includes the fixed cost of calling a `tf.function` (measured with a trivial one,
 interleaved with the others). The bandwidth fractions subtract it; times and ratios keep it.
 
-Usage: `make bench` or `.venv/bin/python bench/bench_batch_normalization.py [--rounds N]`.
+Usage: `make bench` or
+`.venv/bin/python bench/bench_batch_normalization.py [--rounds N] [--output results.json]`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from machine import machine_line, write_results  # noqa: E402
 
 from layers import BatchNormalization  # noqa: E402
 
@@ -102,8 +104,10 @@ def geometric_mean(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=51, help="timed calls per function")
+    parser.add_argument("--output", help="also write the results, with the machine, as JSON")
     args = parser.parse_args(argv)
 
+    print(machine_line())
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}), oneDNN "
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     ratios: dict[tuple[bool, str], list[float]] = {}
+    rows = []
     for jit_compile in (False, True):
         for shape in SHAPES:
             times = time_interleaved(make_functions(shape, jit_compile), args.rounds)
@@ -123,6 +128,19 @@ def main(argv: list[str] | None = None) -> None:
             for kind, copies in (("train", 4.0), ("infer", 1.0)):
                 theirs, ours = times[f"{kind} keras"], times[f"{kind} ours"]
                 ratios.setdefault((jit_compile, kind), []).append(ours / theirs)
+                rows.append(
+                    {
+                        "shape": shape,
+                        "xla": jit_compile,
+                        "pass": kind,
+                        "keras_ms": theirs * 1e3,
+                        "ours_ms": ours * 1e3,
+                        "copy_ms": copy * 1e3,
+                        "call_ms": call * 1e3,
+                        "ours_copy_fraction": copy_fraction(copies, copy, ours, call),
+                        "keras_copy_fraction": copy_fraction(copies, copy, theirs, call),
+                    }
+                )
                 print(
                     f"| {shape} | {'on' if jit_compile else 'off'} | "
                     f"{'training fwd+bwd' if kind == 'train' else 'inference'} | "
@@ -142,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         f"({train_no_xla:.2f}); with XLA no slower (<= 1.05x, timing noise): "
         f"{'met' if train_xla <= 1.05 else 'NOT met'} ({train_xla:.2f})"
     )
+    if args.output:
+        software = {"tensorflow": tf.__version__, "keras": keras.__version__}
+        write_results(args.output, {"software": software, "rounds": args.rounds, "rows": rows})
+        print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

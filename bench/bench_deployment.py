@@ -30,6 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The script runs from bench/; make the repository importable without an editable install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe_machine  # noqa: E402
+
 ARTIFACTS = {
     "SavedModel": "saved_model",
     "TFLite float32": "model.tflite",
@@ -45,17 +47,6 @@ def size_on_disk(path: str) -> int:
         for folder, _, names in os.walk(path)
         for name in names
     )
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,9 +117,9 @@ def main(argv: list[str] | None = None) -> None:
             "split": metrics["split"],
             "num_examples": metrics["num_examples"],
         }
+    machine = describe_machine()
     conditions = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
+        "machine": machine.as_dict(),
         "threads": args.threads,
         "rounds": args.rounds,
         "load_average_start": [round(value, 2) for value in load_start],
@@ -144,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         pass
 
     reference = results["SavedModel"]
+    print(machine.describe())
     print(
         f"{args.run_dir}: {reference['split']} ({reference['num_examples']} images), "
         f"batch-1 latency over {args.rounds} interleaved rounds, {args.threads} thread(s)"
@@ -158,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{delta:+.2f} points |"
         )
     print(
-        f"{conditions['cpu']}, {conditions['cores']} cores; load average "
+        "load average "
         f"{conditions['load_average_start'][0]} -> {conditions['load_average_end'][0]}; "
         f"TensorFlow {conditions['tensorflow']}, LiteRT {conditions.get('ai_edge_litert')}"
     )

@@ -1,7 +1,7 @@
 """Whole-model throughput: bnzoo's BN vs Keras' BN vs no BN, float32 vs mixed_bfloat16.
 
-For each model (plain_cnn on 28x28x1; BN-Inception in both readings, `bn_inception` and
-`bn_inception_slim`, at a small input) it builds one copy per normalization
+For each model (compact_cnn and plain_cnn on 28x28x1; BN-Inception in both readings,
+`bn_inception` and `bn_inception_slim`, at a small input) it builds one copy per normalization
 (`normalization="batch_norm"|"keras"|None`) and precision (float32, `mixed_bfloat16`), then
 times, interleaved in one process in rotating order so that every variant sees the same machine
 state:
@@ -17,7 +17,8 @@ meaningful on a shared machine. `--backend jax` runs the same
 models on the JAX backend in another process (Keras must pick its backend before it is
 imported); there our layer runs its `keras.ops` path and XLA compiles every step.
 
-Usage: `make bench` or `.venv/bin/python bench/bench_models.py [--backend jax] [--rounds N]`.
+Usage: `make bench` or
+`.venv/bin/python bench/bench_models.py [--backend jax] [--rounds N] [--output results.json]`.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NORMALIZATIONS = {"ours": "batch_norm", "keras": "keras", "no BN": None}
 PRECISIONS = ("float32", "mixed_bfloat16")
-# (registry name, input shape, batch size): plain_cnn as `make train` runs it; BN-Inception at
-# 96x96, batch 32, small enough for a CPU and large enough that its 3x3 stage is not degenerate.
+# (registry name, input shape, batch size): compact_cnn as `make train` runs it, plain_cnn as
+# the earlier default did; BN-Inception at 96x96, batch 32, small enough for a CPU and large
+# enough that its 3x3 stage is not degenerate.
 MODELS = {
+    "compact_cnn": ((28, 28, 1), 64),
     "plain_cnn": ((28, 28, 1), 128),
     "bn_inception": ((96, 96, 3), 32),
     "bn_inception_slim": ((96, 96, 3), 32),
@@ -57,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--inception-size", type=int, default=96, help="BN-Inception's input height and width"
     )
     parser.add_argument("--inception-batch", type=int, default=32)
+    parser.add_argument("--output", help="also write the results, with the machine, as JSON")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.precisions = [p for p in args.precisions.split(",") if p]
@@ -128,6 +132,7 @@ def time_interleaved(functions: dict, rounds: int, warmup: int = 2) -> tuple[dic
 
 def run(args: argparse.Namespace) -> None:
     import keras
+    from machine import machine_line, write_results
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -143,6 +148,7 @@ def run(args: argparse.Namespace) -> None:
 
         versions = f"JAX {jax.__version__}"
         jit = "XLA (every step jit-compiled)"
+    print(machine_line())
     print(
         f"## Backend {backend}: {versions}, Keras {keras.__version__}, {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}), {jit}; median of {args.rounds} "
@@ -155,6 +161,7 @@ def run(args: argparse.Namespace) -> None:
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows: dict[str, list[str]] = {"wall": [], "cpu": []}
+    records = []
     for name in args.models:
         input_shape, batch = MODELS[name]
         if name.startswith("bn_inception"):
@@ -175,6 +182,18 @@ def run(args: argparse.Namespace) -> None:
                     )
                     no_bn = times[("train", precision, "no BN")]
                     cost = "" if label == "no BN" else f"{100 * (train - no_bn) / no_bn:+.0f}%"
+                    records.append(
+                        {
+                            "time": metric,
+                            "model": name,
+                            "input_shape": input_shape,
+                            "batch": batch,
+                            "precision": precision,
+                            "normalization": label,
+                            "train_ms": train * 1e3,
+                            "infer_ms": infer * 1e3,
+                        }
+                    )
                     rows[metric].append(
                         f"| {name} | {'x'.join(map(str, input_shape))}, {batch} | {precision} "
                         f"| {label} | {train * 1e3:.1f} | {batch / train:.0f} "
@@ -184,15 +203,21 @@ def run(args: argparse.Namespace) -> None:
                     )
         print(f"(measured {name})", file=sys.stderr, flush=True)
     print("Wall time (what a user waits for; trust it on an idle machine):\n")
+    print(machine_line())
     print(header)
     print("\n".join(rows["wall"]))
     print(
         "\nCPU time of all the process' threads (img/s per CPU-second; robust on a shared "
         "machine, where wall time includes waiting for a core):\n"
     )
+    print(machine_line())
     print(header)
     print("\n".join(rows["cpu"]))
     print()
+    if args.output:
+        software = {"backend": backend, "versions": versions, "keras": keras.__version__}
+        write_results(args.output, {"software": software, "rounds": args.rounds, "rows": records})
+        print(f"wrote {args.output}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     # The script runs from bench/; make the repository importable without an editable install.
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
     run(args)
 
 

@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             f"bench_serving: the serving process imported {report['project_modules_imported']}"
         )
 
+    from machine import machine_line
+
     print(
         f"## Serving latency: SavedModel `serving_default` from a TensorFlow-only process "
         f"(TensorFlow {report['tensorflow']}, {os.cpu_count()} CPUs, "
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ):
         times = report[key]
         print(f"\n{title}:\n")
+        print(machine_line())
         print(f"| model | BN | {header} | batch 64 img/s | fused conv-BN-ReLU ops |")
         print("|---|---|" + "---:|---:|" * len(BATCHES) + "---:|---:|")
         for name in MODELS:

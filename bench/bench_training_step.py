@@ -42,6 +42,7 @@ if not tf.config.list_physical_devices("GPU"):
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 from bnzoo.config import TrainConfig  # noqa: E402
 from bnzoo.distribution import Distribution, DistributionPlan, mirrored_strategy  # noqa: E402
@@ -118,6 +119,7 @@ def main() -> None:
         recompute_population_statistics(model, data, steps=args.statistics_batches)
         statistics_times.append(time.perf_counter() - start)
 
+    print(machine_line())
     print(
         f"{platform.node()}: {os.cpu_count()} CPUs, TensorFlow {tf.__version__}, "
         f"load average {os.getloadavg()[0]:.1f}; {args.model}, global batch {args.batch_size}"

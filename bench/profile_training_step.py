@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 import models  # noqa: E402
 from layers import BatchNormalization  # noqa: E402
@@ -234,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.inter_op_threads or 'default'}, load average {load:.1f} (1 min); medians of "
         f"{args.rounds} interleaved steps.\n"
     )
+    machine = machine_line()
     print(f"1. Time per training step ({len(shapes)} BN layers, {values:,} values):\n")
+    print(machine)
     print("| step | wall ms | vs no BN | CPU ms (all threads) | vs no BN |")
     print("|---|---:|---:|---:|---:|")
     for name in steps:
@@ -246,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(f"{share - 100:+.1f}%" if name in VARIANTS else f"{share:.1f}% of it")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\n2. Op time per category (ms per step, summed over inter-op threads):\n")
+    print(machine)
     print("| category | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | share of ours |")
     print("|---|" + "---:|" * (len(VARIANTS) + 1))
     totals = {
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         + " | 100% |"
     )
     print("\n3. Our BN layers (median ms per step; fused: FusedBatchNormV3, else keras.ops):\n")
+    print(machine)
     print("| layer | values | path | forward ms | backward ms |")
     print("|---|---:|---|---:|---:|")
     bn_layers = [layer for layer in built["ours"].layers if isinstance(layer, BatchNormalization)]

@@ -80,6 +80,7 @@ HISTORY_COLUMNS = (
     "learning_rate",
     "epoch_seconds",
     "bn_statistics_seconds",
+    "training_multiply_adds",  # cumulative, forward + backward (bnzoo.training_compute)
 )
 
 LOCK_FILENAME = ".lock"

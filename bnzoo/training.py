@@ -74,6 +74,11 @@ from bnzoo.run_folder import (
     repair_best_checkpoint,
     write_history_csv,
 )
+from bnzoo.training_compute import (
+    TrainingCompute,
+    statistics_batches_per_epoch,
+    training_compute,
+)
 
 Log = Callable[[str], None]
 
@@ -584,11 +589,11 @@ def _run(
     spec = models.get_model_spec(config.model)
     train_ds, train_info = load_dataset(config.dataset, split=config.train_split, **data_kwargs)
     check_training_data(config, train_info)
-    val_ds = val_info = test_ds = None
+    val_ds = val_info = test_ds = test_info = None
     if config.val_split:
         val_ds, val_info = load_evaluation_split(config, "--val-split", config.val_split)
     if config.test_split:
-        test_ds, _ = load_evaluation_split(config, "--test-split", config.test_split)
+        test_ds, test_info = load_evaluation_split(config, "--test-split", config.test_split)
     if cluster.is_chief:  # once per run, like the other warnings
         warn_about_overlapping_splits(config, log)
     per_replica_batch = cluster.per_replica_batch_size(config.batch_size)
@@ -637,6 +642,15 @@ def _run(
         mean, std = raw_pixel_statistics(input_shape[2])
         train_info = dataclasses.replace(train_info, mean=mean, std=std)
     inputs = RunInputs(config, cluster, train_ds, train_info, image_size)
+    compute = training_compute(
+        models.count_multiply_adds(model),  # static shapes: train.py's inputs have a known size
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=config.batch_size,
+        statistics_batches=statistics_batches_per_epoch(config, steps_per_epoch),
+        validation_examples=val_info.num_examples if val_info else 0,
+        test_examples=test_info.num_examples if test_info else 0,
+    )
 
     # 2. The run folder (the chief's alone), locked against a second train.py before anything in
     # it is touched.
@@ -721,6 +735,7 @@ def _run(
                 paths,
                 log,
                 progress_bar,
+                compute,
             )
 
         # 4. Final artifacts, each written atomically by the chief; rerunning redoes all of them.
@@ -730,7 +745,15 @@ def _run(
             with cluster.host_local():
                 try:
                     return write_final_artifacts(
-                        model, paths, config, train_info, image_size, test_ds, state["history"], log
+                        model,
+                        paths,
+                        config,
+                        train_info,
+                        image_size,
+                        test_ds,
+                        state["history"],
+                        log,
+                        compute=compute,
                     )
                 except OSError as error:
                     if not is_disk_full(error):
@@ -786,6 +809,7 @@ def _train_epochs(
     paths: RunPaths,
     log: Log,
     progress_bar: bool,
+    compute: TrainingCompute,
 ) -> dict[str, Any] | None:
     """Epochs `initial_epoch + 1 ... config.epochs`: train, recompute BN's population statistics,
     validate, then (the chief) commit. Returns the committed state (None on other workers)."""
@@ -849,6 +873,7 @@ def _train_epochs(
                     logs[f"val_{key}"] = value
             # Computed on every worker: on JAX the schedule's step is a multi-process array.
             logs["learning_rate"] = current_learning_rate(model.optimizer)
+            logs["training_multiply_adds"] = compute.training_multiply_adds(epoch + 1)
 
             def commit(epoch=epoch, logs=logs):
                 with cluster.host_local():
@@ -886,11 +911,14 @@ def write_final_artifacts(
     test_ds,
     history: list[dict[str, Any]],
     log: Log = _print,
+    compute: TrainingCompute | None = None,
 ) -> dict[str, Any] | None:
     """model.keras, saved_model/, metrics.json (when there is a test split) and the curves.
 
     The test split is evaluated through the serving function that the SavedModel wraps, so
-    metrics.json describes exactly what the export serves. Returns the test metrics.
+    metrics.json describes exactly what the export serves; with `compute`, it also records the
+    run's multiply-adds (`training_compute`), which the last lines print. Returns the test
+    metrics.
     """
     from bnzoo import evaluation, export, plotting
 
@@ -928,6 +956,7 @@ def write_final_artifacts(
                 "model": paths.model,
                 "dataset": config.dataset,
                 "split": config.test_split,
+                **({"training_compute": compute.as_dict()} if compute else {}),
             },
         )
         evaluation.save_metrics_json(metrics, paths.metrics)
@@ -941,4 +970,6 @@ def write_final_artifacts(
     except ImportError as error:
         log(f"skipping {paths.curves}: {error}")
     log(f"saved {paths.model} and {paths.saved_model}")
+    if compute is not None:
+        log(compute.describe())
     return metrics

@@ -1,5 +1,6 @@
 """The benchmark scripts: argument errors and the profile's op categories (no timing here)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,85 @@ def test_profile_groups_ops_by_kernel_type_then_layer_scope(name, op_type, categ
     finally:
         sys.path.remove(str(ROOT / "bench"))
     assert categorize(name, op_type) == category
+
+
+ZEN1_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 1
+model name\t: AMD EPYC Processor
+flags\t\t: fpu sse2 avx fma avx2 bmi2 sha_ni
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC Processor
+"""
+SAPPHIRE_RAPIDS_FLAGS = "avx2 avx512f avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8"
+
+
+def machine_module():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import machine
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return machine
+
+
+def test_machine_line_names_the_cpu_and_its_instruction_sets(tmp_path, monkeypatch):
+    machine = machine_module()
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(ZEN1_CPUINFO)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    described = machine.describe_machine(str(cpuinfo))
+    assert described.cpu_model == "AMD EPYC Processor"
+    assert described.cpu_id == "AuthenticAMD family 23 model 1"
+    assert described.instruction_sets == {
+        "AVX2": True,
+        "AVX-512F": False,
+        "AVX512-BF16": False,
+        "AMX": False,
+    }
+    assert described.describe() == (
+        f"CPU: AMD EPYC Processor (AuthenticAMD family 23 model 1), {described.cores} "
+        f"core{'' if described.cores == 1 else 's'}; AVX2 yes, AVX-512F no, AVX512-BF16 no, AMX no"
+    )
+
+    cpuinfo.write_text(ZEN1_CPUINFO.replace("avx2 bmi2", SAPPHIRE_RAPIDS_FLAGS))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    described = machine.describe_machine(str(cpuinfo))
+    assert all(described.instruction_sets.values())
+    assert described.describe().endswith("AMX yes; ONEDNN_MAX_CPU_ISA=AVX2")
+    assert described.as_dict()["kernel_settings"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def test_machine_without_cpuinfo_still_names_the_architecture(tmp_path):
+    described = machine_module().describe_machine(str(tmp_path / "missing"))
+    assert described.cpu_model and described.cores >= 1
+    assert not any(described.instruction_sets.values())
+
+
+def test_json_results_carry_the_machine(tmp_path):
+    machine = machine_module()
+    path = tmp_path / "results.json"
+    machine.write_results(str(path), {"rows": [{"train_ms": 1.5}]})
+    record = json.loads(path.read_text())
+    assert record["machine"] == machine.describe_machine().as_dict()
+    assert record["rows"] == [{"train_ms": 1.5}]
+
+
+@pytest.mark.parametrize(
+    "arguments,named",
+    [(["--precisions", "float16"], "float16"), (["--size", "100"], "--size")],
+)
+def test_bench_pytorch_peer_rejects_bad_arguments_before_building_anything(arguments, named):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_pytorch_peer.py"), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert named in result.stderr.strip().splitlines()[-1]

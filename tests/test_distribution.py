@@ -11,6 +11,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from rounding import probable_gamma
 
 from bnzoo.distribution import (
     Distribution,
@@ -420,8 +421,15 @@ def test_jax_data_parallel_normalizes_over_the_global_batch(tmp_path):
     parallel, single = values["data_parallel"], values["none"]
     assert "keras.distribution.DataParallel; 2 replicas, global batch 64 = 32" in parallel["line"]
     assert "BN statistics over the global batch" in parallel["line"]
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        assert parallel["history"][0][key] == pytest.approx(single["history"][0][key], rel=1e-4)
+    # Sharding changes only the order of the sums. The largest per step is BN's statistics over
+    # 64 x 28 x 28 values, known to probable_gamma(50,176) = 8e-5 of their scale; 4 steps add
+    # up to 3.2e-4. Accuracies are counts: a logit pair within rounding of a tie may flip one
+    # of the 256 training or 44 validation examples.
+    history, reference = parallel["history"][0], single["history"][0]
+    for key in ("loss", "val_loss"):
+        assert history[key] == pytest.approx(reference[key], rel=4 * probable_gamma(64 * 28 * 28))
+    assert history["accuracy"] == pytest.approx(reference["accuracy"], abs=1 / 256)
+    assert history["val_accuracy"] == pytest.approx(reference["val_accuracy"], abs=1 / 44)
 
 
 @pytest.mark.parametrize("kind", ["bnzoo", "keras"])
