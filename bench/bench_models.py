@@ -1,6 +1,6 @@
 """Whole-model throughput: bnzoo's BN vs Keras' BN vs no BN, float32 vs mixed_bfloat16.
 
-For each model (compact_cnn and plain_cnn on 28x28x1; BN-Inception in both readings,
+For each model (plain_cnn_small and plain_cnn on 28x28x1; BN-Inception in both readings,
 `bn_inception` and `bn_inception_slim`, at a small input) it builds one copy per normalization
 (`normalization="batch_norm"|"keras"|None`) and precision (float32, `mixed_bfloat16`), then
 times, interleaved in one process in rotating order so that every variant sees the same machine
@@ -35,11 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NORMALIZATIONS = {"ours": "batch_norm", "keras": "keras", "no BN": None}
 PRECISIONS = ("float32", "mixed_bfloat16")
-# (registry name, input shape, batch size): compact_cnn as `make train` runs it, plain_cnn as
+# (registry name, input shape, batch size): plain_cnn_small as `make train` runs it, plain_cnn as
 # the earlier default did; BN-Inception at 96x96, batch 32, small enough for a CPU and large
 # enough that its 3x3 stage is not degenerate.
 MODELS = {
-    "compact_cnn": ((28, 28, 1), 64),
+    "plain_cnn_small": ((28, 28, 1), 64),
     "plain_cnn": ((28, 28, 1), 128),
     "bn_inception": ((96, 96, 3), 32),
     "bn_inception_slim": ((96, 96, 3), 32),

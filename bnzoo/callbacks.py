@@ -11,7 +11,6 @@ from typing import Any
 import keras
 
 from bnzoo.atomic_files import copy_file_atomically, is_disk_full
-from bnzoo.signals import interruptions_deferred
 from bnzoo.optimization import current_learning_rate
 from bnzoo.run_folder import (
     HISTORY_COLUMNS,

@@ -131,37 +131,3 @@ def statistics_batches_per_epoch(config, steps_per_epoch: int) -> int:
     if config.bn_statistics != "population" or config.normalization == "none":
         return 0
     return min(config.bn_statistics_batches, steps_per_epoch)
-
-
-def planned_training_compute(config) -> TrainingCompute:
-    """The compute of the run `config` describes, without training: the model is built (not
-    trained) and the splits' sizes are read from the dataset's metadata.
-
-    `train.py` prints the same figure at the end of the run; this answers before it, e.g. to
-    check that a recipe stays within a budget.
-    """
-    import models
-    from bnzoo.data import load_dataset
-    from bnzoo.training import build_model, resolve_image_size
-
-    data = {"data_dir": config.data_dir, "manual_dir": config.manual_dir}
-    _, train_info = load_dataset(config.dataset, split=config.train_split, **data)
-    sizes = {}
-    for split in (config.val_split, config.test_split):
-        if split:
-            sizes[split] = load_dataset(config.dataset, split=split, **data)[1].num_examples
-    image_size = resolve_image_size(
-        config, train_info.image_shape, models.get_model_spec(config.model).min_input_size
-    )
-    height, width = image_size or train_info.image_shape[:2]
-    model = build_model(config, (height, width, train_info.image_shape[2]), train_info.num_classes)
-    steps_per_epoch = train_info.num_examples // config.batch_size
-    return training_compute(
-        models.count_multiply_adds(model),
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=config.batch_size,
-        statistics_batches=statistics_batches_per_epoch(config, steps_per_epoch),
-        validation_examples=sizes.get(config.val_split, 0),
-        test_examples=sizes.get(config.test_split, 0),
-    )

@@ -24,7 +24,6 @@ TINY = {
     # Inception-v3's smallest input; its three valid convolutions need 75×75.
     models.inception_v3: dict(input_shape=(75, 75, 3), width_multiplier=0.01, min_depth=8),
     models.plain_cnn: dict(input_shape=(12, 12, 1), widths=(8, 16)),
-    models.compact_cnn: dict(input_shape=(12, 12, 1), widths=(8, 16), depths=(1, 2)),
     models.paper_mlp: dict(input_shape=(6, 6, 1), hidden_units=16),
     # ResNet's depths differ only in blocks per stage (tests/test_models_resnet.py builds them):
     # here one stage with an identity block and three with only their projection block.
@@ -38,8 +37,8 @@ ALL_MODELS = models.list_models()
 # The JAX run (`make test`'s second pass) is a subset: JAX compiles every initializer shape and
 # every train step with XLA, which for BN-Inception costs tens of seconds on a 2-core CPU. It
 # builds and runs one model per builder family, and trains and saves the two small ones.
-JAX_FORWARD_MODELS = ["bn_inception", "compact_cnn", "inception_v1", "paper_mlp", "plain_cnn", "resnet50"]
-JAX_TRAINING_MODELS = ["compact_cnn", "paper_mlp", "plain_cnn"]
+JAX_FORWARD_MODELS = ["bn_inception", "inception_v1", "paper_mlp", "plain_cnn", "resnet50"]
+JAX_TRAINING_MODELS = ["paper_mlp", "plain_cnn"]
 # XLA's CPU compile time grows with depth; the small models keep covering XLA.
 XLA_TOO_SLOW = {"inception_v3"}
 # GoogLeNet is published without BN (Table 1); its BN variant is `normalization="batch_norm"`.

@@ -9,15 +9,16 @@ import pytest
 import models
 from bnzoo.config import TrainConfig
 from bnzoo.run_folder import RunPaths, read_history_csv
-from bnzoo.training_compute import planned_training_compute, training_compute
+from bnzoo.training import planned_training_compute
+from bnzoo.training_compute import training_compute
 
 #: `make train`'s budget (issue 17): a third of the 47 T of the earlier default (10 epochs of
 #: 54,000 examples through plain_cnn's 29.1 M multiply-adds, forward and backward).
 DEFAULT_RUN_BUDGET = 16e12
 
-#: compact_cnn at its smallest: one 8-filter block at 28x28, one 16-filter block at 14x14, a
+#: plain_cnn_small at its smallest: one 8-filter block at 28x28, one 16-filter block at 14x14, a
 #: 16 -> 10 classifier.
-TINY_MODEL = {"widths": [8, 16], "depths": [1, 1]}
+TINY_MODEL = {"widths": [8, 16], "depth": [1, 1]}
 # 3x3 convolutions: positions x 9 x input channels x filters; the classifier 16 x 10.
 TINY_FORWARD = 28 * 28 * 9 * 1 * 8 + 14 * 14 * 9 * 8 * 16 + 16 * 10
 
@@ -78,13 +79,13 @@ def test_a_run_prints_and_records_its_compute(tmp_path):
 
     assert (
         models.count_multiply_adds(
-            models.create_model("compact_cnn", input_shape=(28, 28, 1), classes=10, **TINY_MODEL)
+            models.create_model(input_shape=(28, 28, 1), classes=10, **TINY_MODEL)
         )
         == TINY_FORWARD
     )
     lines = []
     config = TrainConfig(
-        model="compact_cnn",
+        model="plain_cnn_small",
         model_args=TINY_MODEL,
         train_split="train[:512]",
         val_split="train[512:640]",

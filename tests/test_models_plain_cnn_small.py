@@ -1,4 +1,4 @@
-"""compact_cnn: `train.py`'s default model, narrow at full resolution, a depth per stage."""
+"""plain_cnn_small (train.py's default model) and plain_cnn's depth per stage."""
 
 import keras
 import numpy as np
@@ -14,8 +14,8 @@ def convolutions(model):
     return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
 
 
-def test_default_spends_a_quarter_of_plain_cnns_multiply_adds():
-    model = models.compact_cnn()
+def test_default_model_spends_a_quarter_of_plain_cnns_multiply_adds():
+    model = models.create_model("plain_cnn_small")
     assert tuple(model.input.shape) == (None, 28, 28, 1) and model.output.shape == (None, 10)
     convs = convolutions(model)
     assert [conv.filters for conv in convs] == [16, 16, 32, 32, 64, 64]
@@ -38,7 +38,7 @@ def test_default_spends_a_quarter_of_plain_cnns_multiply_adds():
 
 
 def test_each_stage_takes_its_own_depth():
-    model = models.compact_cnn(widths=(8, 16, 32), depths=(1, 2, 3))
+    model = models.plain_cnn(widths=(8, 16, 32), depth=(1, 2, 3))
     names = [conv.name for conv in convolutions(model)]
     assert names == [
         "stage1_conv1",
@@ -48,21 +48,27 @@ def test_each_stage_takes_its_own_depth():
         "stage3_conv2",
         "stage3_conv3",
     ]
-    uniform = models.compact_cnn(widths=(8, 16), depths=3)
+    uniform = models.plain_cnn(widths=(8, 16), depth=3)
     assert len(convolutions(uniform)) == 6
-    # The default depths of two are plain_cnn's layers and shapes, at other widths.
-    same = models.compact_cnn(widths=(8, 16), dropout_rate=0.1)
-    plain = models.plain_cnn(widths=(8, 16), dropout_rate=0.1)
-    assert [(w.path, tuple(w.shape)) for w in same.weights] == [
-        (w.path.replace("plain_cnn", "compact_cnn"), tuple(w.shape)) for w in plain.weights
+    # A per-stage depth of twos is the uniform depth 2: the same layers and weight shapes.
+    per_stage = models.plain_cnn(widths=(8, 16), depth=(2, 2))
+    uniform_two = models.plain_cnn(widths=(8, 16), depth=2)
+    assert [(w.path, tuple(w.shape)) for w in per_stage.weights] == [
+        (w.path, tuple(w.shape)) for w in uniform_two.weights
     ]
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"depths": (2, 2)}, "depths must be a positive integer, or one per stage"),
-        ({"depths": (2, 0, 2)}, "depths must be a positive integer, or one per stage"),
+        (
+            {"depth": (2, 2)},
+            r"depth \(blocks per stage\) must be a positive integer, or one per stage",
+        ),
+        (
+            {"depth": (2, 0, 2)},
+            r"depth \(blocks per stage\) must be a positive integer, or one per stage",
+        ),
         ({"widths": ()}, "widths must be a non-empty sequence"),
         ({"widths": (16, 32.5, 64)}, "widths must be a non-empty sequence"),
         ({"dropout_rate": 1.0}, "dropout_rate must be in"),
@@ -72,11 +78,11 @@ def test_each_stage_takes_its_own_depth():
 )
 def test_bad_arguments_name_the_value_and_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        models.compact_cnn(**kwargs)
+        models.plain_cnn(**kwargs)
 
 
 def test_logits_without_bn_regain_the_convolution_bias():
-    model = models.compact_cnn(normalization=None, classifier_activation=None, widths=(4, 8))
+    model = models.plain_cnn(normalization=None, classifier_activation=None, widths=(4, 8))
     assert all(conv.use_bias for conv in convolutions(model))
     images = np.random.default_rng(0).uniform(size=(2, 28, 28, 1)).astype("float32")
     assert keras.ops.convert_to_numpy(model(images)).shape == (2, 10)
