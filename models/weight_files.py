@@ -155,7 +155,7 @@ def check_tf_checkpoint(prefix: str, what: str = "TensorFlow checkpoint") -> Non
 
 
 def check_weights_file(path: str, source_format: str, what: str = "") -> None:
-    """That `path` is a file of `source_format` (`"keras"`: HDF5, `"pytorch"`,
+    """That `path` is a file of `source_format` (`"keras"` and `"keras_h5"`: HDF5, `"pytorch"`,
     `"tf_checkpoint"`: a prefix), before a reader that would fail obscurely opens it. `what`
     names the file in messages (default: its kind).
 
@@ -163,7 +163,7 @@ def check_weights_file(path: str, source_format: str, what: str = "") -> None:
         FileNotFoundError: it does not exist.
         ValueError: it is not such a file, naming it and what it should be.
     """
-    if source_format == "keras":
+    if source_format in ("keras", "keras_h5"):
         check_hdf5_file(path, what=what or "weights file")
     elif source_format == "pytorch":
         check_pytorch_file(path, what or "PyTorch file")

@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -170,32 +171,57 @@ class Measured:
         self.peak_rss, self.seconds = peak_rss, seconds
 
 
+#: Runs a command as its own child and writes the child's peak resident memory (KiB) to a file.
+#: A process forked from pytest starts with pytest's resident pages counted as its own (over a
+#: GiB late in the suite), so the command is forked from this small launcher instead; a signal
+#: that ends the command ends the launcher the same way.
+_LAUNCHER = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(argv, *, cwd, timeout=300, env=None) -> Measured:
-    """Run a command like a user, with its own peak resident memory (`os.wait4`'s rusage: the
-    child's alone, unlike RUSAGE_CHILDREN) and wall time; killed after `timeout` seconds."""
+    """Run a command like a user, with its own peak resident memory (the rusage of a child of a
+    small launcher, see `_LAUNCHER`) and wall time; killed after `timeout` seconds."""
     out_path, err_path = os.path.join(cwd, ".stdout"), os.path.join(cwd, ".stderr")
+    rss_path = os.path.join(cwd, ".peak_rss")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         start = time.monotonic()
         process = subprocess.Popen(
-            argv,
+            [sys.executable, "-c", _LAUNCHER, rss_path, *argv],
             cwd=cwd,
             stdout=out,
             stderr=err,
             env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
+            start_new_session=True,
         )
-        timer = threading.Timer(timeout, process.kill)
+        timer = threading.Timer(timeout, lambda: os.killpg(process.pid, signal.SIGKILL))
         timer.start()
         try:
-            _, status, usage = os.wait4(process.pid, 0)
+            process.wait()
         finally:
             timer.cancel()
-        process.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.monotonic() - start
     with open(out_path) as out, open(err_path) as err:
         stdout, stderr = out.read(), err.read()
-    os.remove(out_path)
-    os.remove(err_path)
-    return Measured(process.returncode, stdout, stderr, usage.ru_maxrss * 1024, seconds)
+    peak_kib = 0
+    if os.path.exists(rss_path):
+        with open(rss_path) as report:
+            peak_kib = int(report.read() or 0)
+    for path in (out_path, err_path, rss_path):
+        if os.path.exists(path):
+            os.remove(path)
+    return Measured(process.returncode, stdout, stderr, peak_kib * 1024, seconds)
 
 
 def one_error_line(result, status, prog):

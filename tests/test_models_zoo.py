@@ -119,6 +119,7 @@ def test_every_registered_model_has_test_sized_arguments():
             "inception_v3",
             "paper_mlp",
             "plain_cnn",
+            "plain_cnn_small",
             "resnet101",
             "resnet152",
             "resnet50",

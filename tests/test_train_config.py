@@ -32,6 +32,8 @@ from bnzoo.run_folder import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The default number of epochs, read from its declaration rather than restated.
+DEFAULT_EPOCHS = TrainConfig().epochs
 
 
 def write_yaml(path, values):
@@ -39,10 +41,10 @@ def write_yaml(path, values):
     return str(path)
 
 
-def test_defaults_train_plain_cnn_with_batch_norm_on_fashion_mnist():
+def test_defaults_train_plain_cnn_small_with_batch_norm_on_fashion_mnist():
     config = parse_train_args([]).resolved()
     assert (config.model, config.normalization, config.dataset) == (
-        "plain_cnn",
+        "plain_cnn_small",
         "batch_norm",
         "fashion_mnist",
     )
@@ -52,7 +54,7 @@ def test_defaults_train_plain_cnn_with_batch_norm_on_fashion_mnist():
         "test",
     )
     assert config.output_dir == os.path.join(
-        "runs", f"{datetime.date.today().isoformat()}-plain_cnn-fashion_mnist"
+        "runs", f"{datetime.date.today().isoformat()}-plain_cnn_small-fashion_mnist"
     )
 
 
@@ -456,10 +458,11 @@ def test_a_resumed_run_keeps_the_options_chosen_when_it_started(tmp_path):
     save_config(TrainConfig(epochs=5, seed=1, output_dir=str(tmp_path)), tmp_path, resumed=True)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert (saved["lr"], saved["epochs"], saved["seed"]) == (0.1, 5, 1)
-    # Resumed without --epochs, the run trains the default 10: 3 is no longer its choice.
+    # Resumed without --epochs, the run trains the default: 3 is no longer its choice.
     save_config(TrainConfig(output_dir=str(tmp_path)), tmp_path, resumed=True)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert "epochs" not in saved and saved["resolved"]["epochs"] == 10 and saved["lr"] == 0.1
+    assert "epochs" not in saved and saved["lr"] == 0.1
+    assert saved["resolved"]["epochs"] == DEFAULT_EPOCHS
 
 
 def test_the_identity_check_compares_resolved_values(tmp_path):
@@ -530,7 +533,7 @@ def test_a_recipe_is_saved_by_name_and_dropping_it_drops_its_values(recipe, tmp_
     assert saved["recipe"] == recipe.name and "epochs" not in saved  # not chosen: the recipe's
     assert saved["resolved"]["epochs"] == 7
     rerun = parse_train_args(["--config", str(tmp_path / "config.yaml"), "--recipe", "none"])
-    assert (rerun.recipe, rerun.epochs, rerun.resolved().lr) == (None, 10, 0.1)
+    assert (rerun.recipe, rerun.epochs, rerun.resolved().lr) == (None, DEFAULT_EPOCHS, 0.1)
 
 
 def test_a_python_config_layers_a_recipe_under_its_keywords(recipe):

@@ -325,15 +325,19 @@ def mnist_files(folder, corrupt=False):
         (
             ["--model-arg", "widht=[8]"],
             2,
-            "plain_cnn has no option 'widht'; did you mean 'widths'?",
+            "plain_cnn_small has no option 'widht'; did you mean 'widths'?",
         ),
         (
             ["--model-arg", "widths=32"],
             2,
-            "--model-arg widths=32: plain_cnn's widths takes a list of integers, e.g. "
-            "widths=[32,64,128]",
+            "--model-arg widths=32: plain_cnn_small's widths takes a list of integers, e.g. "
+            "widths=[16,32,64]",
         ),
-        (["--model-arg", "depth=true"], 2, "plain_cnn's depth takes an integer, e.g. depth=2"),
+        (
+            ["--model-arg", "depth=true"],
+            2,
+            "plain_cnn_small's depth takes an integer or a list of integers, e.g. depth=2",
+        ),
         (["--model-arg", "dropout_rate=2"], 2, "dropout_rate must be in [0, 1)"),
         (
             ["--image-size", "100000"],
@@ -401,7 +405,7 @@ def test_model_args_of_a_config_file_are_checked_like_flags_in_a_real_process(tm
         "train.py", "--config", tmp_path / "run.yaml", "--output-dir", tmp_path / "run"
     )
     line = run_script.error_line(result, 2)
-    assert "--model-arg widths=32: plain_cnn's widths takes a list of integers" in line
+    assert "--model-arg widths=32: plain_cnn_small's widths takes a list of integers" in line
     assert os.listdir(tmp_path) == ["run.yaml"]
 
 

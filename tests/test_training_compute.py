@@ -79,7 +79,9 @@ def test_a_run_prints_and_records_its_compute(tmp_path):
 
     assert (
         models.count_multiply_adds(
-            models.create_model(input_shape=(28, 28, 1), classes=10, **TINY_MODEL)
+            models.create_model(
+                "plain_cnn_small", input_shape=(28, 28, 1), classes=10, **TINY_MODEL
+            )
         )
         == TINY_FORWARD
     )
