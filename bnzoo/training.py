@@ -411,7 +411,14 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
     try:
         with (
             naming_undecodable_images(),
-            start_distribution(plan, collective_timeout=config.collective_timeout) as cluster,
+            start_distribution(
+                plan,
+                collective_timeout=config.collective_timeout,
+                # Workers started with other options would fail later as "another worker
+                # stopped answering": they compare these first and say which option differs.
+                identity=config.identity(),
+                log=log,
+            ) as cluster,
         ):
             return _run(config, paths, cluster, verdict, folder_error, log, progress_bar)
     except KeyboardInterrupt as interrupt:
@@ -807,12 +814,13 @@ def _train_epochs(
                 # Algorithm 2 before validating: the numbers that pick best.keras are those of
                 # the statistics that every saved model carries.
                 start = time.perf_counter()
-                batches = inputs.statistics_batches(
-                    epoch, min(config.bn_statistics_batches, steps_per_epoch)
-                )
+                count = min(config.bn_statistics_batches, steps_per_epoch)
+                batches = inputs.statistics_batches(epoch, count)
                 if keras.backend.backend() != "tensorflow":
                     batches = batches.as_numpy_iterator()
-                with cluster.scope():
+                # The pass runs its batches inside one call: each may wait --collective-timeout.
+                bound = cluster.collective_timeout * count
+                with cluster.scope(), cluster.waiting_for_workers("the BN statistics pass", bound):
                     if recompute_population_statistics(model, batches):
                         logs["bn_statistics_seconds"] = round(time.perf_counter() - start, 3)
             if make_val_batches is not None:
