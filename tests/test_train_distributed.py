@@ -410,7 +410,7 @@ def lone_worker(tmp_path, name, *extra, index=0):
 
 @pytest.mark.slow
 def test_a_worker_whose_peer_never_starts_says_so_and_gives_up_after_the_timeout(tmp_path):
-    process, out, err, run_dir, ports = lone_worker(tmp_path, "lone", "--collective-timeout", "20")
+    process, out, err, run_dir, ports = lone_worker(tmp_path, "lone", "--collective-timeout", "10")
     try:
         process.wait(timeout=240)
     finally:
