@@ -292,6 +292,16 @@ def _gather_as_chief(plan: DistributionPlan, hello: dict, clock: _Clock, log: Lo
         if error:
             raise ValueError(error)
         _await_close(list(c for c, _ in hellos.values()), deadline=time.monotonic() + 5.0)
+    except KeyboardInterrupt:
+        # The workers that came would otherwise wait for the chief until their own timeout.
+        _answer(
+            hellos,
+            {
+                "error": f"{_me(plan)} (the chief) was stopped by a signal while the workers "
+                "met; start every worker again"
+            },
+        )
+        raise
     finally:
         for conn in pending:
             conn.close()

@@ -197,3 +197,30 @@ def test_a_worker_restarted_while_the_chief_waits_is_taken_again():
     )
     thread.join()
     assert outcomes == [None, None, None]
+
+
+def test_a_chief_stopped_by_a_signal_while_waiting_stops_the_workers_that_came(monkeypatch):
+    monkeypatch.setattr(rendezvous, "FIRST_NOTICE_SECONDS", 1.0)
+    chief, worker, _ = plans(3)
+    interrupted = []
+
+    def interrupt(line):  # Ctrl-C arriving while the chief waits for worker 2
+        raise KeyboardInterrupt
+
+    def run_chief():
+        try:
+            meet_other_workers(chief, timeout=30, identity=IDENTITY, log=interrupt)
+        except KeyboardInterrupt:
+            interrupted.append(True)
+
+    thread = threading.Thread(target=run_chief, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    outcomes, _ = meet([(worker, IDENTITY)], timeout=30)
+    thread.join(10)
+    assert interrupted == [True]
+    assert time.monotonic() - started < 10
+    assert outcomes == [
+        "worker 0 of 3 (the chief) was stopped by a signal while the workers met; start every "
+        "worker again"
+    ]
