@@ -631,3 +631,24 @@ def test_a_collective_timeout_is_one_line_that_says_what_waited():
         "to resume after the last finished epoch, with a higher --collective-timeout if a "
         "worker is only slow"
     )
+
+
+def test_collective_instance_keys_are_fixed_when_traced_inside_a_multi_worker_run():
+    """TensorFlow's hook that keeps worker memory flat (bnzoo.distribution
+    .instance_keys_fixed_when_traced): fails loudly if a TensorFlow release renames it."""
+    import tensorflow as tf
+    from tensorflow.python.distribute import collective_util, cross_device_utils
+
+    from bnzoo.distribution import instance_keys_fixed_when_traced
+
+    launcher = cross_device_utils.CollectiveReplicaLauncher(
+        group_key=1,
+        group_size=1,
+        collective_keys=cross_device_utils.CollectiveKeys(),
+        device="/cpu:0",
+        options=collective_util.Options(),
+    )
+    assert tf.executing_eagerly() and launcher._use_unique_instance_key()
+    with instance_keys_fixed_when_traced():
+        assert not launcher._use_unique_instance_key()
+    assert launcher._use_unique_instance_key()
