@@ -13,10 +13,11 @@ resident memory, open file descriptors) every `--interval` seconds, and judges e
 - each epoch has a level (its maximum) and a floor (its minimum: tf.data starts and ends
   threads with every iterator, memory breathes with the batches). The median level and the
   median floor of the judged epochs must stay within the reference epochs' highest plus the
-  spread the reference epochs showed among themselves, and no judged sample may exceed the
-  reference epochs' peak by more than their whole range. A leak of one thread or buffer per
-  step climbs by hundreds over the judged half; a leak per epoch lifts each judged epoch's
-  floor by one more, above the reference floors.
+  spread the reference epochs showed among themselves (at least one unit: a thread, a
+  descriptor, a MiB), and no judged sample may exceed the reference epochs' peak by more than
+  their whole range. A leak of one thread or buffer per step climbs by hundreds over the
+  judged half; a leak per epoch lifts each judged epoch's floor by one more, above the
+  reference floors.
 
 glibc gives every thread that allocates its own arena and keeps freed memory there: with the
 default allocator, resident memory climbs for the first ~12 epochs (about 8 MiB per epoch on
@@ -293,7 +294,8 @@ def flatness_problems(trace: WorkerTrace) -> list[str]:
             ("level", levels, judged_levels),
             ("floor", floors, judged_floors),
         ):
-            bound = max(warm) + (max(warm) - min(warm))
+            # At least one unit (a thread, a descriptor, a MiB): what a count can move by.
+            bound = max(warm) + max(max(warm) - min(warm), 1)
             if statistics.median(later) > bound:
                 problems.append(
                     f"{who}: the {kind} of {unit} rose from {min(warm):.0f}-{max(warm):.0f} in "
