@@ -50,7 +50,7 @@ def test_the_judge_passes_a_flat_process_and_catches_a_leak_per_step_and_per_epo
 
     assert soak.flatness_problems(trace()) == []
     per_step = soak.flatness_problems(trace(thread_leak_per_step=1.0))
-    assert any("the level of threads rose" in problem for problem in per_step), per_step
+    assert any("the floor of threads rose" in problem for problem in per_step), per_step
     per_epoch = soak.flatness_problems(trace(fd_leak_per_epoch=1))
     assert any("the floor of open descriptors rose" in problem for problem in per_epoch)
 

@@ -10,14 +10,13 @@ resident memory, open file descriptors) every `--interval` seconds, and judges e
 - the samples are grouped by the epoch the process is in (from its `epoch N/M` lines);
 - epoch 1 traces and builds everything and is not judged; the first half of the other epochs
   is the reference and the second half is judged;
-- each epoch has a level (its maximum) and a floor (its minimum: tf.data starts and ends
-  threads with every iterator, memory breathes with the batches). The median level and the
-  median floor of the judged epochs must stay within the reference epochs' highest plus the
-  spread the reference epochs showed among themselves (at least one unit: a thread, a
-  descriptor, a MiB), and no judged sample may exceed the reference epochs' peak by more than
-  their whole range. A leak of one thread or buffer per step climbs by hundreds over the
-  judged half; a leak per epoch lifts each judged epoch's floor by one more, above the
-  reference floors.
+- each epoch's floor is the least a quantity fell to within it: tf.data starts and ends
+  threads with every iterator and memory breathes with the batches, but what is held stays.
+  The median floor of the judged epochs must stay within the reference epochs' highest floor
+  plus the spread those showed among themselves, or the smallest change that counts (one
+  thread, one descriptor, 1 % of resident memory) if that is larger. A leak of one thread or
+  buffer per step lifts the floors by hundreds over the judged half; a leak per epoch lifts
+  each judged epoch's floor by one more.
 
 glibc gives every thread that allocates its own arena and keeps freed memory there: with the
 default allocator, resident memory climbs for the first ~12 epochs (about 8 MiB per epoch on
@@ -253,7 +252,14 @@ def run_mode(
 
 # --- Judging ------------------------------------------------------------------------------------
 
-QUANTITIES = (("threads", "threads"), ("rss_mib", "MiB resident"), ("fds", "open descriptors"))
+#: What is judged: the sample's field, its unit, and the smallest change that counts as growth
+#: for a given level (resident memory moves in allocator steps of a few MiB, measured up to
+#: 5 MiB once warm, without anything being held: it is judged to 1 % of itself).
+QUANTITIES = (
+    ("threads", "threads", lambda level: 1),
+    ("rss_mib", "MiB resident", lambda level: 0.01 * level),
+    ("fds", "open descriptors", lambda level: 1),
+)
 
 
 def epoch_windows(trace: WorkerTrace) -> dict[int, list[Sample]]:
@@ -277,39 +283,19 @@ def flatness_problems(trace: WorkerTrace) -> list[str]:
             "sampled); run at least 5"
         ]
     problems = []
-    who = f"{trace.mode} worker {trace.worker}"
-    for name, unit in QUANTITIES:
-
-        def extremes(epochs, name=name):
-            """Each epoch's (minimum, maximum)."""
-            per_epoch = [[getattr(sample, name) for sample in windows[e]] for e in epochs]
-            return [min(values) for values in per_epoch], [max(values) for values in per_epoch]
-
-        floors, levels = extremes(reference)
-        judged_floors, judged_levels = extremes(judged)
-        # The typical epoch: its level and floor may move as much as the warm epochs' did
-        # among themselves; one epoch that happens to peak (a checkpoint, a garbage
-        # collection) moves the median of the judged epochs by nothing.
-        for kind, warm, later in (
-            ("level", levels, judged_levels),
-            ("floor", floors, judged_floors),
-        ):
-            # At least one unit (a thread, a descriptor, a MiB): what a count can move by.
-            bound = max(warm) + max(max(warm) - min(warm), 1)
-            if statistics.median(later) > bound:
-                problems.append(
-                    f"{who}: the {kind} of {unit} rose from {min(warm):.0f}-{max(warm):.0f} in "
-                    f"epochs {reference[0] + 1}-{reference[-1] + 1} to "
-                    + ", ".join(f"{value:.0f}" for value in later)
-                    + f" in epochs {judged[0] + 1}-{judged[-1] + 1}"
-                )
-        # Any sample: no higher than the warm epochs' peak plus how far they ranged.
-        peak_bound = max(levels) + (max(levels) - min(floors))
-        if max(judged_levels) > peak_bound:
-            epoch = judged[judged_levels.index(max(judged_levels))]
+    for name, unit, resolution in QUANTITIES:
+        floors = [min(getattr(sample, name) for sample in windows[e]) for e in reference]
+        later = [min(getattr(sample, name) for sample in windows[e]) for e in judged]
+        # How far the warm floors moved among themselves, at least what the count can move by
+        # without anything being held (a thread, a descriptor; memory in allocator steps).
+        slack = max(max(floors) - min(floors), resolution(max(floors)))
+        if statistics.median(later) > max(floors) + slack:
             problems.append(
-                f"{who}: {max(judged_levels):.0f} {unit} in epoch {epoch + 1}, beyond the warm "
-                f"epochs' range {min(floors):.0f}-{max(levels):.0f} by more than its width"
+                f"{trace.mode} worker {trace.worker}: the floor of {unit} rose from "
+                f"{min(floors):.0f}-{max(floors):.0f} in epochs {reference[0] + 1}-"
+                f"{reference[-1] + 1} to "
+                + ", ".join(f"{value:.0f}" for value in later)
+                + f" in epochs {judged[0] + 1}-{judged[-1] + 1}"
             )
     return problems
 
@@ -319,7 +305,7 @@ def summary(trace: WorkerTrace) -> list[str]:
     lines = []
     for epoch, window in sorted(epoch_windows(trace).items()):
         parts = []
-        for name, unit in QUANTITIES:
+        for name, unit, _ in QUANTITIES:
             values = [getattr(sample, name) for sample in window]
             parts.append(f"{unit} {min(values):.0f}-{max(values):.0f}")
         lines.append(
