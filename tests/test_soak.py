@@ -10,7 +10,10 @@ against the process's own warm epochs (its docstring says how). Run it longer by
 """
 
 import importlib.util
+import json
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -65,3 +68,104 @@ def test_threads_memory_and_descriptors_stay_flat_over_hundreds_of_steps(mode, t
         epoch_lines = [line for line in trace.stdout.splitlines() if line.startswith("epoch ")]
         assert len(epoch_lines) == 8, trace.stdout[-2000:]
         assert soak.flatness_problems(trace) == [], "\n".join(soak.summary(trace))
+
+
+_ALL_REDUCES = """
+import json, sys
+from bnzoo.cli import import_tensorflow_quietly
+import_tensorflow_quietly()
+import tensorflow as tf
+from tensorflow.python.distribute import cross_device_utils
+from bnzoo.distribution import plan_distribution, start_distribution
+
+
+def resident_mib():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+
+plan = plan_distribution("multi_worker")
+with start_distribution(plan, collective_timeout=300.0, log=lambda line: None) as cluster:
+    strategy = cluster.strategy
+
+    def twenty_all_reduces():
+        @tf.function
+        def step():
+            context = tf.distribute.get_replica_context
+            return strategy.run(
+                lambda: [context().all_reduce("sum", tf.ones([16])) for _ in range(20)]
+            )
+
+        step()  # traced now, under the flag as it is now
+        return step
+
+    as_bnzoo_runs = twenty_all_reduces()
+    launcher = cross_device_utils.CollectiveReplicaLauncher
+    launcher._prefer_unique_instance_key = True  # TensorFlow's default
+    as_tensorflow_default = twenty_all_reduces()
+    launcher._prefer_unique_instance_key = False
+    growth = {}
+    for name, step in (("bnzoo", as_bnzoo_runs), ("default", as_tensorflow_default)):
+        for _ in range(50):
+            step()
+        before = resident_mib()
+        for _ in range(int(sys.argv[1])):
+            step()
+        growth[name] = resident_mib() - before
+    print(json.dumps(growth))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_a_multi_worker_run_keeps_no_record_per_all_reduce(tmp_path):
+    """TensorFlow's default gives each execution of a traced collective a new instance key, and
+    keeps a record per key for the life of the process: resident memory grows with every
+    all-reduce (bnzoo.distribution.instance_keys_fixed_when_traced). The same 10,000
+    all-reduces, traced as a bnzoo run traces them and as TensorFlow would by default."""
+    ports = []
+    sockets = [socket.socket() for _ in range(2)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+        ports.append(sock.getsockname()[1])
+    for sock in sockets:
+        sock.close()
+    processes = []
+    for index in range(2):
+        env = {
+            **os.environ,
+            "PYTHONPATH": ROOT,
+            "KERAS_BACKEND": "tensorflow",
+            "MALLOC_ARENA_MAX": "2",
+            "TF_CONFIG": json.dumps(
+                {
+                    "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+                    "task": {"type": "worker", "index": index},
+                }
+            ),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _ALL_REDUCES, "500"],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        outputs = [process.communicate(timeout=600) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+        growth = json.loads(out.strip().splitlines()[-1])
+        # The default's growth shows that the measurement sees it; bnzoo's must be a small
+        # fraction of it (a page here and there, not a record per all-reduce).
+        assert growth["default"] > 0, growth
+        assert growth["bnzoo"] < growth["default"] / 10, growth
