@@ -36,16 +36,16 @@ soak = load_soak()
 
 def test_the_judge_passes_a_flat_process_and_catches_a_leak_per_step_and_per_epoch():
     """The judge itself, on synthetic traces: flat with the breathing of real processes
-    (threads 15-97 within an epoch, as tf.data's iterators come and go), then one leaked
-    thread per step, then one leaked descriptor per epoch."""
+    (threads 15-97 within an epoch, as tf.data's iterators come and go; memory 800-815 MiB),
+    then one leaked thread per step, one leaked descriptor per epoch, 0.5 MiB per step."""
 
-    def trace(thread_leak_per_step=0.0, fd_leak_per_epoch=0):
+    def trace(thread_leak_per_step=0.0, fd_leak_per_epoch=0, mib_per_step=0.0):
         samples, step = [], 0
         for epoch in range(8):
             for position in range(40):
                 step += 1
                 threads = 15 + (82 if position % 5 else 0) + int(thread_leak_per_step * step)
-                rss = 800 + 15 * (position % 2)
+                rss = 800 + 15 * (position % 2) + mib_per_step * step
                 fds = 6 + position % 2 + fd_leak_per_epoch * epoch
                 samples.append(soak.Sample(step, epoch, threads, rss, fds))
         samples.append(soak.Sample(step + 1, 8, 15, 800, 6))
@@ -53,9 +53,11 @@ def test_the_judge_passes_a_flat_process_and_catches_a_leak_per_step_and_per_epo
 
     assert soak.flatness_problems(trace()) == []
     per_step = soak.flatness_problems(trace(thread_leak_per_step=1.0))
-    assert any("the floor of threads rose" in problem for problem in per_step), per_step
+    assert any("threads in epochs 5-8, beyond" in problem for problem in per_step), per_step
     per_epoch = soak.flatness_problems(trace(fd_leak_per_epoch=1))
-    assert any("the floor of open descriptors rose" in problem for problem in per_epoch)
+    assert any("open descriptors rose from a median" in problem for problem in per_epoch)
+    memory = soak.flatness_problems(trace(mib_per_step=0.5))
+    assert any("MiB resident rose from a median" in problem for problem in memory), memory
 
 
 @pytest.mark.slow
