@@ -213,7 +213,6 @@ def test_the_jax_coordinator_must_be_host_and_port():
         "KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1",
         "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
         "KERAS_DISTRIBUTION_PROCESS_ID": "1",
-        "KERAS_BACKEND": "jax",
     }
     from bnzoo.distribution import _jax_coordinator
 
@@ -513,7 +512,6 @@ def test_jax_data_parallel_normalizes_over_the_global_batch(tmp_path):
         cwd=ROOT,
         env={
             **os.environ,
-            "KERAS_BACKEND": "jax",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
             "PYTHONPATH": ROOT,
         },
