@@ -768,7 +768,6 @@ def _train_epochs(
     validate, then (the chief) commit. Returns the committed state (None on other workers)."""
     from bnzoo.distribution import average_replica_local_variables
     from bnzoo.training_loop import make_training_loop
-    from layers import recompute_population_statistics
 
     config = inputs.config
     loop = make_training_loop(
@@ -814,14 +813,13 @@ def _train_epochs(
                 # Algorithm 2 before validating: the numbers that pick best.keras are those of
                 # the statistics that every saved model carries.
                 start = time.perf_counter()
-                count = min(config.bn_statistics_batches, steps_per_epoch)
-                batches = inputs.statistics_batches(epoch, count)
+                batches = inputs.statistics_batches(
+                    epoch, min(config.bn_statistics_batches, steps_per_epoch)
+                )
                 if keras.backend.backend() != "tensorflow":
                     batches = batches.as_numpy_iterator()
-                # The pass runs its batches inside one call: each may wait --collective-timeout.
-                bound = cluster.collective_timeout * count
-                with cluster.scope(), cluster.waiting_for_workers("the BN statistics pass", bound):
-                    if recompute_population_statistics(model, batches):
+                with cluster.scope():
+                    if _statistics_pass(cluster, model, batches, config, steps_per_epoch):
                         logs["bn_statistics_seconds"] = round(time.perf_counter() - start, 3)
             if make_val_batches is not None:
                 for key, value in loop.evaluate(make_val_batches).items():
@@ -844,6 +842,16 @@ def _train_epochs(
         for callback in callbacks:
             callback.on_train_end()
     return state
+
+
+def _statistics_pass(cluster, model: keras.Model, batches, config, steps_per_epoch: int) -> int:
+    """`layers.recompute_population_statistics` as a wait for the other workers: the pass runs
+    its batches inside one call, so each batch may wait --collective-timeout."""
+    from layers import recompute_population_statistics
+
+    count = min(config.bn_statistics_batches, steps_per_epoch)
+    with cluster.waiting_for_workers("the BN statistics pass", cluster.collective_timeout * count):
+        return recompute_population_statistics(model, batches)
 
 
 def _progress_bar(epoch: int, epochs: int, steps: int):
