@@ -178,6 +178,8 @@ def run_mode(
     backend, count, extra_env, mode_args = MODES[mode]
     run_dir = os.path.join(workdir, f"{mode}-run")
     argv = [
+        "--model",
+        "plain_cnn",
         "--train-split",
         f"train[:{train_examples}]",
         "--val-split",
