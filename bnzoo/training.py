@@ -435,7 +435,14 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
     try:
         with (
             naming_undecodable_images(),
-            start_distribution(plan, collective_timeout=config.collective_timeout) as cluster,
+            start_distribution(
+                plan,
+                collective_timeout=config.collective_timeout,
+                # Workers started with other options would fail later as "another worker
+                # stopped answering": they compare these first and say which option differs.
+                identity=config.identity(),
+                log=log,
+            ) as cluster,
         ):
             return _run(config, paths, cluster, verdict, folder_error, log, progress_bar)
     except KeyboardInterrupt as interrupt:
@@ -815,7 +822,6 @@ def _train_epochs(
     validate, then (the chief) commit. Returns the committed state (None on other workers)."""
     from bnzoo.distribution import average_replica_local_variables
     from bnzoo.training_loop import make_training_loop
-    from layers import recompute_population_statistics
 
     config = inputs.config
     loop = make_training_loop(
@@ -866,7 +872,7 @@ def _train_epochs(
                     epoch, min(config.bn_statistics_batches, steps_per_epoch)
                 )
                 with cluster.scope():
-                    if recompute_population_statistics(model, batches):
+                    if _statistics_pass(cluster, model, batches, config, steps_per_epoch):
                         logs["bn_statistics_seconds"] = round(time.perf_counter() - start, 3)
             if make_val_batches is not None:
                 for key, value in loop.evaluate(make_val_batches).items():
@@ -890,6 +896,16 @@ def _train_epochs(
         for callback in callbacks:
             callback.on_train_end()
     return state
+
+
+def _statistics_pass(cluster, model: keras.Model, batches, config, steps_per_epoch: int) -> int:
+    """`layers.recompute_population_statistics` as a wait for the other workers: the pass runs
+    its batches inside one call, so each batch may wait --collective-timeout."""
+    from layers import recompute_population_statistics
+
+    count = min(config.bn_statistics_batches, steps_per_epoch)
+    with cluster.waiting_for_workers("the BN statistics pass", cluster.collective_timeout * count):
+        return recompute_population_statistics(model, batches)
 
 
 def _progress_bar(epoch: int, epochs: int, steps: int):

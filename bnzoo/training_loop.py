@@ -175,16 +175,28 @@ class TensorFlowLoop(TrainingLoop):
         return strategy.distribute_datasets_from_function(lambda context: make_batches())
 
     def _train_steps(self, make_batches: BatchesFactory, steps: int):
-        strategy = self.distribution.strategy
+        distribution = self.distribution
+        strategy = distribution.strategy
         iterator = iter(self._distribute(make_batches))
         for _ in range(steps):
-            sums = self._train_step(iterator)
+            # Each step is bounded by --collective-timeout on its own (one watchdog thread for
+            # the run, not TensorFlow's thread per collective: bnzoo.collective_watchdog).
+            with distribution.waiting_for_workers("a training step"):
+                sums = self._train_step(iterator)
             yield strategy.experimental_local_results(sums)[0]
 
     def _evaluation_steps(self, make_batches: BatchesFactory):
-        strategy = self.distribution.strategy
-        for batch in self._distribute(make_batches):
-            sums = self._evaluation_step(batch)
+        distribution = self.distribution
+        strategy = distribution.strategy
+        batches = iter(self._distribute(make_batches))
+        while True:
+            # Under MultiWorkerMirroredStrategy, fetching a batch is a collective too: the
+            # workers agree whether any of them has one left.
+            with distribution.waiting_for_workers("an evaluation step"):
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                sums = self._evaluation_step(batch)
             yield strategy.experimental_local_results(sums)[0]
 
     def _distributed_train_step(self, iterator):

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import keras
 import numpy as np
@@ -75,6 +77,101 @@ def test_an_impossible_distribution_is_a_value_error_naming_the_fix(requested, e
         plan_distribution(requested, environ=environ)
 
 
+def tf_config_of(cluster, task):
+    return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": task})}
+
+
+WORKER_0 = {"type": "worker", "index": 0}
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        (
+            tf_config_of({"worker": "localhost:2222,localhost:2223"}, WORKER_0),
+            'TF_CONFIG cluster.worker is a string ("localhost:2222,localhost:2223"); it must be '
+            'a list of "host:port" addresses, e.g. ["localhost:2222"]',
+        ),
+        (
+            tf_config_of({"worker": ["localhost:2222", "localhost:http"]}, WORKER_0),
+            'TF_CONFIG cluster.worker[1] is "localhost:http": its port "http" is not a number '
+            "in 1-65535",
+        ),
+        (
+            tf_config_of({"worker": ["localhost:2222", "localhost:70000"]}, WORKER_0),
+            'TF_CONFIG cluster.worker[1] is "localhost:70000": its port "70000" is not a number',
+        ),
+        (
+            tf_config_of({"worker": ["localhost:2222", "localhost"]}, WORKER_0),
+            'TF_CONFIG cluster.worker[1] is "localhost", not "host:port"; add the port',
+        ),
+        (
+            tf_config_of({"worker": ["localhost:2222", 2223]}, WORKER_0),
+            'TF_CONFIG cluster.worker[1] must be a "host:port" string, got 2223',
+        ),
+        (
+            tf_config_of({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": True}),
+            "TF_CONFIG task.index must be an integer (this worker's position in cluster.worker), "
+            "got true",
+        ),
+        (
+            tf_config_of({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": "1"}),
+            "TF_CONFIG task.index must be an integer (this worker's position in cluster.worker), "
+            'got "1"',
+        ),
+        (
+            tf_config_of({"worker": ["a:1", "a:1"]}, WORKER_0),
+            "TF_CONFIG cluster.worker[1] a:1 is also TF_CONFIG cluster.worker[0]'s address",
+        ),
+        (
+            tf_config_of(["a:1", "b:1"], WORKER_0),
+            'TF_CONFIG cluster must be an object such as {"worker": ',
+        ),
+        (
+            tf_config_of({"worker": ["a:1"], "chief": ["b:1", "c:1"]}, WORKER_0),
+            "TF_CONFIG cluster.chief has 2 addresses; a cluster has at most one chief",
+        ),
+        ({"TF_CONFIG": "[1, 2]"}, "TF_CONFIG must be a JSON object"),
+        (tf_config_of({"worker": ["a:1"]}, "worker"), "TF_CONFIG task must be an object"),
+    ],
+    ids=[
+        "worker-list-is-a-string",
+        "port-not-a-number",
+        "port-out-of-range",
+        "no-port",
+        "address-not-a-string",
+        "index-true",
+        "index-a-string",
+        "same-address-twice",
+        "cluster-a-list",
+        "two-chiefs",
+        "not-an-object",
+        "task-a-string",
+    ],
+)
+def test_a_malformed_tf_config_is_one_line_naming_the_field(environ, message):
+    """TensorFlow would take a string for a list of one-character addresses, `true` for index
+    1, and fail with a traceback on a port that is not a number."""
+    with pytest.raises(ValueError) as caught:
+        plan_distribution("auto", environ=environ)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_plan_keeps_every_worker_address_in_index_order():
+    environ = tf_config_of(
+        {"chief": ["c:1"], "worker": ["w0:1", "[::1]:2"]}, {"type": "worker", "index": 1}
+    )
+    plan = plan_distribution("auto", environ=environ)
+    assert (plan.num_workers, plan.worker_index) == (3, 2)
+    assert plan.addresses == ("c:1", "w0:1", "[::1]:2")
+    assert plan.address_fields == (
+        "TF_CONFIG cluster.chief[0]",
+        "TF_CONFIG cluster.worker[0]",
+        "TF_CONFIG cluster.worker[1]",
+    )
+
+
 def test_parameter_server_clusters_are_refused():
     environ = {
         "TF_CONFIG": json.dumps(
@@ -109,6 +206,21 @@ def test_jax_processes_come_from_the_keras_distribution_variables():
     assert _jax_processes({}) is None
     with pytest.raises(ValueError, match="must name the coordinator"):
         _jax_processes({"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"})
+
+
+@pytest.mark.multi_backend
+def test_the_jax_coordinator_must_be_host_and_port():
+    environ = {
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1",
+        "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+        "KERAS_DISTRIBUTION_PROCESS_ID": "1",
+    }
+    from bnzoo.distribution import _jax_coordinator
+
+    with pytest.raises(ValueError, match='KERAS_DISTRIBUTION_JOB_ADDRESSES is "10.0.0.1", not'):
+        _jax_coordinator(environ)
+    environ["KERAS_DISTRIBUTION_JOB_ADDRESSES"] = "10.0.0.1:1234,10.0.0.2:1234"
+    assert _jax_coordinator(environ) == "10.0.0.1:1234"
 
 
 def mirrored(replicas=2):
@@ -405,7 +517,6 @@ def test_jax_data_parallel_normalizes_over_the_global_batch(tmp_path):
         cwd=ROOT,
         env={
             **os.environ,
-            "KERAS_BACKEND": "jax",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
             "PYTHONPATH": ROOT,
         },
@@ -448,3 +559,105 @@ def test_sync_bn_switches_the_model_in_place_and_the_export_drops_it(kind):
     exported = inference_copy(model)
     assert not exported.get_layer("bn").synchronized and bn.synchronized
     assert float(keras.ops.convert_to_numpy(exported.get_layer("bn").moving_mean)[0]) == 3.0
+
+
+# --- Bounding the waits for the other workers ----------------------------------------------------
+
+
+class Aborts:
+    """A watchdog's abort callback that records its messages."""
+
+    def __init__(self):
+        self.messages = []
+        self.called = threading.Event()
+
+    def __call__(self, message):
+        self.messages.append(message)
+        self.called.set()
+
+
+def test_a_block_that_outlives_its_bound_aborts_once_with_what_waited():
+    from bnzoo.collective_watchdog import TIMEOUT_MARKER, CollectiveWatchdog
+
+    aborts = Aborts()
+    watchdog = CollectiveWatchdog(aborts)
+    with watchdog.bounded(0.2, "a training step"):
+        assert aborts.called.wait(5)
+    watchdog.close()
+    assert aborts.messages == [
+        f"{TIMEOUT_MARKER}: a training step waited more than 0.2 s for the other workers "
+        "(--collective-timeout)"
+    ]
+
+
+def test_blocks_that_end_in_time_never_abort_and_share_one_thread():
+    """The point of the watchdog: TensorFlow's own timeout starts a thread per collective."""
+    from bnzoo.collective_watchdog import CollectiveWatchdog
+
+    aborts = Aborts()
+    watchdog = CollectiveWatchdog(aborts)
+    threads_before = threading.active_count()
+    for _ in range(2000):
+        with watchdog.bounded(0.5, "a training step"):
+            pass
+    assert threading.active_count() == threads_before + 1
+    time.sleep(0.7)  # past the bound of every block above
+    watchdog.close()
+    assert aborts.messages == []
+    assert threading.active_count() == threads_before
+
+
+def test_renewing_restarts_the_clock_and_an_inner_bound_applies_while_it_runs():
+    from bnzoo.collective_watchdog import CollectiveWatchdog
+
+    aborts = Aborts()
+    watchdog = CollectiveWatchdog(aborts)
+    with watchdog.bounded(0.4, "the statistics pass"):
+        for _ in range(6):  # 0.6 s in all, never 0.4 s without a renewal
+            time.sleep(0.1)
+            watchdog.renew()
+        with watchdog.bounded(3600.0, "waiting for worker 0 (the chief)"):
+            time.sleep(0.6)  # longer than the outer bound, shorter than the inner one
+        assert aborts.messages == []
+        assert aborts.called.wait(5)  # the outer bound again, from the inner block's end
+    watchdog.close()
+    assert "the statistics pass waited more than 0.4 s" in aborts.messages[0]
+
+
+def test_a_collective_timeout_is_one_line_that_says_what_waited():
+    from bnzoo.collective_watchdog import TIMEOUT_MARKER
+    from bnzoo.distribution import describe_collective_failure
+
+    plan = DistributionPlan("multi_worker", "multi_worker", "", "tensorflow", 2, 1, "TF_CONFIG")
+    error = RuntimeError(
+        "Collective ops is aborted by: "
+        f"{TIMEOUT_MARKER}: a training step waited more than 30 s for the other workers "
+        "(--collective-timeout)\nAdditional GRPC error information: ..."
+    )
+    assert describe_collective_failure(error, plan) == (
+        "worker 1 of 2: a training step waited more than 30 s for the other workers "
+        "(--collective-timeout), so this one stops; restart every worker with the same command "
+        "to resume after the last finished epoch, with a higher --collective-timeout if a "
+        "worker is only slow"
+    )
+
+
+def test_collective_instance_keys_are_fixed_when_traced_inside_a_multi_worker_run():
+    """TensorFlow's hook that keeps worker memory flat (bnzoo.distribution
+    .instance_keys_fixed_when_traced): fails loudly if a TensorFlow release renames it."""
+    import tensorflow as tf
+    from tensorflow.python.distribute import collective_util, cross_device_utils
+
+    from bnzoo.distribution import instance_keys_fixed_when_traced
+
+    launcher = cross_device_utils.CollectiveReplicaLauncher(
+        group_key=1,
+        group_size=1,
+        collective_keys=cross_device_utils.CollectiveKeys(),
+        device="/cpu:0",
+        options=collective_util.Options(),
+    )
+    assert tf.executing_eagerly() and launcher._use_unique_instance_key()
+    with instance_keys_fixed_when_traced():
+        assert not launcher._use_unique_instance_key()
+    assert launcher._use_unique_instance_key()

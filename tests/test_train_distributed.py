@@ -58,7 +58,9 @@ def free_ports(count):
 
 def start_workers(argv, tmp_path, name, count=2, backend="tensorflow"):
     """`count` train.py processes forming one cluster on localhost, each in its own empty
-    working directory; returns [(process, stdout path, stderr path, cwd)]."""
+    working directory; `argv` is every worker's arguments, or a list of each one's. Returns
+    [(process, stdout path, stderr path, cwd)]."""
+    argvs = argv if isinstance(argv[0], list) else [argv] * count
     ports = free_ports(count)
     workers = []
     for index in range(count):
@@ -77,7 +79,7 @@ def start_workers(argv, tmp_path, name, count=2, backend="tensorflow"):
         out, err = cwd.parent / f"{name}-{index}.out", cwd.parent / f"{name}-{index}.err"
         with open(out, "w") as stdout, open(err, "w") as stderr:
             process = subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, "train.py"), *argv],
+                [sys.executable, os.path.join(ROOT, "train.py"), *argvs[index]],
                 cwd=cwd,
                 env=env,
                 stdout=stdout,
@@ -385,3 +387,244 @@ def test_two_jax_processes_train_one_run_folder(tmp_path):
     assert [row["epoch"] for row in history(run_dir)] == [1, 2]
     for _, _, _, cwd in workers:
         assert os.listdir(cwd) == [], cwd
+
+
+# --- Starting: waiting for the others, signals, bad TF_CONFIG, workers that disagree -------------
+
+
+def wait_for_line(path, text, process, timeout=180):
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert process.poll() is None, path.read_text()
+        assert time.monotonic() < deadline, f"never printed {text!r}"
+        time.sleep(0.1)
+
+
+def lone_worker(tmp_path, name, *extra, index=0):
+    """Worker `index` of a two-worker TF_CONFIG cluster whose other worker never starts."""
+    run_dir = tmp_path / f"{name}-run"
+    values = {**TINY, "epochs": 1, "test_split": "none"}
+    ports = free_ports(2)
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CONFIG": json.dumps(
+            {
+                "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+                "task": {"type": "worker", "index": index},
+            }
+        ),
+    }
+    out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "train.py"), *argv_of(values, str(run_dir))]
+            + list(extra),
+            cwd=tmp_path,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+        )
+    return process, out, err, run_dir, ports
+
+
+@pytest.mark.slow
+def test_a_worker_whose_peer_never_starts_says_so_and_gives_up_after_the_timeout(tmp_path):
+    process, out, err, run_dir, ports = lone_worker(tmp_path, "lone", "--collective-timeout", "10")
+    try:
+        process.wait(timeout=240)
+    finally:
+        process.kill()
+    assert process.returncode == 1, err.read_text()[-3000:]
+    assert err.read_text().splitlines() == [
+        f"train.py: error: worker 0 of 2: worker 1 at localhost:{ports[1]} did not start within "
+        "10 s (--collective-timeout); start every worker with the same command, or raise "
+        "--collective-timeout"
+    ]
+    assert (
+        f"worker 0 of 2 (the chief): waiting for worker 1 at localhost:{ports[1]} to start "
+        "(up to 10 s, --collective-timeout)"
+    ) in out.read_text().splitlines()
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum, status, index, message",
+    [
+        (
+            signal.SIGTERM,
+            143,
+            0,
+            "train.py: terminated before the first epoch finished; nothing was kept, so "
+            "restarting every worker with the same command starts the run again",
+        ),
+        (
+            signal.SIGINT,
+            130,
+            1,
+            "train.py: interrupted; restarting every worker with the same command resumes after "
+            "the last epoch that worker 0 committed",
+        ),
+    ],
+    ids=["sigterm-chief", "sigint-worker"],
+)
+def test_a_worker_waiting_for_its_peers_stops_on_a_signal(tmp_path, signum, status, index, message):
+    """TensorFlow waits for the peers in a native call that holds the GIL: no Python signal
+    handler ran there, and only kill -9 stopped such a worker."""
+    process, out, err, run_dir, _ = lone_worker(tmp_path, "signal", index=index)
+    try:
+        wait_for_line(out, "waiting for worker", process)
+        process.send_signal(signum)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == status, err.read_text()[-3000:]
+    assert err.read_text().splitlines() == [message]
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_tf_config_whose_worker_list_is_a_string_is_one_line_and_exit_1(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CONFIG": json.dumps(
+            {"cluster": {"worker": "localhost:2222"}, "task": {"type": "worker", "index": 0}}
+        ),
+    }
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *argv_of(TINY, str(run_dir))],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        'train.py: error: TF_CONFIG cluster.worker is a string ("localhost:2222"); it must be a '
+        'list of "host:port" addresses, e.g. ["localhost:2222"]'
+    ]
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_port_in_use_is_one_line_naming_the_address(tmp_path):
+    process, out, err, run_dir, ports = lone_worker(tmp_path, "port", index=1)
+    holder = socket.create_server(("", ports[1]))
+    try:
+        process.wait(timeout=240)
+    finally:
+        process.kill()
+        holder.close()
+    assert process.returncode == 1, err.read_text()[-3000:]
+    assert err.read_text().splitlines() == [
+        f"train.py: error: TF_CONFIG cluster.worker[1] is localhost:{ports[1]}, but port "
+        f"{ports[1]} is already in use on this host: stop what holds it (a worker of an earlier "
+        "run?) or give this worker another port"
+    ]
+
+
+@pytest.mark.slow
+def test_workers_started_with_different_batch_sizes_all_stop_at_once_naming_it(tmp_path):
+    """They used to fail ~45 s into training as "another worker stopped answering"."""
+    run_dir = str(tmp_path / "run")
+    argvs = [argv_of(TINY, run_dir), argv_of({**TINY, "batch_size": 32}, run_dir)]
+    (rc0, out0, err0), (rc1, out1, err1) = finish(
+        start_workers(argvs, tmp_path, "mismatch"), timeout=300
+    )
+    message = (
+        "train.py: error: the workers were started with different options: --batch-size is 64 "
+        "on worker 0, 32 on worker 1. Start every worker with the same command"
+    )
+    assert (rc0, rc1) == (1, 1), err0[-3000:] + err1[-3000:]
+    assert err0.splitlines() == [message]
+    assert err1.splitlines() == [message]
+    assert "training plain_cnn" not in out0 + out1
+    assert not os.path.exists(run_dir)
+
+
+_STUCK_PEER = """
+import os, sys, time
+from bnzoo.cli import import_tensorflow_quietly
+import_tensorflow_quietly()
+import tensorflow as tf
+from bnzoo.distribution import (
+    describe_collective_failure, plan_distribution, share_from_chief, start_distribution
+)
+
+plan = plan_distribution("multi_worker")
+with start_distribution(plan, collective_timeout=float(sys.argv[1]), log=print) as cluster:
+    share_from_chief(cluster, [1.0])  # both workers are there
+    if cluster.worker_index == 1:
+        time.sleep(120)  # alive (heartbeats go on) but never joins the next all-reduce
+        os._exit(0)
+
+    @tf.function
+    def total():
+        context = lambda: tf.distribute.get_replica_context()  # noqa: E731
+        return cluster.strategy.run(lambda: context().all_reduce("sum", tf.constant(1.0)))
+
+    start = time.monotonic()
+    try:
+        with cluster.waiting_for_workers("a training step"):
+            total()
+    except Exception as error:
+        print(f"after {time.monotonic() - start:.1f} s:", describe_collective_failure(error, plan))
+        sys.stdout.flush()
+        os._exit(1)
+    os._exit(0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_a_step_that_waits_longer_than_the_collective_timeout_fails_with_one_line(tmp_path):
+    """A peer that is alive (its heartbeats go on) but never joins the all-reduce: the watchdog
+    aborts the collectives once --collective-timeout has passed."""
+    ports = free_ports(2)
+    processes = []
+    for index in range(2):
+        env = {
+            **os.environ,
+            "PYTHONPATH": ROOT,
+            "KERAS_BACKEND": "tensorflow",
+            "TF_CONFIG": json.dumps(
+                {
+                    "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+                    "task": {"type": "worker", "index": index},
+                }
+            ),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _STUCK_PEER, "5"],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        out, err = processes[0].communicate(timeout=300)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert processes[0].returncode == 1, err[-3000:]
+    line = out.strip().splitlines()[-1]
+    seconds = float(line.split()[1])
+    # The bound, then the watchdog wakes and the abort reaches the collective: well under the
+    # 10 s heartbeat timeout after which TensorFlow would call the peer dead.
+    assert 5.0 <= seconds < 10.0, line
+    assert line.endswith(
+        "worker 0 of 2: a training step waited more than 5 s for the other workers "
+        "(--collective-timeout), so this one stops; restart every worker with the same command "
+        "to resume after the last finished epoch, with a higher --collective-timeout if a "
+        "worker is only slow"
+    )
