@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from bnzoo.distribution import DistributionPlan, check_address
+from bnzoo.distribution_plan import DistributionPlan, check_address
 
 #: Bumped when the hello changes: workers of different bnzoo versions do not meet.
 PROTOCOL = 1

@@ -18,6 +18,13 @@ import pytest  # noqa: E402
 BACKEND = keras.backend.backend()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: For multi_backend tests of train.py's training loop: it runs on TensorFlow and JAX, and
+#: train.py refuses the other backends (`bnzoo.training.TRAINING_BACKENDS`).
+training_backends_only = pytest.mark.skipif(
+    BACKEND not in ("tensorflow", "jax"),
+    reason="train.py's training loops are TensorFlow's and JAX's; it refuses PyTorch",
+)
+
 if BACKEND == "tensorflow":
     import tensorflow as tf
 

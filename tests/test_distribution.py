@@ -13,6 +13,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import training_backends_only  # noqa: E402
 from rounding import probable_gamma
 
 from bnzoo.distribution import (
@@ -195,7 +196,7 @@ def test_srun_tasks_are_workers_when_tf_config_is_unset():
 
 @pytest.mark.multi_backend
 def test_jax_processes_come_from_the_keras_distribution_variables():
-    from bnzoo.distribution import _jax_processes
+    from bnzoo.distribution_plan import _jax_processes
 
     environ = {
         "KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234",
@@ -215,7 +216,7 @@ def test_the_jax_coordinator_must_be_host_and_port():
         "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
         "KERAS_DISTRIBUTION_PROCESS_ID": "1",
     }
-    from bnzoo.distribution import _jax_coordinator
+    from bnzoo.distribution_plan import _jax_coordinator
 
     with pytest.raises(ValueError, match='KERAS_DISTRIBUTION_JOB_ADDRESSES is "10.0.0.1", not'):
         _jax_coordinator(environ)
@@ -424,10 +425,7 @@ def test_evaluation_counts_every_example_once_and_ignores_padding():
 
 
 @pytest.mark.multi_backend
-@pytest.mark.skipif(
-    keras.backend.backend() == "torch",
-    reason="train.py's training loops are TensorFlow's and JAX's; it refuses PyTorch",
-)
+@training_backends_only
 @pytest.mark.parametrize("num_classes", [5, 6])
 def test_top5_accuracy_is_reported_only_with_more_than_five_classes(num_classes):
     """With 5 classes or fewer every prediction is in the top 5: the loop leaves top-5 out of

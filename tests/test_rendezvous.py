@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bnzoo import rendezvous
-from bnzoo.distribution import DistributionPlan
+from bnzoo.distribution_plan import DistributionPlan
 from bnzoo.rendezvous import meet_other_workers
 
 IDENTITY = {"model": "plain_cnn", "batch_size": 64, "model_args": {"widths": [8, 16]}}

@@ -11,6 +11,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+from conftest import training_backends_only
 
 from bnzoo.config import TrainConfig
 from bnzoo.memory import activation_elements, check_input_batch_fits, check_training_step_fits
@@ -204,6 +205,7 @@ def test_checkpoint_restores_weights_bn_statistics_and_optimizer_state(tmp_path)
 
 
 @pytest.mark.multi_backend
+@training_backends_only
 def test_the_loop_trains_every_step_at_the_schedules_rate_and_leaves_the_next_rate():
     """SGD without momentum: each step moves the kernel by -rate(step) x the mean
     cross-entropy's gradient, computed here in NumPy; the optimizer starts at a wrong rate, which
