@@ -404,8 +404,8 @@ def recompute_statistics_on_split(
     `recompute.split`, preprocessed as the model was trained (its `mean`, `std`, input size),
     without augmentation. Returns the number of batches averaged (0: the model has no BN)."""
     from bnzoo.data import load_dataset
+    from bnzoo.layers import recompute_population_statistics
     from bnzoo.training_data import statistics_batches
-    from layers import recompute_population_statistics
 
     examples, info = load_dataset(
         dataset, split=recompute.split, data_dir=data_dir, manual_dir=manual_dir

@@ -112,11 +112,11 @@ def check_weights_source(config: TrainConfig) -> None:
         except ValueError as error:
             raise ValueError(f"--weights {error}") from None
     elif source.kind == KERAS_WEIGHTS:
-        from models.weight_files import check_hdf5_file
+        from bnzoo.models.weight_files import check_hdf5_file
 
         check_hdf5_file(source.path, what="--weights")
     else:
-        from models.pretrained import check_local_weights
+        from bnzoo.models.pretrained import check_local_weights
 
         check_local_weights(source.value, what="--weights")
 
@@ -154,7 +154,7 @@ def include_preprocessing(
 
 def has_input_convention(model: Any) -> bool:
     """Whether `model` applies a weight set's preprocessing itself (takes RGB in [0, 255])."""
-    from models.preprocessing import ImagePreprocessing
+    from bnzoo.models.preprocessing import ImagePreprocessing
 
     return any(isinstance(layer, ImagePreprocessing) for layer in model.layers)
 
@@ -247,7 +247,7 @@ def initialize_from_source(
 
 
 def _build_donor(config: TrainConfig, source: WeightsSource, architecture: dict[str, Any]):
-    import models
+    from bnzoo import models
 
     try:
         return models.create_model(
@@ -295,7 +295,7 @@ def copy_weights_by_name(model: Any, source: Any, what: str) -> tuple[int, bool]
     """
     import keras
 
-    from models.pretrained import assign_layer_weights
+    from bnzoo.models.pretrained import assign_layer_weights
 
     values = {
         layer.name: {v.name: keras.ops.convert_to_numpy(v) for v in layer.weights}
@@ -333,9 +333,9 @@ def freeze(model: Any, config: TrainConfig, log: Callable[[str], None]) -> int:
     Raises:
         UsageError: a `--freeze-until` that is not a layer of the model.
     """
-    import models
+    from bnzoo import models
     from bnzoo.config import close_matches
-    from layers import batch_norm_layers
+    from bnzoo.layers import batch_norm_layers
 
     if not config.freeze_backbone:
         return 0

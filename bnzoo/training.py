@@ -139,8 +139,8 @@ def _create_model(name: str, kwargs: dict[str, Any], include_preprocessing: bool
     or when these builder arguments have one (None)."""
     import inspect
 
-    import models
-    from models.preprocessing import NoInputConventionError
+    from bnzoo import models
+    from bnzoo.models.preprocessing import NoInputConventionError
 
     builder = models.get_model_spec(name).builder
     if include_preprocessing is False or (
@@ -315,7 +315,7 @@ def inference_copy(model: keras.Model) -> keras.Model:
     `synchronized` (set by `--sync-bn`) is a training-time setting that both Keras' layer and
     bnzoo's refuse on JAX; the copy drops it, so model.keras loads on any backend.
     """
-    from layers import set_batch_norm_synchronized
+    from bnzoo.layers import set_batch_norm_synchronized
 
     copy = model.__class__.from_config(model.get_config())
     copy.set_weights(model.get_weights())
@@ -580,11 +580,11 @@ def _run(
     log: Log,
     progress_bar: bool | None,
 ) -> RunResult:
-    import models
+    from bnzoo import models
     from bnzoo.data import load_dataset
     from bnzoo.distribution import broadcast_variables_from_chief, share_from_chief
+    from bnzoo.layers import set_batch_norm_synchronized
     from bnzoo.training_data import RunInputs
-    from layers import set_batch_norm_synchronized
 
     policy = configure_runtime(config)
     finished = _agree_with_chief(cluster, verdict, folder_error, config, paths, log)
@@ -901,7 +901,7 @@ def _train_epochs(
 def _statistics_pass(cluster, model: keras.Model, batches, config, steps_per_epoch: int) -> int:
     """`layers.recompute_population_statistics` as a wait for the other workers: the pass runs
     its batches inside one call, so each batch may wait --collective-timeout."""
-    from layers import recompute_population_statistics
+    from bnzoo.layers import recompute_population_statistics
 
     count = min(config.bn_statistics_batches, steps_per_epoch)
     with cluster.waiting_for_workers("the BN statistics pass", cluster.collective_timeout * count):
@@ -998,7 +998,7 @@ def planned_training_compute(config: TrainConfig) -> TrainingCompute:
     `train.py` prints the same figure at the end of the run; this answers before it, e.g. to
     check that a recipe stays within a budget.
     """
-    import models
+    from bnzoo import models
     from bnzoo.data import load_dataset
 
     config = config.resolved()

@@ -456,7 +456,7 @@ def export_run(
     """
     import keras
 
-    import layers  # noqa: F401  (registers bnzoo's layers for loading model.keras)
+    from bnzoo import layers  # noqa: F401  (registers bnzoo's layers for loading model.keras)
     from bnzoo.data import load_dataset
     from bnzoo.run_folder import RunPaths, locked_run_folder
 
