@@ -40,7 +40,7 @@ import dataclasses
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -366,7 +366,6 @@ def start_distribution(
     *,
     collective_timeout: float = 600.0,
     identity: Mapping[str, Any] | None = None,
-    log: Callable[[str], None] = print,
 ) -> Iterator[Distribution]:
     """Create the strategy (TensorFlow) or set the Keras distribution (JAX) for `plan`.
 
@@ -381,14 +380,13 @@ def start_distribution(
         collective_timeout: seconds to wait for the other workers to start, and (TensorFlow
             multi-worker) that a step may wait for them (`Distribution.waiting_for_workers`).
         identity: the run's identity (`TrainConfig.identity()`), which every worker must share.
-        log: where the lines about waiting for the other workers go.
     """
     if plan.mode == "multi_worker" and plan.num_workers > 1:
         from bnzoo.rendezvous import meet_other_workers
 
         if plan.cluster_source == "Slurm" and not plan.addresses:
             plan = _with_slurm_addresses(plan)
-        meet_other_workers(plan, timeout=collective_timeout, identity=identity or {}, log=log)
+        meet_other_workers(plan, timeout=collective_timeout, identity=identity or {})
     if plan.backend == "jax":
         previous = keras.distribution.distribution()
         try:

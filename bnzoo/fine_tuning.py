@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 from bnzoo.cli import UsageError
 from bnzoo.config import CONFIG_FILENAME, TrainConfig, weights_is_path
 from bnzoo.model_files import load_keras_model, read_keras_config
+
+logger = logging.getLogger(__name__)
 
 #: The classifier: `train.py` sizes it for the dataset, so it is the one layer a source may lack
 #: or have in another shape.
@@ -213,7 +215,6 @@ def initialize_from_source(
     source_model: Any | None,
     config: TrainConfig,
     source: WeightsSource,
-    log: Callable[[str], None],
 ) -> None:
     """Load the source's weights into the freshly built training `model` (train.py's
     classifier, the dataset's classes), with one progress line.
@@ -223,7 +224,7 @@ def initialize_from_source(
     """
     if source_model is None:
         _load_weights_file(model, source, config)
-        log(f"initialized every layer of {model.name} from {source.value}")
+        logger.info(f"initialized every layer of {model.name} from {source.value}")
         return
     if source.kind == KERAS_MODEL:
         origin = source.path
@@ -243,7 +244,7 @@ def initialize_from_source(
         if has_input_convention(model)
         else ""
     )
-    log(f"initialized {copied} layers of {model.name} from {origin}; {head}{inputs}")
+    logger.info(f"initialized {copied} layers of {model.name} from {origin}; {head}{inputs}")
 
 
 def _build_donor(config: TrainConfig, source: WeightsSource, architecture: dict[str, Any]):
@@ -326,7 +327,7 @@ def copy_weights_by_name(model: Any, source: Any, what: str) -> tuple[int, bool]
 # --- Freezing ------------------------------------------------------------------------------------
 
 
-def freeze(model: Any, config: TrainConfig, log: Callable[[str], None]) -> int:
+def freeze(model: Any, config: TrainConfig) -> int:
     """`models.freeze_backbone(model, until=--freeze-until)` with one progress line; returns the
     number of frozen layers with weights.
 
@@ -349,7 +350,7 @@ def freeze(model: Any, config: TrainConfig, log: Callable[[str], None]) -> int:
     frozen = models.freeze_backbone(model, until=config.freeze_until)
     trainable = [layer.name for layer in model.layers if layer.trainable_weights]
     batch_norms = sum(1 for layer in batch_norm_layers(model) if not layer.trainable)
-    log(
+    logger.info(
         f"froze {frozen} layers"
         + (f" up to {config.freeze_until}" if config.freeze_until else "")
         + f" ({batch_norms} BN layers in inference mode, their statistics kept); training "

@@ -6,6 +6,7 @@ subset). Tests that also hold on those backends carry `@pytest.mark.multi_backen
 declared in pyproject.toml); on JAX and PyTorch every other test is skipped here.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -58,6 +59,22 @@ def _isolate_keras_state():
     keras.utils.clear_session(free_memory=False)
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture
+def logged_lines(caplog):
+    """What bnzoo logs during the test (train.py's progress lines): a function that returns the
+    messages of the `bnzoo` loggers' records so far, at `level` and above (INFO by default)."""
+    caplog.set_level(logging.INFO, logger="bnzoo")
+
+    def lines(level=logging.INFO):
+        return [
+            record.getMessage()
+            for record in caplog.records
+            if record.name.split(".")[0] == "bnzoo" and record.levelno >= level
+        ]
+
+    return lines
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,12 @@
 """Shared CLI behaviour: user errors become one line on stderr and a non-zero exit, bugs keep
-their traceback, `--debug` shows it for user errors too."""
+their traceback, `--debug` shows it for user errors too; bnzoo's log records are the scripts'
+progress lines on stdout."""
 
+import logging
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -69,6 +73,56 @@ def test_keyboard_interrupt_exits_130(capsys):
 def test_success_returns_mains_status():
     assert run_cli(lambda argv: None, []) == 0
     assert run_cli(lambda argv: 3, []) == 3
+
+
+def test_bnzoos_log_records_are_the_scripts_lines_on_stdout_while_main_runs(capsys):
+    """One line per record, the message as it is (a warning says so), flushed as it comes; an
+    error is still the one line on stderr. Afterwards bnzoo's loggers print nothing again."""
+    logger = logging.getLogger("bnzoo.training")
+    seen_by_main = []
+
+    def main(argv):
+        logger.info("run folder: %s", "runs/x")
+        logger.debug("not a progress line")
+        logger.warning("--momentum 0.5 has no effect with --optimizer adam")
+        seen_by_main.append(capsys.readouterr().out)  # written and flushed already
+        logging.getLogger("elsewhere").warning("another library's record")
+        raise ValueError("the data is missing")
+
+    assert run_cli(main, [], prog="train.py") == EXIT_USER_ERROR
+    assert seen_by_main == [
+        "run folder: runs/x\nwarning: --momentum 0.5 has no effect with --optimizer adam\n"
+    ]
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "train.py: error: the data is missing\n"
+    assert logging.getLogger("bnzoo").handlers == []
+    assert logging.getLogger("bnzoo").level == logging.NOTSET
+
+
+def test_library_code_configures_no_logging():
+    """Importing bnzoo's modules adds no handler and sets no level: what a program that uses
+    them sees of their records is its own logging configuration's choice."""
+    code = (
+        "import logging\n"
+        "from bnzoo import cli, distribution, evaluation, rendezvous, training\n"
+        "from bnzoo.export import tflite\n"
+        "names = [n for n in logging.root.manager.loggerDict if n.split('.')[0] == 'bnzoo']\n"
+        "loggers = [logging.getLogger(name) for name in names]\n"
+        "print(len(loggers), [h for l in loggers for h in l.handlers], {l.level for l in loggers})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, handlers, levels = result.stdout.split(" ", 2)
+    assert int(count) >= 6  # bnzoo, bnzoo.training, bnzoo.rendezvous, ...
+    assert (handlers, levels.strip()) == ("[]", "{0}")
 
 
 def test_one_line_names_the_file_of_a_bare_os_error():

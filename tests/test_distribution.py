@@ -486,20 +486,24 @@ with start_distribution(plan_distribution("data_parallel")) as distribution:
     results["moving_variance"] = float(keras.ops.convert_to_numpy(bn.moving_variance)[0])
 
 # train.py's run on both devices and on one: the same global batches, BN over the global batch.
+import logging.handlers
 from bnzoo.config import TrainConfig
 from bnzoo.run_folder import read_history_csv
 from bnzoo.training import train
 
 for mode in ("data_parallel", "none"):
-    lines = []
+    lines = logging.handlers.BufferingHandler(capacity=1000)  # keeps the records it is given
+    logging.getLogger("bnzoo").addHandler(lines)
+    logging.getLogger("bnzoo").setLevel(logging.INFO)
     config = TrainConfig(
         train_split="train[:256]", val_split="train[256:300]", test_split=None, epochs=1,
         batch_size=64, model_args={"widths": [4, 8]}, distribute=mode,
         output_dir=f"{sys.argv[1]}/{mode}", mixed_precision=False,  # an equivalence: float32
     )
-    train(config, log=lines.append)
+    train(config)
+    logging.getLogger("bnzoo").removeHandler(lines)
     rows = read_history_csv(f"{sys.argv[1]}/{mode}/history.csv")
-    results[mode] = {"line": lines[1], "history": rows}
+    results[mode] = {"line": lines.buffer[1].getMessage(), "history": rows}
 print(json.dumps(results))
 """
 

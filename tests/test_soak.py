@@ -89,7 +89,7 @@ def resident_mib():
 
 
 plan = plan_distribution("multi_worker")
-with start_distribution(plan, collective_timeout=300.0, log=lambda line: None) as cluster:
+with start_distribution(plan, collective_timeout=300.0) as cluster:
     strategy = cluster.strategy
 
     def twenty_all_reduces():

@@ -6,6 +6,7 @@ conftest.py resumes on one device; JAX trains with two processes (gloo CPU colle
 import csv
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -142,7 +143,7 @@ def test_two_workers_with_sync_bn_compute_what_one_process_computes(tmp_path):
         mixed_precision=False,
         output_dir=one,
     )
-    train(config, log=lambda line: None)
+    train(config)
     (rc0, out0, err0), (rc1, out1, err1) = finish(workers)
     assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
 
@@ -317,28 +318,35 @@ class StopAfterFirstEpoch(Exception):
     pass
 
 
+class _StopAtFirstEpochLine(logging.Handler):
+    """Stops the run from inside its epoch-1 line: a handler's exception reaches the caller."""
+
+    def emit(self, record):
+        if record.getMessage().startswith("epoch 1/2"):
+            raise StopAfterFirstEpoch
+
+
 @pytest.mark.slow
-def test_a_data_parallel_run_resumes_on_one_device(tmp_path):
+def test_a_data_parallel_run_resumes_on_one_device(tmp_path, logged_lines):
     """Two replicas train the first epoch; one device trains the second. The checkpoint holds
     no per-replica state, and the global batch (hence the data order) does not change."""
     from bnzoo.training import train
 
     run_dir = str(tmp_path / "run")
-    lines = []
-
-    def log_then_stop(line):
-        lines.append(line)
-        if line.startswith("epoch 1/2"):
-            raise StopAfterFirstEpoch
-
     config = TrainConfig(**TINY, distribute="data_parallel", output_dir=run_dir)
-    with pytest.raises(StopAfterFirstEpoch):
-        train(config, log=log_then_stop)
+    stop = _StopAtFirstEpochLine()
+    logging.getLogger("bnzoo").addHandler(stop)
+    try:
+        with pytest.raises(StopAfterFirstEpoch):
+            train(config)
+    finally:
+        logging.getLogger("bnzoo").removeHandler(stop)
+    lines = logged_lines()
     assert "distribute data_parallel; tf.distribute.MirroredStrategy; 2 replicas" in lines[1]
     assert read_checkpoint_state(RunPaths(run_dir).last_checkpoint)["epoch"] == 1
 
-    resumed = []
-    result = train(TrainConfig(**TINY, distribute="none", output_dir=run_dir), log=resumed.append)
+    result = train(TrainConfig(**TINY, distribute="none", output_dir=run_dir))
+    resumed = logged_lines()[len(lines) :]
     assert resumed[0] == f"resuming {run_dir} after epoch 1 of 2"
     assert "distribute none; 1 replica" in resumed[1]
     assert (result.epochs_completed, result.resumed_from_epoch) == (2, 1)
@@ -558,7 +566,7 @@ from bnzoo.distribution import (
 )
 
 plan = plan_distribution("multi_worker")
-with start_distribution(plan, collective_timeout=float(sys.argv[1]), log=print) as cluster:
+with start_distribution(plan, collective_timeout=float(sys.argv[1])) as cluster:
     share_from_chief(cluster, [1.0])  # both workers are there
     if cluster.worker_index == 1:
         time.sleep(120)  # alive (heartbeats go on) but never joins the next all-reduce

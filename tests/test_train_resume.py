@@ -221,7 +221,7 @@ def test_ctrl_c_in_the_first_epoch_exits_130_and_leaves_no_run_folder(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("diverged_epoch", [1, 2])
 def test_a_diverged_epoch_keeps_only_the_finite_epochs_before_it(
-    diverged_epoch, tmp_path, monkeypatch
+    diverged_epoch, tmp_path, monkeypatch, logged_lines
 ):
     """The loop stops at the first epoch whose loss is not finite (forced here: a real
     divergence depends on the machine's rounding). Diverged in epoch 1, there is nothing to
@@ -251,16 +251,15 @@ def test_a_diverged_epoch_keeps_only_the_finite_epochs_before_it(
         model_args={"widths": [4, 8]},
         output_dir=str(run_dir),
     )
-    lines = []
     with pytest.raises(ValueError) as raised:
-        train(config, log=lines.append)
+        train(config)
     message = (
         f"training diverged: the loss was not finite in epoch {diverged_epoch}; lower --lr "
         "(now 0.1) or add --warmup-epochs"
     )
     if diverged_epoch == 1:
         assert str(raised.value) == message
-        assert f"removed {run_dir}: the run stopped before finishing an epoch" in lines
+        assert f"removed {run_dir}: the run stopped before finishing an epoch" in logged_lines()
         assert not run_dir.exists()
     else:
         assert str(raised.value) == f"{message}. The run folder keeps the last finite epoch (1)"
@@ -268,7 +267,7 @@ def test_a_diverged_epoch_keeps_only_the_finite_epochs_before_it(
 
 
 @pytest.mark.slow
-def test_a_damaged_last_checkpoint_resumes_from_best_when_asked(tmp_path):
+def test_a_damaged_last_checkpoint_resumes_from_best_when_asked(tmp_path, logged_lines):
     """A damaged last.keras is refused with the way on (`--resume-from best`), not --overwrite,
     which would delete the intact best.keras; with it, the run continues from best.keras."""
     from bnzoo.config import TrainConfig
@@ -283,19 +282,20 @@ def test_a_damaged_last_checkpoint_resumes_from_best_when_asked(tmp_path):
         model_args={"widths": [4, 8]},
         output_dir=str(run_dir),
     )
-    train(TrainConfig(**options, epochs=2), log=lambda line: None)
+    train(TrainConfig(**options, epochs=2))
     paths = RunPaths(str(run_dir))
     best_epoch = read_checkpoint_state(paths.best_checkpoint)["epoch"]
     with zipfile.ZipFile(paths.last_checkpoint, "w") as archive:  # readable zip, no state
         archive.writestr("config.json", "{}")
     with pytest.raises(ValueError) as raised:
-        train(TrainConfig(**options, epochs=3), log=lambda line: None)
+        train(TrainConfig(**options, epochs=3))
     assert "last.keras is not a readable bnzoo checkpoint" in str(raised.value)
     assert f"is intact (epoch {best_epoch}): rerun with --resume-from best" in str(raised.value)
     assert "--overwrite" not in str(raised.value)
-    lines = []
-    result = train(TrainConfig(**options, epochs=3, resume_from="best"), log=lines.append)
+    result = train(TrainConfig(**options, epochs=3, resume_from="best"))
     assert result.resumed_from_epoch == best_epoch
-    assert f"resuming from {paths.best_checkpoint} (epoch {best_epoch})" in "\n".join(lines)
+    assert f"resuming from {paths.best_checkpoint} (epoch {best_epoch})" in "\n".join(
+        logged_lines()
+    )
     state = read_checkpoint_state(paths.last_checkpoint)
     assert [row["epoch"] for row in state["history"]] == [1, 2, 3]
