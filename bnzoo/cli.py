@@ -34,14 +34,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
-# The signal machinery lives in its own module; these names stay importable from here, where
-# the scripts and their tests have always found them.
-from bnzoo.signals import (  # noqa: F401
-    Terminated,
-    interruptions_deferred,
-    raise_if_interrupted,
-    signals_raise_interruptions,
-)
+from bnzoo.signals import Terminated, signals_raise_interruptions
 
 # TensorFlow prints C++ start-up chatter (oneDNN, CUDA probing) on stderr when it is imported.
 # The scripts import this module first, so setting the level here keeps stderr to the one line
@@ -179,19 +172,24 @@ def progress_on_stdout() -> Iterator[None]:
     The scripts' progress lines (the run folder, one line per epoch, what was written) are
     records of bnzoo's loggers; this is how `run_cli` shows them: each record one line, the
     message alone (`warning: ` before a warning), flushed at once so that a pipe or a log file
-    follows a run as it goes. The handler and the level are removed again on exit.
+    follows a run as it goes. The records stop there: a library that logs through the root
+    logger's module functions (`logging.warning(...)`) gives the root a stderr handler, which
+    would repeat every line on stderr, where the scripts write one error line. The handler,
+    the level and the propagation are restored on exit.
     """
     logger = logging.getLogger(LOGGER_NAME)
     handler = _CurrentStdout()
     handler.setFormatter(_ProgressLines("%(message)s"))
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
