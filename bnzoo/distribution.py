@@ -103,16 +103,11 @@ class Distribution:
     ) -> contextlib.AbstractContextManager:
         """Where this worker may wait for the others: the run fails when the block (`what`, for
         the message: "a training step") lasts longer than `seconds` (`--collective-timeout`
-        when None) or that long since the last `renew_wait()`. Free where nothing is watched.
+        when None). Free where nothing is watched.
         """
         if self.watchdog is None:
             return contextlib.nullcontext()
         return self.watchdog.bounded(self.collective_timeout if seconds is None else seconds, what)
-
-    def renew_wait(self) -> None:
-        """The current `waiting_for_workers` block is making progress: restart its clock."""
-        if self.watchdog is not None:
-            self.watchdog.renew()
 
     def host_local(self) -> contextlib.AbstractContextManager:
         """Where the chief works alone (checkpoints, exports): on JAX, without the global

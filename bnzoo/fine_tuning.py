@@ -134,7 +134,7 @@ def keras_file_has_preprocessing(path: str) -> bool:
 
 
 def include_preprocessing(
-    config: TrainConfig, source: WeightsSource | None, fallback_checkpoint: str | None = None
+    source: WeightsSource | None, fallback_checkpoint: str | None = None
 ) -> bool | None:
     """Whether the training model starts with its weights' input convention.
 

@@ -38,7 +38,7 @@ import keras
 
 from bnzoo.atomic_files import copy_file_atomically, is_disk_full, save_model_atomically
 from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
-from bnzoo.cli import EXIT_AT_ONCE, Terminated, UsageError
+from bnzoo.cli import EXIT_AT_ONCE, UsageError
 from bnzoo.config import CUMULATIVE, TrainConfig, default_output_dir, load_config, save_config
 from bnzoo.fine_tuning import (
     check_channels,
@@ -75,6 +75,7 @@ from bnzoo.run_folder import (
     repair_best_checkpoint,
     write_history_csv,
 )
+from bnzoo.signals import Terminated
 from bnzoo.training_compute import (
     TrainingCompute,
     statistics_batches_per_epoch,
@@ -626,7 +627,7 @@ def _run(
             train_info.num_classes,
             process_batch_size=per_replica_batch * cluster.local_replicas,
             device_batch_size=per_replica_batch,
-            include_preprocessing=include_preprocessing(config, source, paths.last_checkpoint),
+            include_preprocessing=include_preprocessing(source, paths.last_checkpoint),
         )
         if config.sync_bn and keras.backend.backend() == "tensorflow":
             set_batch_norm_synchronized(model, True)

@@ -563,12 +563,12 @@ def test_a_broken_link_named_like_an_image_is_named(tmp_path):
 
 
 def test_jpeg_header_search_gives_up_on_junk_after_a_megabyte(tmp_path):
-    from bnzoo.data.image_folder import read_image_header
+    from bnzoo.data.image_folder import inspect_image_file
 
     path = tmp_path / "junk.jpg"
     path.write_bytes(b"\xff\xd8" + b"\0" * (8 * MiB))
     with pytest.raises(ValueError, match="no JPEG marker in the first megabyte"):
-        read_image_header(str(path))
+        inspect_image_file(str(path))
 
 
 # ------------------------------------------------------------------------------------------
