@@ -11,22 +11,13 @@ import threading
 import time
 
 import pytest
+from local_cluster import free_ports
 
 from bnzoo import rendezvous
 from bnzoo.distribution_plan import DistributionPlan
 from bnzoo.rendezvous import meet_other_workers
 
 IDENTITY = {"model": "plain_cnn", "batch_size": 64, "model_args": {"widths": [8, 16]}}
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("localhost", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def plans(count, backend="tensorflow"):

@@ -17,6 +17,8 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import wait_until
+from local_cluster import free_ports, python_workers, worker_environment
 from rounding import error_scale, probable_gamma, unit_roundoff
 
 from bnzoo.cli import run_cli
@@ -47,16 +49,6 @@ def argv_of(config_values, output_dir, *extra):
     return [*argv, *extra, "--output-dir", output_dir]
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("localhost", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def start_workers(argv, tmp_path, name, count=2, backend="tensorflow"):
     """`count` train.py processes forming one cluster on localhost, each in its own empty
     working directory; `argv` is every worker's arguments, or a list of each one's. Returns
@@ -65,16 +57,7 @@ def start_workers(argv, tmp_path, name, count=2, backend="tensorflow"):
     ports = free_ports(count)
     workers = []
     for index in range(count):
-        env = {**os.environ, "PYTHONPATH": ROOT, "KERAS_BACKEND": backend}
-        if backend == "tensorflow":
-            cluster = {"worker": [f"localhost:{port}" for port in ports]}
-            env["TF_CONFIG"] = json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            )
-        else:
-            env["KERAS_DISTRIBUTION_JOB_ADDRESSES"] = f"localhost:{ports[0]}"
-            env["KERAS_DISTRIBUTION_NUM_PROCESSES"] = str(count)
-            env["KERAS_DISTRIBUTION_PROCESS_ID"] = str(index)
+        env = worker_environment(ports, index, backend)
         cwd = tmp_path / f"{name}-worker{index}"
         cwd.mkdir()
         out, err = cwd.parent / f"{name}-{index}.out", cwd.parent / f"{name}-{index}.err"
@@ -209,11 +192,12 @@ def test_a_killed_worker_stops_the_other_in_seconds_and_a_restart_resumes(tmp_pa
     workers = start_workers(argv, tmp_path, "first")
     (chief, *_), (victim, *_) = workers
     try:
-        deadline = time.monotonic() + 300
-        while read_checkpoint_state(paths.last_checkpoint) is None:
-            assert chief.poll() is None and victim.poll() is None, workers[0][2].read_text()
-            assert time.monotonic() < deadline, "the first epoch never finished"
-            time.sleep(0.05)
+        wait_until(
+            lambda: read_checkpoint_state(paths.last_checkpoint) is not None,
+            [chief, victim],
+            "the first epoch never finished",
+            output=workers[0][2].read_text,
+        )
         time.sleep(0.5)  # into the second epoch's 48 steps
         victim.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -258,12 +242,13 @@ def test_a_worker_lost_in_the_first_epoch_leaves_no_run_folder(tmp_path):
     workers = start_workers(argv_of(values, run_dir), tmp_path, "first")
     (chief, *_), (victim, victim_out, *_) = workers
     try:
-        deadline = time.monotonic() + 300
         # Every worker prints the opening line just before its first epoch.
-        while "training plain_cnn" not in victim_out.read_text():
-            assert chief.poll() is None and victim.poll() is None, workers[0][2].read_text()
-            assert time.monotonic() < deadline, "the first epoch never started"
-            time.sleep(0.05)
+        wait_until(
+            lambda: "training plain_cnn" in victim_out.read_text(),
+            [chief, victim],
+            "the first epoch never started",
+            output=workers[0][2].read_text,
+        )
         time.sleep(0.5)  # into the first epoch's 48 steps
         assert not os.path.exists(RunPaths(run_dir).last_checkpoint), "terminated too late"
         victim.send_signal(signal.SIGTERM)
@@ -295,11 +280,12 @@ def test_a_terminated_jax_process_stops_at_once_with_how_to_continue(tmp_path):
     workers = start_workers(argv_of(values, run_dir), tmp_path, "jax", backend="jax")
     (chief, *_), (victim, victim_out, victim_err, _) = workers
     try:
-        deadline = time.monotonic() + 300
-        while "training plain_cnn" not in victim_out.read_text():
-            assert chief.poll() is None and victim.poll() is None, victim_err.read_text()
-            assert time.monotonic() < deadline, "the first epoch never started"
-            time.sleep(0.05)
+        wait_until(
+            lambda: "training plain_cnn" in victim_out.read_text(),
+            [chief, victim],
+            "the first epoch never started",
+            output=victim_err.read_text,
+        )
         time.sleep(0.5)
         victim.send_signal(signal.SIGTERM)
         victim.wait(timeout=30)
@@ -401,11 +387,13 @@ def test_two_jax_processes_train_one_run_folder(tmp_path):
 
 
 def wait_for_line(path, text, process, timeout=180):
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text():
-        assert process.poll() is None, path.read_text()
-        assert time.monotonic() < deadline, f"never printed {text!r}"
-        time.sleep(0.1)
+    wait_until(
+        lambda: text in path.read_text(),
+        [process],
+        f"never printed {text!r}",
+        output=path.read_text,
+        timeout=timeout,
+    )
 
 
 def lone_worker(tmp_path, name, *extra, index=0):
@@ -413,17 +401,7 @@ def lone_worker(tmp_path, name, *extra, index=0):
     run_dir = tmp_path / f"{name}-run"
     values = {**TINY, "epochs": 1, "test_split": "none"}
     ports = free_ports(2)
-    env = {
-        **os.environ,
-        "PYTHONPATH": ROOT,
-        "KERAS_BACKEND": "tensorflow",
-        "TF_CONFIG": json.dumps(
-            {
-                "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-                "task": {"type": "worker", "index": index},
-            }
-        ),
-    }
+    env = worker_environment(ports, index)
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         process = subprocess.Popen(
@@ -594,36 +572,8 @@ with start_distribution(plan, collective_timeout=float(sys.argv[1])) as cluster:
 def test_a_step_that_waits_longer_than_the_collective_timeout_fails_with_one_line(tmp_path):
     """A peer that is alive (its heartbeats go on) but never joins the all-reduce: the watchdog
     aborts the collectives once --collective-timeout has passed."""
-    ports = free_ports(2)
-    processes = []
-    for index in range(2):
-        env = {
-            **os.environ,
-            "PYTHONPATH": ROOT,
-            "KERAS_BACKEND": "tensorflow",
-            "TF_CONFIG": json.dumps(
-                {
-                    "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-                    "task": {"type": "worker", "index": index},
-                }
-            ),
-        }
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", _STUCK_PEER, "5"],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
+    with python_workers(_STUCK_PEER, "5", cwd=tmp_path) as processes:
         out, err = processes[0].communicate(timeout=300)
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
     assert processes[0].returncode == 1, err[-3000:]
     line = out.strip().splitlines()[-1]
     seconds = float(line.split()[1])

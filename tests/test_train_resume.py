@@ -13,6 +13,7 @@ import zipfile
 
 import keras
 import pytest
+from conftest import unfinished_run_files, wait_until
 
 from bnzoo.optimization import WarmupSchedule
 from bnzoo.run_folder import RunPaths, read_checkpoint_state
@@ -73,11 +74,12 @@ def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path)
     log = open(tmp_path / "first.log", "w")
     process = subprocess.Popen(command(output_dir), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 300
-        while committed_epoch(paths) < 1:
-            assert process.poll() is None, open(tmp_path / "first.log").read()[-3000:]
-            assert time.monotonic() < deadline, "the first epoch never finished"
-            time.sleep(0.05)
+        wait_until(
+            lambda: committed_epoch(paths) >= 1,
+            [process],
+            "the first epoch never finished",
+            output=lambda: (tmp_path / "first.log").read_text()[-3000:],
+        )
         # A moment into the second epoch (its 48 steps take longer than this), then kill
         # without warning.
         time.sleep(0.1)
@@ -109,22 +111,7 @@ def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path)
     with open(paths.history, newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1))
-    for path in (
-        paths.config,
-        paths.best_checkpoint,
-        paths.model,
-        os.path.join(paths.saved_model, "saved_model.pb"),
-        paths.metrics,
-        paths.curves,
-    ):
-        assert os.path.exists(path), path
-    leftovers = [
-        name
-        for folder in (output_dir, paths.checkpoints)
-        for name in os.listdir(folder)
-        if ".tmp-" in name or ".old-" in name
-    ]
-    assert not leftovers
+    assert unfinished_run_files(output_dir) == []
 
     # The optimizer state came back: its step counter counts every epoch exactly once. A resume
     # that rebuilt a fresh optimizer would restart it (and the learning-rate schedule) at 0. The
@@ -169,11 +156,12 @@ def test_sigterm_after_an_epoch_exits_143_saying_that_rerunning_resumes(tmp_path
     paths = RunPaths(output_dir)
     process, log = start(command(output_dir), tmp_path / "out.log")
     try:
-        deadline = time.monotonic() + 300
-        while committed_epoch(paths) < 1:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "the first epoch never finished"
-            time.sleep(0.05)
+        wait_until(
+            lambda: committed_epoch(paths) >= 1,
+            [process],
+            "the first epoch never finished",
+            output=process.stderr.read,
+        )
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -198,11 +186,12 @@ def test_ctrl_c_in_the_first_epoch_exits_130_and_leaves_no_run_folder(tmp_path):
     argv = [*command(output_dir), "--train-split", "train[:20000]", "--val-split", "none"]
     process, log = start(argv, tmp_path / "out.log")
     try:
-        deadline = time.monotonic() + 300
-        while "training plain_cnn" not in (tmp_path / "out.log").read_text():
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.05)
+        wait_until(
+            lambda: "training plain_cnn" in (tmp_path / "out.log").read_text(),
+            [process],
+            "training never started",
+            output=process.stderr.read,
+        )
         assert committed_epoch(RunPaths(output_dir)) == 0
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
