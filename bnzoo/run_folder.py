@@ -39,13 +39,13 @@ import json
 import logging
 import math
 import os
-import shutil
 import zipfile
 from typing import TYPE_CHECKING, Any
 
 from bnzoo.atomic_files import (
     atomic_write_text,
     copy_file_atomically,
+    remove_entry,
     replaced_atomically,
     temporary_target,
 )
@@ -214,21 +214,13 @@ def _has_rows(path: str) -> bool:
 # --- Removing the run's own files -----------------------------------------------------------------
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
 def _remove_matching(folder: str, patterns: tuple[str, ...]) -> None:
     """Remove `folder`'s entries named like `patterns`, then `folder` if that emptied it."""
     if not os.path.isdir(folder) or os.path.islink(folder):
         return
     for name in os.listdir(folder):
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-            _remove(os.path.join(folder, name))
+            remove_entry(os.path.join(folder, name))
     with contextlib.suppress(OSError):  # not empty: the user's files stay, and so does it
         os.rmdir(folder)
 
@@ -249,7 +241,7 @@ def remove_temporary_files(paths: RunPaths) -> None:
             continue
         for name in os.listdir(folder):
             if temporary_target(name) in targets:
-                _remove(os.path.join(folder, name))
+                remove_entry(os.path.join(folder, name))
 
 
 def remove_run_artifacts(paths: RunPaths) -> None:
