@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,6 +34,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from machine import machine_line, write_results  # noqa: E402
+from timing import time_interleaved  # noqa: E402
 
 from layers import BatchNormalization  # noqa: E402
 
@@ -76,22 +75,6 @@ def make_functions(shape: tuple[int, ...], jit_compile: bool) -> dict:
     }
 
 
-def time_interleaved(functions: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call, calling every function once per round, in rotating order."""
-    for fn in functions.values():  # trace, compile, warm caches
-        fn()
-        fn()
-    names = list(functions)
-    samples = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            # Outputs of a tf.function call on CPU are computed when it returns.
-            functions[name]()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
 def copy_fraction(copies: float, copy: float, elapsed: float, call: float) -> float:
     """Achieved bandwidth as a fraction of a copy's, both without the fixed call cost."""
     return copies * max(copy - call, 0.0) / max(elapsed - call, 1e-9)
@@ -123,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for jit_compile in (False, True):
         for shape in SHAPES:
-            times = time_interleaved(make_functions(shape, jit_compile), args.rounds)
+            times, _ = time_interleaved(make_functions(shape, jit_compile), args.rounds)
             copy, call = times["copy"], times["call"]
             for kind, copies in (("train", 4.0), ("infer", 1.0)):
                 theirs, ours = times[f"{kind} keras"], times[f"{kind} ours"]

@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,33 +104,10 @@ def build_variants(name: str, input_shape, batch: int, precisions: list[str]) ->
     return variants
 
 
-def time_interleaved(functions: dict, rounds: int, warmup: int = 2) -> tuple[dict, dict]:
-    """Median wall and CPU seconds per call, every function once per round, in rotating order.
-
-    CPU time (all of the process' threads) is the load-robust measure: on a shared machine a
-    step's wall time includes waiting for a core, its CPU time mostly does not.
-    """
-    for function in functions.values():
-        for _ in range(warmup):
-            function()
-    names = list(functions)
-    wall = {name: [] for name in names}
-    cpu = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            cpu_start, start = time.process_time(), time.perf_counter()
-            functions[name]()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - cpu_start)
-    return (
-        {name: statistics.median(times) for name, times in wall.items()},
-        {name: statistics.median(times) for name, times in cpu.items()},
-    )
-
-
 def run(args: argparse.Namespace) -> None:
     import keras
     from machine import machine_line, write_results
+    from timing import time_interleaved
 
     backend = keras.backend.backend()
     if backend == "tensorflow":

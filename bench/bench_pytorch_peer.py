@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -151,26 +149,6 @@ def check_same_weights(torch, torch_model, keras_model) -> None:
         )
 
 
-def time_interleaved(functions: dict, rounds: int, warmup: int = 2) -> tuple[dict, dict]:
-    """Median wall and CPU seconds per call, every function once per round, in rotating order."""
-    for function in functions.values():
-        for _ in range(warmup):
-            function()
-    names = list(functions)
-    wall = {name: [] for name in names}
-    cpu = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            cpu_start, start = time.process_time(), time.perf_counter()
-            functions[name]()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - cpu_start)
-    return (
-        {name: statistics.median(times) for name, times in wall.items()},
-        {name: statistics.median(times) for name, times in cpu.items()},
-    )
-
-
 def bnzoo_steps(args, images, labels) -> dict:
     import keras
 
@@ -230,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     from machine import machine_line, write_results
+    from timing import time_interleaved
 
     try:
         import torch

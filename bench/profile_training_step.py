@@ -35,7 +35,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -46,6 +45,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from machine import machine_line  # noqa: E402
+from timing import rotated, time_interleaved  # noqa: E402
 
 import models  # noqa: E402
 from layers import BatchNormalization  # noqa: E402
@@ -156,10 +156,6 @@ def traced_step(model: keras.Model, x, y, logdir: str) -> dict[str, float]:
     return read_op_times(logdir)
 
 
-def rotate(names: list[str], r: int) -> list[str]:
-    return names[r % len(names) :] + names[: r % len(names)]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bn_inception", help="a registered model name")
@@ -196,19 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     # 1. Wall time, untraced.
     steps = {variant: (lambda m=m: m.train_on_batch(x, y)) for variant, m in built.items()}
     steps.update(bn_alone_functions(shapes))
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    walls: dict[str, list[float]] = {name: [] for name in steps}
-    cpus: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(args.rounds):
-        for name in rotate(list(steps), r):
-            cpu_start, start = time.process_time(), time.perf_counter()
-            steps[name]()
-            walls[name].append((time.perf_counter() - start) * 1e3)
-            cpus[name].append((time.process_time() - cpu_start) * 1e3)
-    wall = {name: statistics.median(times) for name, times in walls.items()}
-    cpu = {name: statistics.median(times) for name, times in cpus.items()}
+    wall, cpu = (
+        {name: seconds * 1e3 for name, seconds in medians.items()}
+        for medians in time_interleaved(steps, args.rounds, warmup=3)
+    )
     load = os.getloadavg()[0]
 
     # 2. Per-op profile, traced.
@@ -216,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     per_op: dict[str, list[float]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory() as root:
         for r in range(args.rounds):
-            for variant in rotate(list(VARIANTS), r):
+            for variant in rotated(list(VARIANTS), r):
                 logdir = os.path.join(root, f"{variant.replace(' ', '_')}_{r}")
                 sums = collections.Counter()
                 for key, ms in traced_step(built[variant], x, y, logdir).items():

@@ -16,14 +16,13 @@ convolutions are counted in the graph the runtime executes after Grappler (parti
 
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from timing import time_interleaved  # noqa: E402  (this script's folder, bench/)
 
 
 def fused_convolutions(path: str, images: np.ndarray) -> int:
@@ -55,24 +54,13 @@ def main() -> None:
             images = tf.constant(rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8))
             calls[(name, batch)] = lambda serve=serve, images=images: serve(images=images)
         fused[name] = fused_convolutions(path, images.numpy()[:1])
-    for call in calls.values():
-        for _ in range(3):
-            call()
-    keys = list(calls)
-    wall = {key: [] for key in keys}
-    cpu = {key: [] for key in keys}
-    for r in range(rounds):
-        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            cpu_start, start = time.process_time(), time.perf_counter()
-            calls[key]()  # the outputs of a signature call on CPU are ready when it returns
-            wall[key].append(time.perf_counter() - start)
-            cpu[key].append(time.process_time() - cpu_start)
+    wall, cpu = time_interleaved(calls, rounds, warmup=3)
     project = sorted(m for m in sys.modules if m.split(".")[0] in ("bnzoo", "layers", "models"))
     latency: dict[str, dict[int, float]] = {}
     cpu_time: dict[str, dict[int, float]] = {}
-    for name, batch in keys:
-        latency.setdefault(name, {})[batch] = statistics.median(wall[(name, batch)]) * 1e3
-        cpu_time.setdefault(name, {})[batch] = statistics.median(cpu[(name, batch)]) * 1e3
+    for name, batch in calls:
+        latency.setdefault(name, {})[batch] = wall[(name, batch)] * 1e3
+        cpu_time.setdefault(name, {})[batch] = cpu[(name, batch)] * 1e3
     print(
         json.dumps(
             {

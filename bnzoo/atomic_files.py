@@ -86,8 +86,9 @@ def _create_exclusively(path: str, kind: str, folder: bool) -> str:
     raise FileExistsError(f"cannot create a temporary file beside {path}")  # pragma: no cover
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
+def remove_entry(path: str) -> None:
+    """Remove the file, link or folder (with what it holds) at `path`; a missing one is fine."""
+    with contextlib.suppress(FileNotFoundError):
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         else:
@@ -128,7 +129,8 @@ def replaced_atomically(path: str | os.PathLike, *, folder: bool = False) -> Ite
                 fsync_file(tmp)
                 os.replace(tmp, path)
     except BaseException as error:
-        _remove(tmp)
+        with contextlib.suppress(OSError):  # the error that stopped the write is the one to see
+            remove_entry(tmp)
         if isinstance(error, OSError) and is_disk_full(error):
             raise OSError(errno.ENOSPC, f"no space left on device writing {path}") from None
         raise

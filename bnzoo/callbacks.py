@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -21,11 +21,7 @@ from bnzoo.run_folder import (
 )
 from bnzoo.signals import interruptions_deferred
 
-Log = Callable[[str], None]
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def _learning_rate(model: keras.Model, logs: dict | None) -> float:
@@ -159,12 +155,12 @@ class TensorBoardScalars(keras.callbacks.Callback):
 
 
 class EpochSummary(keras.callbacks.Callback):
-    """One line per epoch, for logs and pipes where Keras' progress bar would be noise."""
+    """One line per epoch (logged at INFO), for logs and pipes where Keras' progress bar would
+    be noise."""
 
-    def __init__(self, epochs: int, log: Log = _print):
+    def __init__(self, epochs: int):
         super().__init__()
         self.epochs = epochs
-        self.log = log
         self._start = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -178,4 +174,4 @@ class EpochSummary(keras.callbacks.Callback):
                 parts.append(f"{key} {float(logs[key]):.4f}")
         parts.append(f"lr {_learning_rate(self.model, logs):.4g}")
         parts.append(f"{time.perf_counter() - self._start:.1f}s")
-        self.log("  ".join(parts))
+        logger.info("  ".join(parts))

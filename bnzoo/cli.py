@@ -17,6 +17,11 @@ Exit statuses, the same for every script:
   a run that diverged.
 - 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM; the message says how to continue.
 
+Progress is logging: bnzoo's modules log to `logging.getLogger(__name__)` (all under the
+`bnzoo` logger) and configure nothing, so code that imports bnzoo decides what it sees;
+`run_cli` shows the records as the scripts' lines on stdout (`progress_on_stdout`). Errors are
+not logged: `run_cli` prints them, one line on stderr.
+
 This module must stay importable without TensorFlow: argument errors are reported before the
 scripts import anything heavy, so `train.py --batch-size 0` answers in well under a second.
 """
@@ -24,18 +29,12 @@ scripts import anything heavy, so `train.py --batch-size 0` answers in well unde
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
-# The signal machinery lives in its own module; these names stay importable from here, where
-# the scripts and their tests have always found them.
-from bnzoo.signals import (  # noqa: F401
-    Terminated,
-    interruptions_deferred,
-    raise_if_interrupted,
-    signals_raise_interruptions,
-)
+from bnzoo.signals import Terminated, signals_raise_interruptions
 
 # TensorFlow prints C++ start-up chatter (oneDNN, CUDA probing) on stderr when it is imported.
 # The scripts import this module first, so setting the level here keeps stderr to the one line
@@ -141,6 +140,58 @@ def import_tensorflow_quietly() -> None:
     absl.logging.set_verbosity(absl.logging.ERROR)
 
 
+#: The logger above every bnzoo module's own (`logging.getLogger(__name__)`).
+LOGGER_NAME = "bnzoo"
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """A StreamHandler that writes to `sys.stdout` as it is when a record comes, not as it was
+    when the handler was made: a script's redirection, or pytest's capture, then holds it."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # StreamHandler.__init__ sets it; stdout it stays
+
+
+class _ProgressLines(logging.Formatter):
+    """The message alone, as the scripts have always printed it; a warning says so first."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return f"warning: {line}" if record.levelno >= logging.WARNING else line
+
+
+@contextlib.contextmanager
+def progress_on_stdout() -> Iterator[None]:
+    """bnzoo's log records at INFO and above as lines on stdout while the block runs.
+
+    The scripts' progress lines (the run folder, one line per epoch, what was written) are
+    records of bnzoo's loggers; this is how `run_cli` shows them: each record one line, the
+    message alone (`warning: ` before a warning), flushed at once so that a pipe or a log file
+    follows a run as it goes. The records stop there: a library that logs through the root
+    logger's module functions (`logging.warning(...)`) gives the root a stderr handler, which
+    would repeat every line on stderr, where the scripts write one error line. The handler,
+    the level and the propagation are restored on exit.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    handler = _CurrentStdout()
+    handler.setFormatter(_ProgressLines("%(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ValueError, OSError]
     try:
@@ -180,7 +231,9 @@ def run_cli(
         `EXIT_TERMINATED` after SIGTERM (see the module docstring). An interruption's message
         is the exception's, when `main` gave it one (train.py says how to resume).
 
-    A `--debug` anywhere in `argv` re-raises user errors with their traceback, for bug reports.
+    bnzoo's progress lines (its log records at INFO and above) go to stdout meanwhile
+    (`progress_on_stdout`). A `--debug` anywhere in `argv` re-raises user errors with their
+    traceback, for bug reports.
 
     Example:
 
@@ -197,7 +250,7 @@ def run_cli(
     prog = prog or os.path.basename(sys.argv[0]) or "bnzoo"
     debug = "--debug" in args
     try:
-        with signals_raise_interruptions():
+        with signals_raise_interruptions(), progress_on_stdout():
             status = main(args)
     except KeyboardInterrupt as error:
         default = "terminated" if isinstance(error, Terminated) else "interrupted"

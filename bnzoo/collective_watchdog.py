@@ -58,9 +58,8 @@ class CollectiveWatchdog:
 
     @contextlib.contextmanager
     def bounded(self, seconds: float, what: str) -> Iterator[None]:
-        """Abort the collectives if the block (`what`, for the message) lasts over `seconds`,
-        or over `seconds` since the last `renew()`. Blocks nest: the inner bound applies while
-        it runs, the outer one again after it."""
+        """Abort the collectives if the block (`what`, for the message) lasts over `seconds`.
+        Blocks nest: the inner bound applies while it runs, the outer one again after it."""
         with self._condition:
             saved = (self._deadline, self._seconds, self._what)
             self._seconds, self._what = seconds, what
@@ -76,12 +75,6 @@ class CollectiveWatchdog:
                     # The outer block's clock restarts: its wait was interrupted by this one.
                     self._deadline = time.monotonic() + self._seconds
                 self._condition.notify()
-
-    def renew(self) -> None:
-        """Restart the current block's clock: the block is making progress (a batch done)."""
-        with self._condition:
-            if self._deadline is not None:
-                self._deadline = time.monotonic() + self._seconds
 
     def close(self) -> None:
         """Stop the thread (it is a daemon thread: a process may also just end)."""

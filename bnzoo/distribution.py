@@ -40,7 +40,7 @@ import dataclasses
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -103,16 +103,11 @@ class Distribution:
     ) -> contextlib.AbstractContextManager:
         """Where this worker may wait for the others: the run fails when the block (`what`, for
         the message: "a training step") lasts longer than `seconds` (`--collective-timeout`
-        when None) or that long since the last `renew_wait()`. Free where nothing is watched.
+        when None). Free where nothing is watched.
         """
         if self.watchdog is None:
             return contextlib.nullcontext()
         return self.watchdog.bounded(self.collective_timeout if seconds is None else seconds, what)
-
-    def renew_wait(self) -> None:
-        """The current `waiting_for_workers` block is making progress: restart its clock."""
-        if self.watchdog is not None:
-            self.watchdog.renew()
 
     def host_local(self) -> contextlib.AbstractContextManager:
         """Where the chief works alone (checkpoints, exports): on JAX, without the global
@@ -366,7 +361,6 @@ def start_distribution(
     *,
     collective_timeout: float = 600.0,
     identity: Mapping[str, Any] | None = None,
-    log: Callable[[str], None] = print,
 ) -> Iterator[Distribution]:
     """Create the strategy (TensorFlow) or set the Keras distribution (JAX) for `plan`.
 
@@ -381,14 +375,13 @@ def start_distribution(
         collective_timeout: seconds to wait for the other workers to start, and (TensorFlow
             multi-worker) that a step may wait for them (`Distribution.waiting_for_workers`).
         identity: the run's identity (`TrainConfig.identity()`), which every worker must share.
-        log: where the lines about waiting for the other workers go.
     """
     if plan.mode == "multi_worker" and plan.num_workers > 1:
         from bnzoo.rendezvous import meet_other_workers
 
         if plan.cluster_source == "Slurm" and not plan.addresses:
             plan = _with_slurm_addresses(plan)
-        meet_other_workers(plan, timeout=collective_timeout, identity=identity or {}, log=log)
+        meet_other_workers(plan, timeout=collective_timeout, identity=identity or {})
     if plan.backend == "jax":
         previous = keras.distribution.distribution()
         try:

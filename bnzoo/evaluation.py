@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 import zipfile
@@ -44,6 +45,8 @@ from bnzoo.model_files import (
     load_keras_model,
     read_keras_config,
 )
+
+logger = logging.getLogger(__name__)
 
 TOP_K = 5
 
@@ -404,8 +407,8 @@ def recompute_statistics_on_split(
     `recompute.split`, preprocessed as the model was trained (its `mean`, `std`, input size),
     without augmentation. Returns the number of batches averaged (0: the model has no BN)."""
     from bnzoo.data import load_dataset
+    from bnzoo.layers import recompute_population_statistics
     from bnzoo.training_data import statistics_batches
-    from layers import recompute_population_statistics
 
     examples, info = load_dataset(
         dataset, split=recompute.split, data_dir=data_dir, manual_dir=manual_dir
@@ -467,10 +470,9 @@ def _keras_classifier(
             manual_dir=None if data_kwargs is None else data_kwargs.get("manual_dir"),
         )
         if used:
-            print(
+            logger.info(
                 f"recomputed BN's population statistics over {used} batches of "
-                f"{recompute.batch_size} from {recompute.split}",
-                flush=True,
+                f"{recompute.batch_size} from {recompute.split}"
             )
     return serving_function(
         model, image_shape=info.image_shape, mean=mean, std=std, image_size=image_size

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 from bnzoo.cli import UsageError
 from bnzoo.config import CONFIG_FILENAME, TrainConfig, weights_is_path
 from bnzoo.model_files import load_keras_model, read_keras_config
+
+logger = logging.getLogger(__name__)
 
 #: The classifier: `train.py` sizes it for the dataset, so it is the one layer a source may lack
 #: or have in another shape.
@@ -112,11 +114,11 @@ def check_weights_source(config: TrainConfig) -> None:
         except ValueError as error:
             raise ValueError(f"--weights {error}") from None
     elif source.kind == KERAS_WEIGHTS:
-        from models.weight_files import check_hdf5_file
+        from bnzoo.models.weight_files import check_hdf5_file
 
         check_hdf5_file(source.path, what="--weights")
     else:
-        from models.pretrained import check_local_weights
+        from bnzoo.models.pretrained import check_local_weights
 
         check_local_weights(source.value, what="--weights")
 
@@ -132,7 +134,7 @@ def keras_file_has_preprocessing(path: str) -> bool:
 
 
 def include_preprocessing(
-    config: TrainConfig, source: WeightsSource | None, fallback_checkpoint: str | None = None
+    source: WeightsSource | None, fallback_checkpoint: str | None = None
 ) -> bool | None:
     """Whether the training model starts with its weights' input convention.
 
@@ -154,7 +156,7 @@ def include_preprocessing(
 
 def has_input_convention(model: Any) -> bool:
     """Whether `model` applies a weight set's preprocessing itself (takes RGB in [0, 255])."""
-    from models.preprocessing import ImagePreprocessing
+    from bnzoo.models.preprocessing import ImagePreprocessing
 
     return any(isinstance(layer, ImagePreprocessing) for layer in model.layers)
 
@@ -213,7 +215,6 @@ def initialize_from_source(
     source_model: Any | None,
     config: TrainConfig,
     source: WeightsSource,
-    log: Callable[[str], None],
 ) -> None:
     """Load the source's weights into the freshly built training `model` (train.py's
     classifier, the dataset's classes), with one progress line.
@@ -223,7 +224,7 @@ def initialize_from_source(
     """
     if source_model is None:
         _load_weights_file(model, source, config)
-        log(f"initialized every layer of {model.name} from {source.value}")
+        logger.info(f"initialized every layer of {model.name} from {source.value}")
         return
     if source.kind == KERAS_MODEL:
         origin = source.path
@@ -243,11 +244,11 @@ def initialize_from_source(
         if has_input_convention(model)
         else ""
     )
-    log(f"initialized {copied} layers of {model.name} from {origin}; {head}{inputs}")
+    logger.info(f"initialized {copied} layers of {model.name} from {origin}; {head}{inputs}")
 
 
 def _build_donor(config: TrainConfig, source: WeightsSource, architecture: dict[str, Any]):
-    import models
+    from bnzoo import models
 
     try:
         return models.create_model(
@@ -295,7 +296,7 @@ def copy_weights_by_name(model: Any, source: Any, what: str) -> tuple[int, bool]
     """
     import keras
 
-    from models.pretrained import assign_layer_weights
+    from bnzoo.models.pretrained import assign_layer_weights
 
     values = {
         layer.name: {v.name: keras.ops.convert_to_numpy(v) for v in layer.weights}
@@ -326,16 +327,16 @@ def copy_weights_by_name(model: Any, source: Any, what: str) -> tuple[int, bool]
 # --- Freezing ------------------------------------------------------------------------------------
 
 
-def freeze(model: Any, config: TrainConfig, log: Callable[[str], None]) -> int:
+def freeze(model: Any, config: TrainConfig) -> int:
     """`models.freeze_backbone(model, until=--freeze-until)` with one progress line; returns the
     number of frozen layers with weights.
 
     Raises:
         UsageError: a `--freeze-until` that is not a layer of the model.
     """
-    import models
+    from bnzoo import models
     from bnzoo.config import close_matches
-    from layers import batch_norm_layers
+    from bnzoo.layers import batch_norm_layers
 
     if not config.freeze_backbone:
         return 0
@@ -349,7 +350,7 @@ def freeze(model: Any, config: TrainConfig, log: Callable[[str], None]) -> int:
     frozen = models.freeze_backbone(model, until=config.freeze_until)
     trainable = [layer.name for layer in model.layers if layer.trainable_weights]
     batch_norms = sum(1 for layer in batch_norm_layers(model) if not layer.trainable)
-    log(
+    logger.info(
         f"froze {frozen} layers"
         + (f" up to {config.freeze_until}" if config.freeze_until else "")
         + f" ({batch_norms} BN layers in inference mode, their statistics kept); training "

@@ -15,7 +15,8 @@ Either way each file runs once per process, so every class exists once: Keras' r
 `bnzoo>...` names, `isinstance` checks and pickled references agree. A `.keras` file records
 those registered names, not module paths, so files saved through either name load through the
 other. Inside the libraries, imports are relative, and `models` reaches `layers` as its sibling
-(`models/_layers.py`), so neither ever imports a shadowable name.
+(`models/_layers.py`); the rest of bnzoo imports them as `bnzoo.layers` and `bnzoo.models` (an
+import-linter contract in pyproject.toml). So no bnzoo code ever imports a shadowable name.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def check_model_options(config: TrainConfig) -> None:
             or that train.py sets itself, or a value of the wrong type for the builder's type
             hint; the message names the option, what it takes and an example.
     """
-    import models
+    from bnzoo import models
 
     try:
         spec = models.get_model_spec(config.model)

@@ -161,7 +161,7 @@ def check_keras_weights(path: str) -> None:
     Raises:
         ValueError: naming the file.
     """
-    from models.weight_files import check_hdf5_file
+    from bnzoo.models.weight_files import check_hdf5_file
 
     try:
         with zipfile.ZipFile(path) as archive:
@@ -194,8 +194,8 @@ def load_keras_model(path: str) -> Any:
     check_keras_weights(path)
     import keras
 
-    import layers  # noqa: F401  (registers bnzoo's layers for deserialization)
-    import models  # noqa: F401  (and its preprocessing layer)
+    # Registers bnzoo's layers and the models' preprocessing layer for deserialization.
+    from bnzoo import layers, models  # noqa: F401
 
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)

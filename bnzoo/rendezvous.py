@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import select
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bnzoo.distribution_plan import DistributionPlan, check_address
+
+logger = logging.getLogger(__name__)
 
 #: Bumped when the hello changes: workers of different bnzoo versions do not meet.
 PROTOCOL = 1
@@ -50,8 +53,6 @@ NOTICE_INTERVAL_SECONDS = 60.0
 MAX_PENDING = 256
 #: How often the waits wake up to retry a connection: also how promptly a signal is handled.
 POLL_SECONDS = 0.25
-
-Log = Callable[[str], None]
 
 
 class _Clock:
@@ -91,7 +92,6 @@ def meet_other_workers(
     *,
     timeout: float,
     identity: Mapping[str, Any],
-    log: Log = print,
 ) -> None:
     """Return once every worker of `plan` has started with the same run identity.
 
@@ -102,7 +102,6 @@ def meet_other_workers(
         plan: the multi-worker plan; `plan.addresses` names where the chief listens.
         timeout: seconds to wait for the other workers (`--collective-timeout`).
         identity: this worker's run identity, a JSON-able mapping of option name to value.
-        log: where the "waiting for" lines go.
 
     Raises:
         ValueError: a port is in use, the other workers did not all come in time, or a worker
@@ -120,9 +119,9 @@ def meet_other_workers(
     }
     clock = _Clock(timeout)
     if plan.is_chief:
-        _gather_as_chief(plan, hello, clock, log)
+        _gather_as_chief(plan, hello, clock)
     else:
-        _report_to_chief(plan, hello, clock, log)
+        _report_to_chief(plan, hello, clock)
 
 
 # --- Addresses -----------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ class _Connection:
 # --- The chief ------------------------------------------------------------------------------------
 
 
-def _gather_as_chief(plan: DistributionPlan, hello: dict, clock: _Clock, log: Log) -> None:
+def _gather_as_chief(plan: DistributionPlan, hello: dict, clock: _Clock) -> None:
     listener = _bind(plan, 0, listen=True)
     pending: list[_Connection] = []  # connected, no hello yet
     hellos: dict[int, tuple[_Connection, dict[str, Any]]] = {}
@@ -271,7 +270,9 @@ def _gather_as_chief(plan: DistributionPlan, hello: dict, clock: _Clock, log: Lo
                 raise ValueError(message)
             if clock.notice_due():
                 names = ", ".join(_worker(plan, i) for i in missing)
-                log(f"{_me(plan)} (the chief): waiting for {names} to start ({clock.describe()})")
+                logger.info(
+                    f"{_me(plan)} (the chief): waiting for {names} to start ({clock.describe()})"
+                )
             waiting = [listener, *pending, *_open_connections(hellos)]
             readable, _, _ = select.select(waiting, [], [], clock.remaining())
             for ready in readable:
@@ -427,7 +428,7 @@ def _shown(value: Any) -> str:
 # --- The other workers ----------------------------------------------------------------------------
 
 
-def _report_to_chief(plan: DistributionPlan, hello: dict, clock: _Clock, log: Log) -> None:
+def _report_to_chief(plan: DistributionPlan, hello: dict, clock: _Clock) -> None:
     # Our own runtime port must be free (TensorFlow; on JAX only process 0 listens). Held until
     # the chief says go, so that nothing takes it meanwhile.
     own = None
@@ -443,7 +444,7 @@ def _report_to_chief(plan: DistributionPlan, hello: dict, clock: _Clock, log: Lo
             conn = _connect(host, port, clock)
             if conn is None:
                 if clock.notice_due():
-                    log(
+                    logger.info(
                         f"{_me(plan)}: waiting for {_worker(plan, 0)} to start ({clock.describe()})"
                     )
                 continue
@@ -451,7 +452,7 @@ def _report_to_chief(plan: DistributionPlan, hello: dict, clock: _Clock, log: Lo
             try:
                 if not conn.send(hello):
                     continue
-                reply = _await_reply(plan, conn, clock, log)
+                reply = _await_reply(plan, conn, clock)
             finally:
                 conn.close()
             if reply is None:
@@ -485,13 +486,11 @@ def _connect(host: str, port: int, clock: _Clock) -> _Connection | None:
     return _Connection(sock)
 
 
-def _await_reply(
-    plan: DistributionPlan, conn: _Connection, clock: _Clock, log: Log
-) -> dict[str, Any] | None:
+def _await_reply(plan: DistributionPlan, conn: _Connection, clock: _Clock) -> dict[str, Any] | None:
     """The chief's answer, or None when the connection closed or time ran out."""
     while not clock.expired:
         if clock.notice_due():
-            log(
+            logger.info(
                 f"{_me(plan)}: {_worker(plan, 0)} is up; waiting for the other workers to start "
                 f"({clock.describe()})"
             )

@@ -36,16 +36,16 @@ import dataclasses
 import fnmatch
 import io
 import json
+import logging
 import math
 import os
-import shutil
 import zipfile
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bnzoo.atomic_files import (
     atomic_write_text,
     copy_file_atomically,
+    remove_entry,
     replaced_atomically,
     temporary_target,
 )
@@ -60,6 +60,8 @@ from bnzoo.config import (
 
 if TYPE_CHECKING:
     import keras
+
+logger = logging.getLogger(__name__)
 
 #: The member of a checkpoint's `.keras` archive that holds the training state.
 STATE_MEMBER = "bnzoo_training_state.json"
@@ -212,21 +214,13 @@ def _has_rows(path: str) -> bool:
 # --- Removing the run's own files -----------------------------------------------------------------
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
 def _remove_matching(folder: str, patterns: tuple[str, ...]) -> None:
     """Remove `folder`'s entries named like `patterns`, then `folder` if that emptied it."""
     if not os.path.isdir(folder) or os.path.islink(folder):
         return
     for name in os.listdir(folder):
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-            _remove(os.path.join(folder, name))
+            remove_entry(os.path.join(folder, name))
     with contextlib.suppress(OSError):  # not empty: the user's files stay, and so does it
         os.rmdir(folder)
 
@@ -247,7 +241,7 @@ def remove_temporary_files(paths: RunPaths) -> None:
             continue
         for name in os.listdir(folder):
             if temporary_target(name) in targets:
-                _remove(os.path.join(folder, name))
+                remove_entry(os.path.join(folder, name))
 
 
 def remove_run_artifacts(paths: RunPaths) -> None:
@@ -510,7 +504,6 @@ def read_resume_state(paths: RunPaths, which: str = "last") -> dict[str, Any] | 
 def check_run_folder(
     run_dir: str | os.PathLike,
     config: TrainConfig,
-    log: Callable[[str], None] | None = None,
 ) -> str:
     """Decide what to do with `run_dir` for `config`.
 
@@ -525,7 +518,7 @@ def check_run_folder(
       Lowering it below the epochs already trained is refused.
     - A different run that left no results (no checkpoint, history row, model.keras or
       metrics.json: it was killed in its first epoch): there is nothing to lose, so it is
-      replaced, and `log` says so.
+      replaced, saying so (logged).
 
     "The same run" compares the values the runs use (`TrainConfig.identity`): the saved run's
     `resolved:` values with this config's, so a default derived differently (another
@@ -576,11 +569,10 @@ def check_run_folder(
         if not difference.startswith("epochs:")
     ]
     if differences and not results:
-        if log is not None:
-            log(
-                f"replacing {run_dir}: it holds a different run ({'; '.join(differences)}) "
-                "that never finished an epoch"
-            )
+        logger.info(
+            f"replacing {run_dir}: it holds a different run ({'; '.join(differences)}) "
+            "that never finished an epoch"
+        )
         return new()
     if differences:
         raise ValueError(

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import sys
@@ -37,7 +38,7 @@ import keras
 
 from bnzoo.atomic_files import copy_file_atomically, is_disk_full, save_model_atomically
 from bnzoo.callbacks import EpochSummary, RunCheckpoint, TensorBoardScalars
-from bnzoo.cli import EXIT_AT_ONCE, Terminated, UsageError
+from bnzoo.cli import EXIT_AT_ONCE, UsageError
 from bnzoo.config import CUMULATIVE, TrainConfig, default_output_dir, load_config, save_config
 from bnzoo.fine_tuning import (
     check_channels,
@@ -74,17 +75,14 @@ from bnzoo.run_folder import (
     repair_best_checkpoint,
     write_history_csv,
 )
+from bnzoo.signals import Terminated
 from bnzoo.training_compute import (
     TrainingCompute,
     statistics_batches_per_epoch,
     training_compute,
 )
 
-Log = Callable[[str], None]
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def plural(count: int, noun: str) -> str:
@@ -139,8 +137,8 @@ def _create_model(name: str, kwargs: dict[str, Any], include_preprocessing: bool
     or when these builder arguments have one (None)."""
     import inspect
 
-    import models
-    from models.preprocessing import NoInputConventionError
+    from bnzoo import models
+    from bnzoo.models.preprocessing import NoInputConventionError
 
     builder = models.get_model_spec(name).builder
     if include_preprocessing is False or (
@@ -266,8 +264,8 @@ def load_evaluation_split(config: TrainConfig, flag: str, split: str):
         raise ValueError(f"{flag} {split}: {reason}; or pass {flag} none to go without") from None
 
 
-def warn_about_overlapping_splits(config: TrainConfig, log: Log = _print) -> None:
-    """A warning line for each of the validation and test splits that shares examples with the
+def warn_about_overlapping_splits(config: TrainConfig) -> None:
+    """A warning for each of the validation and test splits that shares examples with the
     training split: its accuracy would be measured partly on training data."""
     from bnzoo.data import overlapping_examples
 
@@ -279,8 +277,8 @@ def warn_about_overlapping_splits(config: TrainConfig, log: Log = _print) -> Non
             config.dataset, config.train_split, split, data_dir=config.data_dir
         )
         if shared:
-            log(
-                f"warning: {flag} {split} overlaps --train-split {config.train_split} "
+            logger.warning(
+                f"{flag} {split} overlaps --train-split {config.train_split} "
                 f"({plural(shared, 'example')} in both): its accuracy will be optimistic"
             )
 
@@ -315,7 +313,7 @@ def inference_copy(model: keras.Model) -> keras.Model:
     `synchronized` (set by `--sync-bn`) is a training-time setting that both Keras' layer and
     bnzoo's refuse on JAX; the copy drops it, so model.keras loads on any backend.
     """
-    from layers import set_batch_norm_synchronized
+    from bnzoo.layers import set_batch_norm_synchronized
 
     copy = model.__class__.from_config(model.get_config())
     copy.set_weights(model.get_weights())
@@ -368,7 +366,7 @@ class _FolderVerdict:
 _GO, _COMPLETE, _FAILED = 0, 1, 2
 
 
-def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None = None) -> RunResult:
+def train(config: TrainConfig, *, progress_bar: bool | None = None) -> RunResult:
     """Run (or resume, extend, or finish) the training run described by `config`.
 
     Everything that can fail on bad user input (options, model, dataset, splits, input size,
@@ -381,9 +379,13 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
 
     Args:
         config: the run; `config.output_dir` None means `runs/<date>-<model>-<dataset>`.
-        log: where progress lines go.
         progress_bar: a progress bar per step besides the line per epoch (True) or not
             (False); None shows it when stdout is a terminal.
+
+    Progress (the run folder, a line per epoch, what was written) is logged at INFO and
+    warnings at WARNING, by the `bnzoo` loggers: train.py prints them
+    (`bnzoo.cli.progress_on_stdout`); other callers see them once they configure logging,
+    e.g. `logging.basicConfig(level=logging.INFO, format="%(message)s")`.
 
     Returns:
         A `RunResult`; `metrics` holds the test split's metrics (also in metrics.json; None on
@@ -412,18 +414,18 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
     verdict = folder_error = None
     if plan.is_chief:
         try:
-            verdict = _inspect_run_folder(config, paths, log)
+            verdict = _inspect_run_folder(config, paths)
         except (ValueError, OSError) as error:
             if plan.num_workers == 1:
                 raise
             # The other workers wait for the chief's word; it must still give it.
             folder_error = error
         if verdict is not None and verdict.complete and plan.num_workers == 1:
-            return _report_complete(config, paths, verdict, log)
+            return _report_complete(config, paths, verdict)
         if verdict is not None and verdict.mode == "new":
             check_weights_source(config)
         for warning in config.ignored_settings():
-            log(f"warning: {warning}")
+            logger.warning(warning)
 
     from bnzoo.data import naming_undecodable_images
 
@@ -441,10 +443,9 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
                 # Workers started with other options would fail later as "another worker
                 # stopped answering": they compare these first and say which option differs.
                 identity=config.identity(),
-                log=log,
             ) as cluster,
         ):
-            return _run(config, paths, cluster, verdict, folder_error, log, progress_bar)
+            return _run(config, paths, cluster, verdict, folder_error, progress_bar)
     except KeyboardInterrupt as interrupt:
         discarded = owns_folder and discard_unstarted_run(paths, remove_folder=not existed)
         stop = type(interrupt)(
@@ -457,7 +458,7 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
         raise stop from None
     except BaseException as error:
         if owns_folder and discard_unstarted_run(paths, remove_folder=not existed):
-            log(f"removed {paths.run_dir}: the run stopped before finishing an epoch")
+            logger.info(f"removed {paths.run_dir}: the run stopped before finishing an epoch")
         if isinstance(error, Exception):
             _raise_if_worker_lost(error, plan)
         raise
@@ -465,27 +466,25 @@ def train(config: TrainConfig, *, log: Log = _print, progress_bar: bool | None =
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _inspect_run_folder(config: TrainConfig, paths: RunPaths, log: Log) -> _FolderVerdict:
-    mode = check_run_folder(paths.run_dir, config, log=log)
+def _inspect_run_folder(config: TrainConfig, paths: RunPaths) -> _FolderVerdict:
+    mode = check_run_folder(paths.run_dir, config)
     state = read_resume_state(paths, config.resume_from) if mode == "resume" else None
     complete = is_complete(paths, config, state)
     if mode == "resume" and not complete:
         saved_epochs = load_config(paths.run_dir).epochs
         if saved_epochs != config.epochs:
-            log(
+            logger.info(
                 f"{paths.run_dir}: --epochs {saved_epochs} -> {config.epochs}; the learning-rate "
                 f"schedule from here on is the {config.epochs}-epoch one"
             )
     return _FolderVerdict(mode, state, complete)
 
 
-def _report_complete(
-    config: TrainConfig, paths: RunPaths, verdict: _FolderVerdict, log: Log
-) -> RunResult:
+def _report_complete(config: TrainConfig, paths: RunPaths, verdict: _FolderVerdict) -> RunResult:
     state = verdict.state
     metrics = _read_json(paths.metrics) if config.test_split else None
     summary = f"; test accuracy {metrics['accuracy']:.2%}" if metrics else ""
-    log(
+    logger.info(
         f"{paths.run_dir} is already complete ({plural(state['epoch'], 'epoch')}{summary}); "
         "raise --epochs to train it further, or pass --overwrite to train it again"
     )
@@ -543,7 +542,7 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(stream)
 
 
-def _agree_with_chief(cluster, verdict, folder_error, config, paths, log) -> RunResult | None:
+def _agree_with_chief(cluster, verdict, folder_error, config, paths) -> RunResult | None:
     """Multi-worker: the chief says whether to train, and the others follow. Returns a result
     when the run is already complete."""
     from bnzoo.distribution import share_from_chief
@@ -565,8 +564,10 @@ def _agree_with_chief(cluster, verdict, folder_error, config, paths, log) -> Run
         )
     if code == _COMPLETE:
         if cluster.is_chief:
-            return _report_complete(config, paths, verdict, log)
-        log(f"{paths.run_dir} is already complete ({plural(epoch, 'epoch')}), says worker 0")
+            return _report_complete(config, paths, verdict)
+        logger.info(
+            f"{paths.run_dir} is already complete ({plural(epoch, 'epoch')}), says worker 0"
+        )
         return RunResult(paths.run_dir, epoch, epoch, True, None)
     return None
 
@@ -577,17 +578,16 @@ def _run(
     cluster,
     verdict: _FolderVerdict | None,
     folder_error: BaseException | None,
-    log: Log,
     progress_bar: bool | None,
 ) -> RunResult:
-    import models
+    from bnzoo import models
     from bnzoo.data import load_dataset
     from bnzoo.distribution import broadcast_variables_from_chief, share_from_chief
+    from bnzoo.layers import set_batch_norm_synchronized
     from bnzoo.training_data import RunInputs
-    from layers import set_batch_norm_synchronized
 
     policy = configure_runtime(config)
-    finished = _agree_with_chief(cluster, verdict, folder_error, config, paths, log)
+    finished = _agree_with_chief(cluster, verdict, folder_error, config, paths)
     if finished is not None:
         return finished
     data_kwargs = {"data_dir": config.data_dir, "manual_dir": config.manual_dir}
@@ -602,7 +602,7 @@ def _run(
     if config.test_split:
         test_ds, test_info = load_evaluation_split(config, "--test-split", config.test_split)
     if cluster.is_chief:  # once per run, like the other warnings
-        warn_about_overlapping_splits(config, log)
+        warn_about_overlapping_splits(config)
     per_replica_batch = cluster.per_replica_batch_size(config.batch_size)
     image_size = resolve_image_size(config, train_info.image_shape, spec.min_input_size)
     height, width = image_size or train_info.image_shape[:2]
@@ -627,17 +627,17 @@ def _run(
             train_info.num_classes,
             process_batch_size=per_replica_batch * cluster.local_replicas,
             device_batch_size=per_replica_batch,
-            include_preprocessing=include_preprocessing(config, source, paths.last_checkpoint),
+            include_preprocessing=include_preprocessing(source, paths.last_checkpoint),
         )
         if config.sync_bn and keras.backend.backend() == "tensorflow":
             set_batch_norm_synchronized(model, True)
     if fresh:
-        initialize_from_source(model, source_model, config, source, log)
+        initialize_from_source(model, source_model, config, source)
         del source_model
     with cluster.scope():
         # Before the optimizer, which is built for the trainable variables (also on resuming:
         # the checkpoint's optimizer holds variables for those alone).
-        freeze(model, config, log)
+        freeze(model, config)
         # Compiled for the optimizer alone (the loop computes the loss and metrics itself):
         # Keras then wraps it for loss scaling under mixed_float16 and saves it in checkpoints.
         model.compile(optimizer=build_optimizer(config, model, steps_per_epoch))
@@ -679,7 +679,7 @@ def _run(
                 remove_temporary_files(paths)
                 if config.resume_from == "best":
                     best = read_resume_state(paths, "best")
-                    log(
+                    logger.info(
                         f"resuming from {paths.best_checkpoint} (epoch {best['epoch']}), which "
                         f"replaces {paths.last_checkpoint}"
                     )
@@ -713,11 +713,11 @@ def _run(
         if image_size:
             shape_note += f" -> {height}x{width}x{train_info.image_shape[2]}"
         if initial_epoch:
-            log(f"resuming {paths.run_dir} after epoch {initial_epoch} of {config.epochs}")
+            logger.info(f"resuming {paths.run_dir} after epoch {initial_epoch} of {config.epochs}")
         elif cluster.is_chief:
-            log(f"run folder: {paths.run_dir}")
+            logger.info(f"run folder: {paths.run_dir}")
         device = "GPU" if has_gpu() else "CPU"
-        log(
+        logger.info(
             f"training {config.model} ({model.count_params():,} parameters, normalization "
             f"{config.normalization}, {policy}, {device}) on {config.dataset} {config.train_split} "
             f"({plural(train_info.num_examples, 'example')}, {shape_note}): "
@@ -740,7 +740,6 @@ def _run(
                 initial_epoch,
                 steps_per_epoch,
                 paths,
-                log,
                 progress_bar,
                 compute,
             )
@@ -759,7 +758,6 @@ def _run(
                         image_size,
                         test_ds,
                         state["history"],
-                        log,
                         compute=compute,
                     )
                 except OSError as error:
@@ -814,7 +812,6 @@ def _train_epochs(
     initial_epoch: int,
     steps_per_epoch: int,
     paths: RunPaths,
-    log: Log,
     progress_bar: bool,
     compute: TrainingCompute,
 ) -> dict[str, Any] | None:
@@ -843,7 +840,7 @@ def _train_epochs(
         )
         chief_callbacks = [checkpoint, TensorBoardScalars(paths.logs)]
     # The epoch line also follows a progress bar: it carries the validation numbers.
-    worker_callbacks = [EpochSummary(config.epochs, log)]
+    worker_callbacks = [EpochSummary(config.epochs)]
     callbacks: list[keras.callbacks.Callback] = [*(chief_callbacks or []), *worker_callbacks]
     for callback in callbacks:
         callback.set_model(model)
@@ -901,7 +898,7 @@ def _train_epochs(
 def _statistics_pass(cluster, model: keras.Model, batches, config, steps_per_epoch: int) -> int:
     """`layers.recompute_population_statistics` as a wait for the other workers: the pass runs
     its batches inside one call, so each batch may wait --collective-timeout."""
-    from layers import recompute_population_statistics
+    from bnzoo.layers import recompute_population_statistics
 
     count = min(config.bn_statistics_batches, steps_per_epoch)
     with cluster.waiting_for_workers("the BN statistics pass", cluster.collective_timeout * count):
@@ -910,6 +907,7 @@ def _statistics_pass(cluster, model: keras.Model, batches, config, steps_per_epo
 
 def _progress_bar(epoch: int, epochs: int, steps: int):
     bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy", "top5_accuracy"])
+    # Keras' bar writes to the terminal itself, not through logging; its header goes with it.
     print(f"Epoch {epoch + 1}/{epochs}", flush=True)
 
     def update(step: int, logs: dict[str, float]) -> None:
@@ -926,7 +924,6 @@ def write_final_artifacts(
     image_size: tuple[int, int] | None,
     test_ds,
     history: list[dict[str, Any]],
-    log: Log = _print,
     compute: TrainingCompute | None = None,
 ) -> dict[str, Any] | None:
     """model.keras, saved_model/, metrics.json (when there is a test split) and the curves.
@@ -948,7 +945,9 @@ def write_final_artifacts(
     for path in paths.tflite_models:  # converted from the model.keras about to be replaced
         if os.path.exists(path):
             os.remove(path)
-            log(f"removed {path}, made from the previous model: rerun python -m bnzoo.export")
+            logger.info(
+                f"removed {path}, made from the previous model: rerun python -m bnzoo.export"
+            )
     save_model_atomically(final_model, paths.model)
     export.export_serving_model(
         final_model,
@@ -977,17 +976,17 @@ def write_final_artifacts(
         )
         evaluation.save_metrics_json(metrics, paths.metrics)
         top5 = f", top-5 {metrics['top5_accuracy']:.2%}" if "top5_accuracy" in metrics else ""
-        log(
+        logger.info(
             f"test accuracy {metrics['accuracy']:.2%}{top5}, loss {metrics['loss']:.4f} on "
             f"{plural(metrics['num_examples'], 'example')} -> {paths.metrics}"
         )
     try:
         plotting.plot_training_curves(history, paths.curves)
     except ImportError as error:
-        log(f"skipping {paths.curves}: {error}")
-    log(f"saved {paths.model} and {paths.saved_model}")
+        logger.info(f"skipping {paths.curves}: {error}")
+    logger.info(f"saved {paths.model} and {paths.saved_model}")
     if compute is not None:
-        log(compute.describe())
+        logger.info(compute.describe())
     return metrics
 
 
@@ -998,7 +997,7 @@ def planned_training_compute(config: TrainConfig) -> TrainingCompute:
     `train.py` prints the same figure at the end of the run; this answers before it, e.g. to
     check that a recipe stays within a budget.
     """
-    import models
+    from bnzoo import models
     from bnzoo.data import load_dataset
 
     config = config.resolved()

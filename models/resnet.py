@@ -51,9 +51,9 @@ KERAS_MD5 = {
 }
 KERAS_ACCURACY = {"resnet50": (74.9, 92.1), "resnet101": (76.4, 92.8), "resnet152": (76.6, 93.1)}
 
-#: keras.applications.resnet.preprocess_input (imagenet_utils' "caffe" mode), which the
-#: weights were trained with: BGR, minus the ImageNet mean, no scaling.
-KERAS_CAFFE = register_convention(
+# keras.applications.resnet.preprocess_input (imagenet_utils' "caffe" mode), which the
+# weights were trained with: BGR, minus the ImageNet mean, no scaling.
+register_convention(
     "keras_caffe",
     InputConvention(
         "RGB in [0, 255] -> BGR minus the ImageNet mean (103.939, 116.779, 123.68)",

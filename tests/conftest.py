@@ -6,16 +6,33 @@ subset). Tests that also hold on those backends carry `@pytest.mark.multi_backen
 declared in pyproject.toml); on JAX and PyTorch every other test is skipped here.
 """
 
+import logging
 import os
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 BACKEND = keras.backend.backend()
+#: `fused=None` takes TensorFlow's fused kernel where possible, `fused=False` the keras.ops path;
+#: on JAX and PyTorch both are the keras.ops path, so a test parametrized by it runs once.
+FUSED = [None, False] if BACKEND == "tensorflow" else [None]
+
+
+def value(tensor):
+    """A NumPy copy of a backend tensor or Keras variable."""
+    # Not keras.ops.convert_to_numpy on the variable: it calls np.array(), which warns in NumPy 2.
+    if isinstance(tensor, keras.Variable):
+        tensor = tensor.value
+    # keras.ops.convert_to_numpy detaches PyTorch tensors that require a gradient.
+    return np.array(keras.ops.convert_to_numpy(tensor))
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: For multi_backend tests of train.py's training loop: it runs on TensorFlow and JAX, and
@@ -58,6 +75,59 @@ def _isolate_keras_state():
     keras.utils.clear_session(free_memory=False)
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+def wait_until(condition, processes, failure, output, timeout=300):
+    """Poll `condition()` until it holds while every one of `processes` runs. Fails with
+    `failure` after `timeout` seconds, or with `output()` (what they printed) when one ended."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert all(process.poll() is None for process in processes), output()
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)
+
+
+def unfinished_run_files(run_dir):
+    """What keeps `run_dir` from being a finished run with a test split: each artifact missing
+    from it, and each temporary file of a write that never completed, in it or in checkpoints/.
+    Empty for a finished run."""
+    from bnzoo.run_folder import RunPaths
+
+    paths = RunPaths(str(run_dir))
+    artifacts = (
+        paths.config,
+        paths.history,
+        paths.last_checkpoint,
+        paths.best_checkpoint,
+        paths.model,
+        os.path.join(paths.saved_model, "saved_model.pb"),
+        paths.metrics,
+        paths.curves,
+    )
+    missing = [path for path in artifacts if not os.path.exists(path)]
+    return missing + [
+        os.path.join(folder, name)
+        for folder in (paths.run_dir, paths.checkpoints)
+        if os.path.isdir(folder)
+        for name in os.listdir(folder)
+        if ".tmp-" in name or ".old-" in name
+    ]
+
+
+@pytest.fixture
+def logged_lines(caplog):
+    """What bnzoo logs during the test (train.py's progress lines): a function that returns the
+    messages of the `bnzoo` loggers' records so far, at `level` and above (INFO by default)."""
+    caplog.set_level(logging.INFO, logger="bnzoo")
+
+    def lines(level=logging.INFO):
+        return [
+            record.getMessage()
+            for record in caplog.records
+            if record.name.split(".")[0] == "bnzoo" and record.levelno >= level
+        ]
+
+    return lines
 
 
 @pytest.fixture(scope="session")

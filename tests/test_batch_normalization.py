@@ -9,25 +9,12 @@ corrected) and the backward formulas of Section 3. Everything here also runs on 
 import keras
 import numpy as np
 import pytest
+from conftest import BACKEND, FUSED, value
 
 from layers import BatchNormalization, batch_norm_layers, set_batch_norm_synchronized
 
 # fused=None must reach the fused kernel on these small inputs (see conftest.fuse_small_tensors).
 pytestmark = pytest.mark.usefixtures("fuse_small_tensors")
-
-BACKEND = keras.backend.backend()
-# `fused=None` takes TensorFlow's fused kernel where possible, `fused=False` the keras.ops path;
-# on JAX and PyTorch both are the keras.ops path, so it runs once.
-FUSED = [None, False] if BACKEND == "tensorflow" else [None]
-
-
-def value(tensor):
-    """A NumPy copy of a backend tensor or Keras variable."""
-    # Not keras.ops.convert_to_numpy: on variables it calls np.array(), which warns in NumPy 2.
-    if isinstance(tensor, keras.Variable):
-        tensor = tensor.value
-    # keras.ops.convert_to_numpy detaches PyTorch tensors that require a gradient.
-    return np.array(keras.ops.convert_to_numpy(tensor))
 
 
 class ReferenceBatchNorm:

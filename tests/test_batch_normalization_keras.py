@@ -10,22 +10,12 @@ import inspect
 import keras
 import numpy as np
 import pytest
+from conftest import BACKEND, FUSED, value
 
 from layers import BatchNormalization
 
 # fused=None must reach the fused kernel on these small inputs (see conftest.fuse_small_tensors).
 pytestmark = pytest.mark.usefixtures("fuse_small_tensors")
-
-BACKEND = keras.backend.backend()
-FUSED = [None, False] if BACKEND == "tensorflow" else [None]
-
-
-def value(tensor):
-    """A NumPy copy of a backend tensor or Keras variable (without NumPy 2's copy warning)."""
-    if isinstance(tensor, keras.Variable):
-        tensor = tensor.value
-    # keras.ops.convert_to_numpy detaches PyTorch tensors that require a gradient.
-    return np.array(keras.ops.convert_to_numpy(tensor))
 
 
 def random_weights(layer, rng):

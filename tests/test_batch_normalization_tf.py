@@ -8,6 +8,7 @@ over two logical CPU devices (created by conftest.py) must equal one device on t
 import keras
 import numpy as np
 import pytest
+from conftest import value
 
 from layers import BatchNormalization, set_batch_norm_synchronized
 
@@ -16,12 +17,6 @@ pytestmark = pytest.mark.usefixtures("fuse_small_tensors")
 
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
-
-
-def value(tensor):
-    if isinstance(tensor, keras.Variable):
-        tensor = tensor.value
-    return tensor.numpy()
 
 
 def fused_ops(layer, shape, training, dtype="float32", with_mask=False, jit_compile=False):

@@ -10,6 +10,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def usage_error(script, *arguments):
+    """The last stderr line of bench/`script` with `arguments`, which must exit with status 2."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     "arguments,named",
     [
@@ -19,14 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_bench_models_rejects_bad_arguments_before_building_anything(arguments, named):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_models.py"), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert named in result.stderr.strip().splitlines()[-1]
+    assert named in usage_error("bench_models.py", *arguments)
 
 
 @pytest.mark.parametrize(
@@ -139,11 +144,4 @@ def test_json_results_carry_the_machine(tmp_path):
     [(["--precisions", "float16"], "float16"), (["--size", "100"], "--size")],
 )
 def test_bench_pytorch_peer_rejects_bad_arguments_before_building_anything(arguments, named):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_pytorch_peer.py"), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert named in result.stderr.strip().splitlines()[-1]
+    assert named in usage_error("bench_pytorch_peer.py", *arguments)

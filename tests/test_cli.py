@@ -1,24 +1,41 @@
 """Shared CLI behaviour: user errors become one line on stderr and a non-zero exit, bugs keep
-their traceback, `--debug` shows it for user errors too."""
+their traceback, `--debug` shows it for user errors too; bnzoo's log records are the scripts'
+progress lines on stdout."""
 
+import logging
+import logging.handlers
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from bnzoo import cli
+from bnzoo import signals
 from bnzoo.cli import (
     EXIT_TERMINATED,
     EXIT_USAGE,
     EXIT_USER_ERROR,
-    Terminated,
     UsageError,
     check_output_file,
     one_line,
     run_cli,
 )
+from bnzoo.signals import Terminated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python_code(code, cwd=ROOT):
+    """`python -c code` in a fresh process that imports this checkout."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
 
 
 def failing(error):
@@ -69,6 +86,57 @@ def test_keyboard_interrupt_exits_130(capsys):
 def test_success_returns_mains_status():
     assert run_cli(lambda argv: None, []) == 0
     assert run_cli(lambda argv: 3, []) == 3
+
+
+def test_bnzoos_log_records_are_the_scripts_lines_on_stdout_while_main_runs(capsys):
+    """One line per record, the message as it is (a warning says so), flushed as it comes; an
+    error is still the one line on stderr, even when another library gave the root logger a
+    handler. Afterwards bnzoo's loggers print nothing again."""
+    logger = logging.getLogger("bnzoo.training")
+    seen_by_main = []
+    at_the_root = logging.handlers.BufferingHandler(capacity=100)
+    logging.root.addHandler(at_the_root)  # as logging.warning() does where root has none
+
+    def main(argv):
+        logger.info("run folder: %s", "runs/x")
+        logger.debug("not a progress line")
+        logger.warning("--momentum 0.5 has no effect with --optimizer adam")
+        seen_by_main.append(capsys.readouterr().out)  # written and flushed already
+        logging.getLogger("elsewhere").warning("another library's record")
+        raise ValueError("the data is missing")
+
+    try:
+        assert run_cli(main, [], prog="train.py") == EXIT_USER_ERROR
+    finally:
+        logging.root.removeHandler(at_the_root)
+    assert [record.name for record in at_the_root.buffer] == ["elsewhere"]
+    assert seen_by_main == [
+        "run folder: runs/x\nwarning: --momentum 0.5 has no effect with --optimizer adam\n"
+    ]
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "train.py: error: the data is missing\n"
+    assert logging.getLogger("bnzoo").handlers == []
+    assert logging.getLogger("bnzoo").level == logging.NOTSET
+    assert logging.getLogger("bnzoo").propagate
+
+
+def test_library_code_configures_no_logging():
+    """Importing bnzoo's modules adds no handler and sets no level: what a program that uses
+    them sees of their records is its own logging configuration's choice."""
+    code = (
+        "import logging\n"
+        "from bnzoo import cli, distribution, evaluation, rendezvous, training\n"
+        "from bnzoo.export import tflite\n"
+        "names = [n for n in logging.root.manager.loggerDict if n.split('.')[0] == 'bnzoo']\n"
+        "loggers = [logging.getLogger(name) for name in names]\n"
+        "print(len(loggers), [h for l in loggers for h in l.handlers], {l.level for l in loggers})"
+    )
+    result = python_code(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, handlers, levels = result.stdout.split(" ", 2)
+    assert int(count) >= 6  # bnzoo, bnzoo.training, bnzoo.rendezvous, ...
+    assert (handlers, levels.strip()) == ("[]", "{0}")
 
 
 def test_one_line_names_the_file_of_a_bare_os_error():
@@ -130,9 +198,6 @@ def test_output_file_checks_name_the_flag_and_the_missing_folder(tmp_path):
     "argv", [["--lr", "inf"], ["--bn-momentum", "0.5", "--normalization", "none"], ["--seed", "-1"]]
 )
 def test_argument_errors_are_answered_without_importing_tensorflow(argv, tmp_path):
-    import subprocess
-    import sys
-
     probe = (
         "import runpy, sys\n"
         f"sys.argv = ['train.py', *{argv!r}]\n"
@@ -141,14 +206,7 @@ def test_argument_errors_are_answered_without_importing_tensorflow(argv, tmp_pat
         "except SystemExit as exit:\n"
         "    print(exit.code, 'tensorflow' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    result = python_code(probe, cwd=tmp_path)
     assert result.stdout.split() == ["2", "False"], result.stderr
 
 
@@ -166,31 +224,31 @@ class _InterruptedWhileCollected:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     "signal_number, interruption",
-    [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)],
+    [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, signals.Terminated)],
 )
 def test_an_interruption_that_python_swallowed_is_raised_again(signal_number, interruption):
     before = signal.getsignal(signal_number)
-    with cli.signals_raise_interruptions():
+    with signals.signals_raise_interruptions():
         _InterruptedWhileCollected(signal_number)  # collected at once: the signal comes in __del__
         swallowed = True  # reached: Python dropped the exception the handler raised
         with pytest.raises(interruption) as raised:
-            cli.raise_if_interrupted()
+            signals.raise_if_interrupted()
         assert type(raised.value) is interruption
     assert swallowed
-    cli.raise_if_interrupted()  # forgotten once the block is left
+    signals.raise_if_interrupted()  # forgotten once the block is left
     assert signal.getsignal(signal_number) is before
 
 
 @pytest.mark.parametrize(
     "signal_number, interruption",
-    [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)],
+    [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, signals.Terminated)],
 )
 def test_an_interruption_during_a_deferred_write_waits_for_its_end(signal_number, interruption):
     finished = []
-    with cli.signals_raise_interruptions():
+    with signals.signals_raise_interruptions():
         with pytest.raises(interruption):
-            with cli.interruptions_deferred():
-                with cli.interruptions_deferred():  # nested: raised by the outermost
+            with signals.interruptions_deferred():
+                with signals.interruptions_deferred():  # nested: raised by the outermost
                     os.kill(os.getpid(), signal_number)
                     finished.append("inner")
                 finished.append("outer")
@@ -198,11 +256,11 @@ def test_an_interruption_during_a_deferred_write_waits_for_its_end(signal_number
 
 
 def test_a_deferred_block_that_fails_raises_its_own_error_and_nothing_is_pending():
-    with cli.signals_raise_interruptions():
+    with signals.signals_raise_interruptions():
         with pytest.raises(OSError, match="disk full"):
-            with cli.interruptions_deferred():
+            with signals.interruptions_deferred():
                 raise OSError("disk full")
-        cli.raise_if_interrupted()  # no signal came: nothing to raise
+        signals.raise_if_interrupted()  # no signal came: nothing to raise
 
 
 def test_a_sigterm_during_a_checkpoint_commit_finishes_the_commit_then_stops(tmp_path):
@@ -227,8 +285,8 @@ def test_a_sigterm_during_a_checkpoint_commit_finishes_the_commit_then_stops(tmp
         real_save(*args, **kwargs)
 
     model.save = save_with_a_signal_inside
-    with cli.signals_raise_interruptions():
-        with pytest.raises(cli.Terminated):
+    with signals.signals_raise_interruptions():
+        with pytest.raises(signals.Terminated):
             callback.on_epoch_end(0, {"loss": 1.0, "val_accuracy": 0.5, "learning_rate": 0.1})
     assert read_checkpoint_state(paths.last_checkpoint)["epoch"] == 1
     assert read_checkpoint_state(paths.best_checkpoint)["epoch"] == 1
@@ -250,7 +308,7 @@ def test_a_signal_inside_a_gc_callback_is_kept_for_later_not_dropped_with_a_trac
         if phase == "start":
             os.kill(os.getpid(), signal.SIGINT)
 
-    with cli.signals_raise_interruptions():
+    with signals.signals_raise_interruptions():
         gc.callbacks.append(callback)
         try:
             gc.collect()
@@ -258,4 +316,4 @@ def test_a_signal_inside_a_gc_callback_is_kept_for_later_not_dropped_with_a_trac
             gc.callbacks.remove(callback)
         assert dropped == []
         with pytest.raises(KeyboardInterrupt):
-            cli.raise_if_interrupted()
+            signals.raise_if_interrupted()

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import unfinished_run_files
 
 from bnzoo import evaluation
 from bnzoo.data import load_dataset, preprocess_images
@@ -120,17 +121,7 @@ def test_train_py_on_jax_writes_every_artifact_and_metrics_describe_the_export(
     out = run_on_jax(command, cwd=tmp_path).stdout
     assert "test accuracy" in out
     paths = RunPaths(run_dir)
-    for path in (
-        paths.config,
-        paths.history,
-        paths.last_checkpoint,
-        paths.best_checkpoint,
-        paths.model,
-        os.path.join(paths.saved_model, "saved_model.pb"),
-        paths.metrics,
-        paths.curves,
-    ):
-        assert os.path.exists(path), path
+    assert unfinished_run_files(run_dir) == []
     with open(os.path.join(paths.saved_model, "assets.extra", "bnzoo.json")) as stream:
         assert json.load(stream)["keras_backend"] == "jax"
 

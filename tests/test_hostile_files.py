@@ -232,6 +232,21 @@ def one_error_line(result, status, prog):
     return lines[0]
 
 
+def train_py_error(tmp_path, *argv, timeout=180):
+    """train.py `argv` for one epoch into `tmp_path/run`, measured: it must stop with one error
+    line and exit status 1, leaving no run folder. Returns the line and the measured run."""
+    output = tmp_path / "run"
+    result = run_measured(
+        [sys.executable, os.path.join(ROOT, "train.py"), *argv]
+        + ["--output-dir", output, "--epochs", "1"],
+        cwd=tmp_path,
+        timeout=timeout,
+    )
+    line = one_error_line(result, 1, "train.py")
+    assert not output.exists()
+    return line, result
+
+
 # ------------------------------------------------------------------------------------------
 # 1. The .pth reader: sizes are claims, checked before anything is allocated.
 # ------------------------------------------------------------------------------------------
@@ -514,16 +529,8 @@ def test_train_on_a_folder_with_a_device_or_fifo_named_like_an_image_stops_in_on
     # Before: the link to /dev/zero read 4.6 GB and ended in a traceback; the FIFO blocked
     # train.py forever.
     folder = image_folder_with(tmp_path, name, make)
-    output = tmp_path / "run"
-    result = run_measured(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", f"image_folder:{folder}"]
-        + ["--output-dir", output, "--epochs", "1"],
-        cwd=tmp_path,
-        timeout=120,
-    )
-    line = one_error_line(result, 1, "train.py")
+    line, result = train_py_error(tmp_path, "--dataset", f"image_folder:{folder}", timeout=120)
     assert f"{folder / 'a' / name}: {what}, not an image file" in line
-    assert not output.exists()
     assert result.peak_rss < 2**30, result.peak_rss
 
 
@@ -563,12 +570,12 @@ def test_a_broken_link_named_like_an_image_is_named(tmp_path):
 
 
 def test_jpeg_header_search_gives_up_on_junk_after_a_megabyte(tmp_path):
-    from bnzoo.data.image_folder import read_image_header
+    from bnzoo.data.image_folder import inspect_image_file
 
     path = tmp_path / "junk.jpg"
     path.write_bytes(b"\xff\xd8" + b"\0" * (8 * MiB))
     with pytest.raises(ValueError, match="no JPEG marker in the first megabyte"):
-        read_image_header(str(path))
+        inspect_image_file(str(path))
 
 
 # ------------------------------------------------------------------------------------------
@@ -621,16 +628,8 @@ def deep_config(depth=100_000):
 def test_train_with_a_100_000_deep_keras_config_stops_in_one_line(tmp_path):
     # Before: a RecursionError traceback from json, after the dataset had been loaded.
     source = keras_archive(tmp_path / "deep.keras", deep_config())
-    output = tmp_path / "run"
-    result = run_measured(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--weights", source]
-        + ["--output-dir", output, "--epochs", "1"],
-        cwd=tmp_path,
-        timeout=180,
-    )
-    line = one_error_line(result, 1, "train.py")
+    line, _ = train_py_error(tmp_path, "--weights", source)
     assert f"--weights {source}: its config.json nests deeper than Python can parse" in line
-    assert not output.exists()
 
 
 @pytest.mark.parametrize(
@@ -762,16 +761,8 @@ def test_train_with_a_text_file_as_h5_weights_says_it_is_not_hdf5(tmp_path):
     # Before: "--weights x.h5 needs 3-channel (RGB) images, but fashion_mnist has 1-channel".
     source = tmp_path / "x.h5"
     source.write_text("these are not weights\n")
-    output = tmp_path / "run"
-    result = run_measured(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--weights", source]
-        + ["--output-dir", output, "--epochs", "1"],
-        cwd=tmp_path,
-        timeout=180,
-    )
-    line = one_error_line(result, 1, "train.py")
+    line, _ = train_py_error(tmp_path, "--weights", source)
     assert f"--weights {str(source)!r} is not an HDF5 file (it starts with 7468657365" in line
-    assert not output.exists()
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 
 `import models` must not pull in the trainer (`bnzoo`). Installed, bnzoo's top-level `layers`
 and `models` are shadowed by a user's own `layers.py` / `models.py`; `bnzoo.layers` and
-`bnzoo.models` reach bnzoo's anyway, with one module object per file (`bnzoo/library_packages.py`).
+`bnzoo.models` reach bnzoo's anyway, with one module object per file (`bnzoo/library_packages.py`),
+and bnzoo's trainer, which imports them by those names, trains and evaluates there too.
 """
 
 import ast
@@ -111,18 +112,19 @@ print(json.dumps({
 """
 
 
-def test_installed_package_works_beside_a_users_own_models_and_layers(tmp_path):
-    """`pip install` (not editable) into a fresh environment, then bnzoo through `bnzoo.models`
-    and `bnzoo.layers` from a project whose `models.py` and `layers.py` shadow the top-level
-    packages; `.keras` files written either way load the other way."""
-    source = tmp_path / "source"
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """`pip install` (not editable) into a fresh environment, and a project folder whose own
+    `models.py` and `layers.py` shadow the top-level packages. Returns (python, site, project)."""
+    root = tmp_path_factory.mktemp("installed")
+    source = root / "source"
     for name in ("layers", "models", "bnzoo"):
         shutil.copytree(
             REPOSITORY / name, source / name, ignore=shutil.ignore_patterns("__pycache__")
         )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPOSITORY / name, source / name)
-    environment = tmp_path / "venv"
+    environment = root / "venv"
     base_python = getattr(sys, "_base_executable", sys.executable)
     subprocess.run(
         [base_python, "-m", "venv", "--without-pip", environment], check=True, timeout=120
@@ -147,17 +149,19 @@ def test_installed_package_works_beside_a_users_own_models_and_layers(tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
     assert {"bnzoo", "layers", "models"} <= {p.name for p in site.iterdir()}
 
-    project = tmp_path / "project"
+    project = root / "project"
     project.mkdir()
     (project / "models.py").write_text(USER_MODULE)
     (project / "layers.py").write_text(USER_MODULE)
-    theirs = models.plain_cnn(input_shape=(8, 8, 1), widths=(4,), classes=3)
-    theirs.get_layer("stage1_conv1_bn").moving_variance.assign(np.full(4, 2.5, "float32"))
-    theirs.save(tmp_path / "theirs.keras")
-    ours = tmp_path / "ours.keras"
-    (project / "use_bnzoo.py").write_text(INSTALLED_USE)
+    return python, site, project
+
+
+def run_in_project(installed, script, *args):
+    """`script` run as the user project's own file, with the installed bnzoo."""
+    python, site, project = installed
+    (project / "use_bnzoo.py").write_text(script)
     result = subprocess.run(
-        [python, "use_bnzoo.py", str(site), str(tmp_path / "theirs.keras"), str(ours)],
+        [python, "use_bnzoo.py", str(site), *map(str, args)],
         cwd=project,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         capture_output=True,
@@ -165,10 +169,63 @@ def test_installed_package_works_beside_a_users_own_models_and_layers(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_installed_package_works_beside_a_users_own_models_and_layers(installed, tmp_path):
+    """bnzoo through `bnzoo.models` and `bnzoo.layers` from a project whose `models.py` and
+    `layers.py` shadow the top-level packages; `.keras` files written either way load the
+    other way."""
+    theirs = models.plain_cnn(input_shape=(8, 8, 1), widths=(4,), classes=3)
+    theirs.get_layer("stage1_conv1_bn").moving_variance.assign(np.full(4, 2.5, "float32"))
+    theirs.save(tmp_path / "theirs.keras")
+    ours = tmp_path / "ours.keras"
+    report = run_in_project(installed, INSTALLED_USE, tmp_path / "theirs.keras", ours)
     assert report["from_site"] == ["bnzoo", "layers", "models"]  # the installed copy, once
     assert report["twice"] == 0
     assert report["moving_variance"] == [2.5] * 4
 
     restored = keras.saving.load_model(ours)
     assert isinstance(restored.get_layer("stage1_conv1_bn"), layers.BatchNormalization)
+
+
+INSTALLED_TRAINER = """
+import json, os, sys
+
+import layers, models  # the user project's own modules
+from bnzoo.config import TrainConfig
+from bnzoo.evaluation import evaluate_path
+from bnzoo.training import train
+
+site, run_dir = sys.argv[1:3]
+train(TrainConfig(
+    model="plain_cnn", model_args={"widths": [4]}, train_split="train[:64]", val_split=None,
+    test_split=None, epochs=1, batch_size=32, mixed_precision=False, output_dir=run_dir,
+))
+# Scored through model.keras (loading it registers bnzoo's layers) after Algorithm 2 over it.
+metrics = evaluate_path(
+    run_dir, split="test[:64]", bn_statistics_split="train[:64]", bn_statistics_batches=1
+)
+files = [getattr(m, "__file__", None) or "" for m in list(sys.modules.values())]
+print(json.dumps({
+    "user_modules": [models.WHO, layers.WHO, sys.modules["models"].WHO],
+    "from_site": sorted({
+        os.path.relpath(f, site).split(os.sep)[0] for f in files if f.startswith(site)
+    }),
+    "examples": metrics["num_examples"],
+    "accuracy": metrics["accuracy"],
+}))
+"""
+
+
+@pytest.mark.slow
+def test_the_installed_trainer_uses_bnzoos_libraries_beside_a_users_own(installed, tmp_path):
+    """bnzoo's own modules reach the libraries as `bnzoo.models`/`bnzoo.layers`: a bare
+    `import models` in the trainer would get the project's models.py (and fail, or worse)."""
+    run_dir = tmp_path / "run"
+    report = run_in_project(installed, INSTALLED_TRAINER, run_dir)
+    assert report["user_modules"] == ["the user project"] * 3
+    assert report["from_site"] == ["bnzoo", "layers", "models"]
+    assert report["examples"] == 64
+    assert 0.0 <= report["accuracy"] <= 1.0
+    assert (run_dir / "model.keras").is_file() and (run_dir / "saved_model").is_dir()

@@ -9,18 +9,12 @@ m / (m - 1) times the mean of the batch variances.
 import keras
 import numpy as np
 import pytest
+from conftest import BACKEND, value
 
 from layers import BatchNormalization, recompute_population_statistics, set_batch_norm_synchronized
 
-BACKEND = keras.backend.backend()
 KINDS = {"ours": BatchNormalization, "keras": keras.layers.BatchNormalization}
 EPSILON = 1e-3
-
-
-def value(tensor):
-    if isinstance(tensor, keras.Variable):
-        tensor = tensor.value
-    return np.asarray(keras.ops.convert_to_numpy(tensor))
 
 
 def randomize_affine(model, rng):

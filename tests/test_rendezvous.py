@@ -2,29 +2,22 @@
 starts. Pure sockets and threads, no TensorFlow runtime: each test is a cluster of threads on
 localhost ports. (tests/test_train_distributed.py runs train.py workers: signals, exit status.)"""
 
+import contextlib
 import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
 
 import pytest
+from local_cluster import free_ports
 
 from bnzoo import rendezvous
 from bnzoo.distribution_plan import DistributionPlan
 from bnzoo.rendezvous import meet_other_workers
 
 IDENTITY = {"model": "plain_cnn", "batch_size": 64, "model_args": {"widths": [8, 16]}}
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("localhost", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def plans(count, backend="tensorflow"):
@@ -41,28 +34,55 @@ def plans(count, backend="tensorflow"):
     ]
 
 
+class ThreadLines(logging.Handler):
+    """The rendezvous' log lines, by the thread (the worker) that logged them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = {}
+
+    def emit(self, record):
+        self.lines.setdefault(record.threadName, []).append(record.getMessage())
+
+
+@contextlib.contextmanager
+def rendezvous_handler(handler):
+    logger = logging.getLogger("bnzoo.rendezvous")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def meet(plans_and_identities, timeout=20.0, start_delays=None):
-    """Every worker in its own thread; returns each one's outcome: None or the error text."""
+    """Every worker in its own thread; returns each one's outcome (None or the error text) and
+    the lines it logged."""
     outcomes = [None] * len(plans_and_identities)
-    logs = [[] for _ in plans_and_identities]
 
     def worker(position, plan, identity):
         time.sleep((start_delays or {}).get(position, 0.0))
         try:
-            meet_other_workers(plan, timeout=timeout, identity=identity, log=logs[position].append)
+            meet_other_workers(plan, timeout=timeout, identity=identity)
         except ValueError as error:
             outcomes[position] = str(error)
 
     threads = [
-        threading.Thread(target=worker, args=(position, plan, identity), daemon=True)
+        threading.Thread(
+            target=worker, args=(position, plan, identity), name=f"meet-{position}", daemon=True
+        )
         for position, (plan, identity) in enumerate(plans_and_identities)
     ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout + 30)
-        assert not thread.is_alive(), "a worker never returned"
-    return outcomes, logs
+    with rendezvous_handler(ThreadLines()) as logged:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout + 30)
+            assert not thread.is_alive(), "a worker never returned"
+    return outcomes, [logged.lines.get(thread.name, []) for thread in threads]
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
@@ -204,20 +224,23 @@ def test_a_chief_stopped_by_a_signal_while_waiting_stops_the_workers_that_came(m
     chief, worker, _ = plans(3)
     interrupted = []
 
-    def interrupt(line):  # Ctrl-C arriving while the chief waits for worker 2
-        raise KeyboardInterrupt
+    class Interrupt(logging.Handler):  # Ctrl-C arriving while the chief waits for worker 2
+        def emit(self, record):
+            if record.threadName == "chief":
+                raise KeyboardInterrupt
 
     def run_chief():
         try:
-            meet_other_workers(chief, timeout=30, identity=IDENTITY, log=interrupt)
+            meet_other_workers(chief, timeout=30, identity=IDENTITY)
         except KeyboardInterrupt:
             interrupted.append(True)
 
-    thread = threading.Thread(target=run_chief, daemon=True)
-    thread.start()
-    started = time.monotonic()
-    outcomes, _ = meet([(worker, IDENTITY)], timeout=30)
-    thread.join(10)
+    thread = threading.Thread(target=run_chief, name="chief", daemon=True)
+    with rendezvous_handler(Interrupt()):
+        thread.start()
+        started = time.monotonic()
+        outcomes, _ = meet([(worker, IDENTITY)], timeout=30)
+        thread.join(10)
     assert interrupted == [True]
     assert time.monotonic() - started < 10
     assert outcomes == [

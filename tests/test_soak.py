@@ -12,11 +12,10 @@ against the process's own warm epochs (its docstring says how). Run it longer by
 import importlib.util
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
+from local_cluster import python_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +88,7 @@ def resident_mib():
 
 
 plan = plan_distribution("multi_worker")
-with start_distribution(plan, collective_timeout=300.0, log=lambda line: None) as cluster:
+with start_distribution(plan, collective_timeout=300.0) as cluster:
     strategy = cluster.strategy
 
     def twenty_all_reduces():
@@ -127,43 +126,8 @@ def test_a_multi_worker_run_keeps_no_record_per_all_reduce(tmp_path):
     keeps a record per key for the life of the process: resident memory grows with every
     all-reduce (bnzoo.distribution.instance_keys_fixed_when_traced). The same 10,000
     all-reduces, traced as a bnzoo run traces them and as TensorFlow would by default."""
-    ports = []
-    sockets = [socket.socket() for _ in range(2)]
-    for sock in sockets:
-        sock.bind(("localhost", 0))
-        ports.append(sock.getsockname()[1])
-    for sock in sockets:
-        sock.close()
-    processes = []
-    for index in range(2):
-        env = {
-            **os.environ,
-            "PYTHONPATH": ROOT,
-            "KERAS_BACKEND": "tensorflow",
-            "MALLOC_ARENA_MAX": "2",
-            "TF_CONFIG": json.dumps(
-                {
-                    "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-                    "task": {"type": "worker", "index": index},
-                }
-            ),
-        }
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", _ALL_REDUCES, "500"],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
+    with python_workers(_ALL_REDUCES, "500", cwd=tmp_path, MALLOC_ARENA_MAX="2") as processes:
         outputs = [process.communicate(timeout=600) for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
     for process, (out, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-3000:]
         growth = json.loads(out.strip().splitlines()[-1])

@@ -250,11 +250,10 @@ def test_run_folder_holding_a_different_run_is_refused_unless_overwrite(tmp_path
     assert check_run_folder(tmp_path, different) == "new"
 
 
-def test_a_different_run_that_never_finished_an_epoch_is_replaced_saying_so(tmp_path):
+def test_a_different_run_that_never_finished_an_epoch_is_replaced_saying_so(tmp_path, logged_lines):
     save_config(TrainConfig(lr=0.1), tmp_path)
-    lines = []
-    assert check_run_folder(tmp_path, TrainConfig(lr=0.2), log=lines.append) == "new"
-    assert lines == [
+    assert check_run_folder(tmp_path, TrainConfig(lr=0.2)) == "new"
+    assert logged_lines() == [
         f"replacing {tmp_path}: it holds a different run (lr: 0.1 -> 0.2) that never "
         "finished an epoch"
     ]
@@ -667,7 +666,7 @@ def test_a_run_with_results_but_no_checkpoint_is_never_replaced_without_overwrit
     save_config(TrainConfig(lr=0.1), tmp_path)
     (tmp_path / result).write_text("epoch,loss\n1,0.5\n" if result == "history.csv" else "{}")
     with pytest.raises(ValueError, match=r"holds a different run \(lr: 0.1 -> 0.2\)"):
-        check_run_folder(tmp_path, TrainConfig(lr=0.2), log=print)
+        check_run_folder(tmp_path, TrainConfig(lr=0.2))
     with pytest.raises(
         ValueError, match=f"holds this run's results \\({result}\\) but no checkpoint"
     ):

@@ -6,6 +6,7 @@ conftest.py resumes on one device; JAX trains with two processes (gloo CPU colle
 import csv
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,6 +17,8 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import wait_until
+from local_cluster import free_ports, python_workers, worker_environment
 from rounding import error_scale, probable_gamma, unit_roundoff
 
 from bnzoo.cli import run_cli
@@ -46,16 +49,6 @@ def argv_of(config_values, output_dir, *extra):
     return [*argv, *extra, "--output-dir", output_dir]
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("localhost", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def start_workers(argv, tmp_path, name, count=2, backend="tensorflow"):
     """`count` train.py processes forming one cluster on localhost, each in its own empty
     working directory; `argv` is every worker's arguments, or a list of each one's. Returns
@@ -64,16 +57,7 @@ def start_workers(argv, tmp_path, name, count=2, backend="tensorflow"):
     ports = free_ports(count)
     workers = []
     for index in range(count):
-        env = {**os.environ, "PYTHONPATH": ROOT, "KERAS_BACKEND": backend}
-        if backend == "tensorflow":
-            cluster = {"worker": [f"localhost:{port}" for port in ports]}
-            env["TF_CONFIG"] = json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            )
-        else:
-            env["KERAS_DISTRIBUTION_JOB_ADDRESSES"] = f"localhost:{ports[0]}"
-            env["KERAS_DISTRIBUTION_NUM_PROCESSES"] = str(count)
-            env["KERAS_DISTRIBUTION_PROCESS_ID"] = str(index)
+        env = worker_environment(ports, index, backend)
         cwd = tmp_path / f"{name}-worker{index}"
         cwd.mkdir()
         out, err = cwd.parent / f"{name}-{index}.out", cwd.parent / f"{name}-{index}.err"
@@ -142,7 +126,7 @@ def test_two_workers_with_sync_bn_compute_what_one_process_computes(tmp_path):
         mixed_precision=False,
         output_dir=one,
     )
-    train(config, log=lambda line: None)
+    train(config)
     (rc0, out0, err0), (rc1, out1, err1) = finish(workers)
     assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
 
@@ -208,11 +192,12 @@ def test_a_killed_worker_stops_the_other_in_seconds_and_a_restart_resumes(tmp_pa
     workers = start_workers(argv, tmp_path, "first")
     (chief, *_), (victim, *_) = workers
     try:
-        deadline = time.monotonic() + 300
-        while read_checkpoint_state(paths.last_checkpoint) is None:
-            assert chief.poll() is None and victim.poll() is None, workers[0][2].read_text()
-            assert time.monotonic() < deadline, "the first epoch never finished"
-            time.sleep(0.05)
+        wait_until(
+            lambda: read_checkpoint_state(paths.last_checkpoint) is not None,
+            [chief, victim],
+            "the first epoch never finished",
+            output=workers[0][2].read_text,
+        )
         time.sleep(0.5)  # into the second epoch's 48 steps
         victim.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -257,12 +242,13 @@ def test_a_worker_lost_in_the_first_epoch_leaves_no_run_folder(tmp_path):
     workers = start_workers(argv_of(values, run_dir), tmp_path, "first")
     (chief, *_), (victim, victim_out, *_) = workers
     try:
-        deadline = time.monotonic() + 300
         # Every worker prints the opening line just before its first epoch.
-        while "training plain_cnn" not in victim_out.read_text():
-            assert chief.poll() is None and victim.poll() is None, workers[0][2].read_text()
-            assert time.monotonic() < deadline, "the first epoch never started"
-            time.sleep(0.05)
+        wait_until(
+            lambda: "training plain_cnn" in victim_out.read_text(),
+            [chief, victim],
+            "the first epoch never started",
+            output=workers[0][2].read_text,
+        )
         time.sleep(0.5)  # into the first epoch's 48 steps
         assert not os.path.exists(RunPaths(run_dir).last_checkpoint), "terminated too late"
         victim.send_signal(signal.SIGTERM)
@@ -294,11 +280,12 @@ def test_a_terminated_jax_process_stops_at_once_with_how_to_continue(tmp_path):
     workers = start_workers(argv_of(values, run_dir), tmp_path, "jax", backend="jax")
     (chief, *_), (victim, victim_out, victim_err, _) = workers
     try:
-        deadline = time.monotonic() + 300
-        while "training plain_cnn" not in victim_out.read_text():
-            assert chief.poll() is None and victim.poll() is None, victim_err.read_text()
-            assert time.monotonic() < deadline, "the first epoch never started"
-            time.sleep(0.05)
+        wait_until(
+            lambda: "training plain_cnn" in victim_out.read_text(),
+            [chief, victim],
+            "the first epoch never started",
+            output=victim_err.read_text,
+        )
         time.sleep(0.5)
         victim.send_signal(signal.SIGTERM)
         victim.wait(timeout=30)
@@ -317,28 +304,35 @@ class StopAfterFirstEpoch(Exception):
     pass
 
 
+class _StopAtFirstEpochLine(logging.Handler):
+    """Stops the run from inside its epoch-1 line: a handler's exception reaches the caller."""
+
+    def emit(self, record):
+        if record.getMessage().startswith("epoch 1/2"):
+            raise StopAfterFirstEpoch
+
+
 @pytest.mark.slow
-def test_a_data_parallel_run_resumes_on_one_device(tmp_path):
+def test_a_data_parallel_run_resumes_on_one_device(tmp_path, logged_lines):
     """Two replicas train the first epoch; one device trains the second. The checkpoint holds
     no per-replica state, and the global batch (hence the data order) does not change."""
     from bnzoo.training import train
 
     run_dir = str(tmp_path / "run")
-    lines = []
-
-    def log_then_stop(line):
-        lines.append(line)
-        if line.startswith("epoch 1/2"):
-            raise StopAfterFirstEpoch
-
     config = TrainConfig(**TINY, distribute="data_parallel", output_dir=run_dir)
-    with pytest.raises(StopAfterFirstEpoch):
-        train(config, log=log_then_stop)
+    stop = _StopAtFirstEpochLine()
+    logging.getLogger("bnzoo").addHandler(stop)
+    try:
+        with pytest.raises(StopAfterFirstEpoch):
+            train(config)
+    finally:
+        logging.getLogger("bnzoo").removeHandler(stop)
+    lines = logged_lines()
     assert "distribute data_parallel; tf.distribute.MirroredStrategy; 2 replicas" in lines[1]
     assert read_checkpoint_state(RunPaths(run_dir).last_checkpoint)["epoch"] == 1
 
-    resumed = []
-    result = train(TrainConfig(**TINY, distribute="none", output_dir=run_dir), log=resumed.append)
+    result = train(TrainConfig(**TINY, distribute="none", output_dir=run_dir))
+    resumed = logged_lines()[len(lines) :]
     assert resumed[0] == f"resuming {run_dir} after epoch 1 of 2"
     assert "distribute none; 1 replica" in resumed[1]
     assert (result.epochs_completed, result.resumed_from_epoch) == (2, 1)
@@ -393,11 +387,13 @@ def test_two_jax_processes_train_one_run_folder(tmp_path):
 
 
 def wait_for_line(path, text, process, timeout=180):
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text():
-        assert process.poll() is None, path.read_text()
-        assert time.monotonic() < deadline, f"never printed {text!r}"
-        time.sleep(0.1)
+    wait_until(
+        lambda: text in path.read_text(),
+        [process],
+        f"never printed {text!r}",
+        output=path.read_text,
+        timeout=timeout,
+    )
 
 
 def lone_worker(tmp_path, name, *extra, index=0):
@@ -405,17 +401,7 @@ def lone_worker(tmp_path, name, *extra, index=0):
     run_dir = tmp_path / f"{name}-run"
     values = {**TINY, "epochs": 1, "test_split": "none"}
     ports = free_ports(2)
-    env = {
-        **os.environ,
-        "PYTHONPATH": ROOT,
-        "KERAS_BACKEND": "tensorflow",
-        "TF_CONFIG": json.dumps(
-            {
-                "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-                "task": {"type": "worker", "index": index},
-            }
-        ),
-    }
+    env = worker_environment(ports, index)
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         process = subprocess.Popen(
@@ -558,7 +544,7 @@ from bnzoo.distribution import (
 )
 
 plan = plan_distribution("multi_worker")
-with start_distribution(plan, collective_timeout=float(sys.argv[1]), log=print) as cluster:
+with start_distribution(plan, collective_timeout=float(sys.argv[1])) as cluster:
     share_from_chief(cluster, [1.0])  # both workers are there
     if cluster.worker_index == 1:
         time.sleep(120)  # alive (heartbeats go on) but never joins the next all-reduce
@@ -586,36 +572,8 @@ with start_distribution(plan, collective_timeout=float(sys.argv[1]), log=print) 
 def test_a_step_that_waits_longer_than_the_collective_timeout_fails_with_one_line(tmp_path):
     """A peer that is alive (its heartbeats go on) but never joins the all-reduce: the watchdog
     aborts the collectives once --collective-timeout has passed."""
-    ports = free_ports(2)
-    processes = []
-    for index in range(2):
-        env = {
-            **os.environ,
-            "PYTHONPATH": ROOT,
-            "KERAS_BACKEND": "tensorflow",
-            "TF_CONFIG": json.dumps(
-                {
-                    "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-                    "task": {"type": "worker", "index": index},
-                }
-            ),
-        }
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", _STUCK_PEER, "5"],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
+    with python_workers(_STUCK_PEER, "5", cwd=tmp_path) as processes:
         out, err = processes[0].communicate(timeout=300)
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
     assert processes[0].returncode == 1, err[-3000:]
     line = out.strip().splitlines()[-1]
     seconds = float(line.split()[1])

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import unfinished_run_files
 
 from bnzoo import evaluation
 from bnzoo.cli import run_cli
@@ -62,20 +63,9 @@ def run_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_run_folder_holds_every_artifact(run_dir):
     paths = RunPaths(run_dir)
-    for path in (
-        paths.config,
-        paths.history,
-        paths.last_checkpoint,
-        paths.best_checkpoint,
-        paths.model,
-        os.path.join(paths.saved_model, "saved_model.pb"),
-        paths.metrics,
-        paths.curves,
-    ):
-        assert os.path.exists(path), path
+    assert unfinished_run_files(run_dir) == []
     assert glob.glob(os.path.join(paths.logs, "train", "events.out.tfevents.*"))
     assert glob.glob(os.path.join(paths.logs, "validation", "events.out.tfevents.*"))
-    assert not [name for name in os.listdir(run_dir) if ".tmp-" in name or ".old-" in name]
     with open(paths.curves, "rb") as stream:
         assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -205,11 +205,12 @@ PARTLY_FROZEN_IMAGENET = (
 
 @pytest.mark.slow
 def test_imagenet_tag_partly_frozen_keeps_frozen_statistics_and_resumes_without_the_source(
-    narrow_imagenet, rgb_folder, tmp_path, capsys
+    narrow_imagenet, rgb_folder, tmp_path, logged_lines
 ):
     run_dir = tmp_path / "run"
     fine_tune(rgb_folder, run_dir, *PARTLY_FROZEN_IMAGENET)
-    out = capsys.readouterr().out
+    lines = logged_lines()
+    out = "\n".join(lines)
     assert "initialized 138 layers of bn_inception from bn_inception weights 'imagenet'" in out
     assert "the classifier (predictions, 2 classes) starts random" in out
     frozen = re.search(r"froze (\d+) layers up to inception_4e_output \((\d+) BN layers", out)
@@ -235,7 +236,7 @@ def test_imagenet_tag_partly_frozen_keeps_frozen_statistics_and_resumes_without_
             path.unlink()
     result = fine_tune(rgb_folder, run_dir, *PARTLY_FROZEN_IMAGENET, "--epochs", "2")
     assert (result.resumed_from_epoch, result.epochs_completed) == (1, 2)
-    assert "initialized" not in capsys.readouterr().out
+    assert not [line for line in logged_lines()[len(lines) :] if "initialized" in line]
     resumed = keras.models.load_model(run_dir / "model.keras", compile=False)
     assert_same_layer_weights(resumed, source, "conv1_7x7_s2")
 
@@ -274,7 +275,7 @@ def test_offline_tag_is_the_one_line_os_error_and_leaves_nothing(
 
 @pytest.mark.slow
 def test_keras_model_source_gets_a_new_classifier_and_keeps_the_dataset_normalization(
-    rgb_folder, tmp_path, capsys
+    rgb_folder, tmp_path, logged_lines
 ):
     source = models.bn_inception(
         input_shape=(SIZE, SIZE, 3), classes=5, classifier_activation=None, **NARROW
@@ -284,7 +285,7 @@ def test_keras_model_source_gets_a_new_classifier_and_keeps_the_dataset_normaliz
     fine_tune(
         rgb_folder, run_dir, "--weights", str(tmp_path / "five_classes.keras"), "--freeze-backbone"
     )
-    out = capsys.readouterr().out
+    out = "\n".join(logged_lines())
     assert "initialized 138 layers" in out and "(predictions, 2 classes) starts random" in out
     trained = keras.models.load_model(run_dir / "model.keras", compile=False)
     for name in ("conv1_7x7_s2", "conv1_7x7_s2_bn", "inception_5b_pool_proj_bn"):

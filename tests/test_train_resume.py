@@ -13,6 +13,7 @@ import zipfile
 
 import keras
 import pytest
+from conftest import unfinished_run_files, wait_until
 
 from bnzoo.optimization import WarmupSchedule
 from bnzoo.run_folder import RunPaths, read_checkpoint_state
@@ -73,11 +74,12 @@ def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path)
     log = open(tmp_path / "first.log", "w")
     process = subprocess.Popen(command(output_dir), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 300
-        while committed_epoch(paths) < 1:
-            assert process.poll() is None, open(tmp_path / "first.log").read()[-3000:]
-            assert time.monotonic() < deadline, "the first epoch never finished"
-            time.sleep(0.05)
+        wait_until(
+            lambda: committed_epoch(paths) >= 1,
+            [process],
+            "the first epoch never finished",
+            output=lambda: (tmp_path / "first.log").read_text()[-3000:],
+        )
         # A moment into the second epoch (its 48 steps take longer than this), then kill
         # without warning.
         time.sleep(0.1)
@@ -109,22 +111,7 @@ def test_sigkill_mid_epoch_then_rerun_finishes_each_epoch_exactly_once(tmp_path)
     with open(paths.history, newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1))
-    for path in (
-        paths.config,
-        paths.best_checkpoint,
-        paths.model,
-        os.path.join(paths.saved_model, "saved_model.pb"),
-        paths.metrics,
-        paths.curves,
-    ):
-        assert os.path.exists(path), path
-    leftovers = [
-        name
-        for folder in (output_dir, paths.checkpoints)
-        for name in os.listdir(folder)
-        if ".tmp-" in name or ".old-" in name
-    ]
-    assert not leftovers
+    assert unfinished_run_files(output_dir) == []
 
     # The optimizer state came back: its step counter counts every epoch exactly once. A resume
     # that rebuilt a fresh optimizer would restart it (and the learning-rate schedule) at 0. The
@@ -169,11 +156,12 @@ def test_sigterm_after_an_epoch_exits_143_saying_that_rerunning_resumes(tmp_path
     paths = RunPaths(output_dir)
     process, log = start(command(output_dir), tmp_path / "out.log")
     try:
-        deadline = time.monotonic() + 300
-        while committed_epoch(paths) < 1:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "the first epoch never finished"
-            time.sleep(0.05)
+        wait_until(
+            lambda: committed_epoch(paths) >= 1,
+            [process],
+            "the first epoch never finished",
+            output=process.stderr.read,
+        )
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -198,11 +186,12 @@ def test_ctrl_c_in_the_first_epoch_exits_130_and_leaves_no_run_folder(tmp_path):
     argv = [*command(output_dir), "--train-split", "train[:20000]", "--val-split", "none"]
     process, log = start(argv, tmp_path / "out.log")
     try:
-        deadline = time.monotonic() + 300
-        while "training plain_cnn" not in (tmp_path / "out.log").read_text():
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.05)
+        wait_until(
+            lambda: "training plain_cnn" in (tmp_path / "out.log").read_text(),
+            [process],
+            "training never started",
+            output=process.stderr.read,
+        )
         assert committed_epoch(RunPaths(output_dir)) == 0
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
@@ -221,7 +210,7 @@ def test_ctrl_c_in_the_first_epoch_exits_130_and_leaves_no_run_folder(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("diverged_epoch", [1, 2])
 def test_a_diverged_epoch_keeps_only_the_finite_epochs_before_it(
-    diverged_epoch, tmp_path, monkeypatch
+    diverged_epoch, tmp_path, monkeypatch, logged_lines
 ):
     """The loop stops at the first epoch whose loss is not finite (forced here: a real
     divergence depends on the machine's rounding). Diverged in epoch 1, there is nothing to
@@ -251,16 +240,15 @@ def test_a_diverged_epoch_keeps_only_the_finite_epochs_before_it(
         model_args={"widths": [4, 8]},
         output_dir=str(run_dir),
     )
-    lines = []
     with pytest.raises(ValueError) as raised:
-        train(config, log=lines.append)
+        train(config)
     message = (
         f"training diverged: the loss was not finite in epoch {diverged_epoch}; lower --lr "
         "(now 0.1) or add --warmup-epochs"
     )
     if diverged_epoch == 1:
         assert str(raised.value) == message
-        assert f"removed {run_dir}: the run stopped before finishing an epoch" in lines
+        assert f"removed {run_dir}: the run stopped before finishing an epoch" in logged_lines()
         assert not run_dir.exists()
     else:
         assert str(raised.value) == f"{message}. The run folder keeps the last finite epoch (1)"
@@ -268,7 +256,7 @@ def test_a_diverged_epoch_keeps_only_the_finite_epochs_before_it(
 
 
 @pytest.mark.slow
-def test_a_damaged_last_checkpoint_resumes_from_best_when_asked(tmp_path):
+def test_a_damaged_last_checkpoint_resumes_from_best_when_asked(tmp_path, logged_lines):
     """A damaged last.keras is refused with the way on (`--resume-from best`), not --overwrite,
     which would delete the intact best.keras; with it, the run continues from best.keras."""
     from bnzoo.config import TrainConfig
@@ -283,19 +271,20 @@ def test_a_damaged_last_checkpoint_resumes_from_best_when_asked(tmp_path):
         model_args={"widths": [4, 8]},
         output_dir=str(run_dir),
     )
-    train(TrainConfig(**options, epochs=2), log=lambda line: None)
+    train(TrainConfig(**options, epochs=2))
     paths = RunPaths(str(run_dir))
     best_epoch = read_checkpoint_state(paths.best_checkpoint)["epoch"]
     with zipfile.ZipFile(paths.last_checkpoint, "w") as archive:  # readable zip, no state
         archive.writestr("config.json", "{}")
     with pytest.raises(ValueError) as raised:
-        train(TrainConfig(**options, epochs=3), log=lambda line: None)
+        train(TrainConfig(**options, epochs=3))
     assert "last.keras is not a readable bnzoo checkpoint" in str(raised.value)
     assert f"is intact (epoch {best_epoch}): rerun with --resume-from best" in str(raised.value)
     assert "--overwrite" not in str(raised.value)
-    lines = []
-    result = train(TrainConfig(**options, epochs=3, resume_from="best"), log=lines.append)
+    result = train(TrainConfig(**options, epochs=3, resume_from="best"))
     assert result.resumed_from_epoch == best_epoch
-    assert f"resuming from {paths.best_checkpoint} (epoch {best_epoch})" in "\n".join(lines)
+    assert f"resuming from {paths.best_checkpoint} (epoch {best_epoch})" in "\n".join(
+        logged_lines()
+    )
     state = read_checkpoint_state(paths.last_checkpoint)
     assert [row["epoch"] for row in state["history"]] == [1, 2, 3]

@@ -4,6 +4,7 @@ Small inline Keras models keep these fast; the end-to-end runs are in test_train
 """
 
 import json
+import logging
 import math
 import os
 import zipfile
@@ -534,14 +535,12 @@ def test_a_training_step_beyond_memory_is_refused_with_the_estimate(monkeypatch)
         check_training_step_fits(model, 256, "--image-size 256x256", device_batch_size=64)
 
 
-def test_overlapping_validation_and_test_splits_get_a_warning_line():
-    lines = []
+def test_overlapping_validation_and_test_splits_get_a_warning(logged_lines):
     config = TrainConfig(train_split="train[:90%]", val_split="train[80%:]", test_split="test")
-    warn_about_overlapping_splits(config, lines.append)
-    assert lines == [
-        "warning: --val-split train[80%:] overlaps --train-split train[:90%] (6000 examples in "
-        "both): its accuracy will be optimistic"
+    warn_about_overlapping_splits(config)
+    assert logged_lines(logging.WARNING) == [
+        "--val-split train[80%:] overlaps --train-split train[:90%] (6000 examples in both): its "
+        "accuracy will be optimistic"
     ]
-    lines.clear()
-    warn_about_overlapping_splits(TrainConfig(), lines.append)
-    assert lines == []
+    warn_about_overlapping_splits(TrainConfig())
+    assert len(logged_lines()) == 1

@@ -74,7 +74,7 @@ def test_the_default_run_trains_within_a_third_of_the_earlier_default():
 
 
 @pytest.mark.slow
-def test_a_run_prints_and_records_its_compute(tmp_path):
+def test_a_run_prints_and_records_its_compute(tmp_path, logged_lines):
     from bnzoo.training import train
 
     assert (
@@ -85,7 +85,6 @@ def test_a_run_prints_and_records_its_compute(tmp_path):
         )
         == TINY_FORWARD
     )
-    lines = []
     config = TrainConfig(
         model="plain_cnn_small",
         model_args=TINY_MODEL,
@@ -98,7 +97,7 @@ def test_a_run_prints_and_records_its_compute(tmp_path):
         mixed_precision=False,
         output_dir=str(tmp_path / "run"),
     )
-    train(config, log=lines.append)
+    train(config)
 
     training = 3 * TINY_FORWARD * 512 * 2  # 8 steps of 64 per epoch
     statistics = TINY_FORWARD * 4 * 64 * 2  # 4 batches of Algorithm 2 per epoch
@@ -113,6 +112,7 @@ def test_a_run_prints_and_records_its_compute(tmp_path):
         training / 2,
         training,
     ]
+    lines = logged_lines()
     assert (
         lines[-1]
         == training_compute(

@@ -76,31 +76,19 @@ _GIF_TRAILER = b"\x3b"
 _LOADED_FOLDERS: dict[str, None] = {}
 
 
-def read_image_header(path: str) -> tuple[int, int, int]:
-    """`(height, width, channels)` of an image file, read from its header without decoding.
+def inspect_image_file(path: str) -> tuple[int, int, int, bool]:
+    """`(height, width, channels)` of a PNG, JPEG, BMP or GIF file (detected by content, not by
+    extension), read from its header without decoding, plus whether the file ends like a
+    complete file of its format (PNG: the IEND chunk; JPEG: the end-of-image marker; GIF: the
+    trailer; BMP: header size plus pixel rows). A False is a suspicion, not a verdict: some
+    writers append data after the end marker, which decoders ignore.
 
     `channels` is what `tf.io.decode_image(..., channels=0)` returns for the file (e.g. 2 for
     a gray+alpha PNG, 3 for any GIF, 3 for a CMYK JPEG), so it predicts the decoded tensor.
 
-    Args:
-        path: A PNG, JPEG, BMP or GIF file (detected by content, not by extension).
-
-    Raises:
-        ValueError: the file is not one of these formats or its header is corrupt.
-
     Example:
-    >>> bnzoo.data.image_folder.read_image_header("cat/001.png")
-    (64, 48, 3)
-    """
-    height, width, channels, _ = inspect_image_file(path)
-    return height, width, channels
-
-
-def inspect_image_file(path: str) -> tuple[int, int, int, bool]:
-    """`read_image_header`'s `(height, width, channels)` plus whether the file ends like a
-    complete file of its format (PNG: the IEND chunk; JPEG: the end-of-image marker; GIF: the
-    trailer; BMP: header size plus pixel rows). A False is a suspicion, not a verdict: some
-    writers append data after the end marker, which decoders ignore.
+    >>> bnzoo.data.image_folder.inspect_image_file("cat/001.png")
+    (64, 48, 3, True)
 
     Raises:
         ValueError: the file is not a regular file (a FIFO, a device, a broken link), is larger

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -55,6 +56,8 @@ from bnzoo.export.saved_model import (
 
 if TYPE_CHECKING:
     import keras
+
+logger = logging.getLogger(__name__)
 
 #: Name of the flatbuffer metadata entry holding bnzoo's JSON description.
 METADATA_NAME = "bnzoo"
@@ -440,7 +443,6 @@ def export_run(
     calibration_images: int = 1000,
     data_dir: str | None = None,
     manual_dir: str | None = None,
-    log: Callable[[str], None] = print,
 ) -> list[str]:
     """Write `model.tflite` (and `model_int8.tflite`) into a finished run folder.
 
@@ -456,7 +458,7 @@ def export_run(
     """
     import keras
 
-    import layers  # noqa: F401  (registers bnzoo's layers for loading model.keras)
+    from bnzoo import layers  # noqa: F401  (registers bnzoo's layers for loading model.keras)
     from bnzoo.data import load_dataset
     from bnzoo.run_folder import RunPaths, locked_run_folder
 
@@ -492,7 +494,7 @@ def export_run(
     with locked_run_folder(paths):
         model = keras.models.load_model(paths.model, compile=False)
         path = export_tflite(model, paths.tflite_model, **kwargs, metadata=description)
-        log(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, float32)")
+        logger.info(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, float32)")
         written.append(path)
         if int8:
             calibration = {"images": count, "split": config.train_split, "seed": config.seed}
@@ -504,7 +506,7 @@ def export_run(
                 calibration_images=calibration_batches(train_ds, count, seed=config.seed),
                 metadata={**description, "calibration": calibration},
             )
-            log(
+            logger.info(
                 f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, int8, calibrated on {count} "
                 f"images of {config.dataset} {config.train_split})"
             )
