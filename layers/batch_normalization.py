@@ -189,9 +189,10 @@ class BatchNormalization(keras.layers.Layer):
     of the mini-batch, computed over every axis except the channel axes:
     `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta`. At every training step the moving
     statistics follow Keras' convention
-    `moving = moving * momentum + batch_statistic * (1 - momentum)`. In inference (Algorithm 2)
-    the same transform uses the moving statistics instead, so the output of one example no
-    longer depends on the rest of the batch.
+    `moving = moving * momentum + batch_statistic * (1 - momentum)`. In inference the same
+    transform uses the moving statistics instead, so the output of one example no longer
+    depends on the rest of the batch; the moving averages stand in for the population
+    statistics that the paper's Algorithm 2 uses there.
 
     The layer is a superset of `keras.layers.BatchNormalization` (Keras 3.15): same arguments,
     defaults and weights in the same order (gamma, beta, moving_mean, moving_variance, then the
@@ -205,7 +206,7 @@ class BatchNormalization(keras.layers.Layer):
     first or last, float16/bfloat16/float32 inputs and no XLA; in training also no renorm, ghost
     batches, mask or cross-replica synchronization. Keras' own layer runs a dozen unfused ops
     there (Keras only gets fusion from XLA, which it turns off on CPU-only machines and under
-    `tf.distribute`), so this one trains 2-4x faster on CPU. The
+    `tf.distribute`), so this one trains faster on CPU (docs/measurements.md, per CPU). The
     fused kernel reports a Bessel-corrected batch variance; it is converted back, so every path
     updates the moving statistics identically. Under XLA (`jit_compile=True`) the `keras.ops`
     path runs instead: XLA would replace the kernel by its own batch norm, whose
@@ -758,7 +759,8 @@ class BatchNormalization(keras.layers.Layer):
             self.num_batches_tracked.assign(self.num_batches_tracked + increment)
 
     def _update_moving_statistics(self, mean, variance, has_data) -> None:
-        """Algorithm 2's population statistics, as Keras' exponential moving averages."""
+        """Keras' exponential moving averages of the batch statistics, which stand in for
+        Algorithm 2's population statistics until those are recomputed."""
         if has_data is False:
             return
         momentum = self._current_momentum()

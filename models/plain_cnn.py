@@ -91,7 +91,8 @@ def plain_cnn(
     dropout_rate: float = 0.1,
     kernel_initializer: Any = None,
 ) -> Any:
-    """A VGG-style CNN of conv-BN-activation blocks; bnzoo's default model for small images.
+    """A VGG-style CNN of conv-BN-activation blocks for small images (`plain_cnn_small`, its
+    half-width variant, is `train.py`'s default).
 
     The defaults (widths 32-64-128, two 3×3 convolutions per stage, BN + ReLU, 2×2 max pooling,
     global average pooling, dropout 0.1) are sized for 28×28 and 32×32 images: 288,170
