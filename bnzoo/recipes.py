@@ -190,6 +190,23 @@ def accelerated(
     return values
 
 
+def switched_off(title: str) -> dict[str, Any]:
+    """The option values that switch the change `title` off in an accelerated recipe: the
+    baseline's values for what it sets (`model_args` as the keys to merge). The learning rate's
+    change has none: it is the recipe's own (5x or 30x)."""
+    change = next((c for c in ACCELERATING_CHANGES if c.title == title), None)
+    if change is None:
+        titles = ", ".join(repr(c.title) for c in ACCELERATING_CHANGES)
+        raise ValueError(f"No change of section 4.2.1 is called {title!r}; the changes: {titles}.")
+    values: dict[str, Any] = {}
+    for key, value in change.values.items():
+        if key == "model_args":
+            values["model_args"] = {name: BASELINE["model_args"][name] for name in value}
+        else:
+            values[key] = BASELINE[key]
+    return values
+
+
 #: name -> (description, option values), registered by `bnzoo.config` for `--recipe NAME`.
 PAPER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "paper_baseline": (

@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from bnzoo import recipes  # noqa: E402
 from experiments import harness  # noqa: E402
 
 NAME = "exp2_learning_rates"
@@ -247,24 +248,36 @@ def run_model(model_name: str, config: dict, output_dir: Path) -> dict:
 
 def bn_inception_configs(section: dict) -> dict:
     """Each run's resolved ``TrainConfig``: its recipe, with the run's options over it as
-    ``train.py --recipe NAME --normalization ... --model-arg ...`` would set them."""
+    ``train.py --recipe NAME --normalization ... --model-arg ...`` would set them; a run's
+    ``switched_off`` changes of §4.2.1 get the baseline's values back (``bnzoo.recipes``)."""
     epochs = int(np.ceil(section["schedule_epochs"]))
     configs = {}
     for spec in section["runs"]:
+        options = {}
+        for title in spec.get("switched_off", ()):
+            options.update(recipes.switched_off(title))
+        model_args = {
+            **options.pop("model_args", {}),
+            **section["model_args"],
+            **spec.get("model_args", {}),
+        }
         configs[spec["key"]] = harness.recipe_config(
             spec["recipe"],
             lr_multiplier=spec.get("lr_multiplier", 1),
             normalization=spec.get("normalization", "batch_norm"),
-            model_args={**section["model_args"], **spec.get("model_args", {})},
+            model_args=model_args,
             epochs=epochs,
+            **options,
         )
     return configs
 
 
-def run_bn_inception(config: dict, output_dir: Path) -> dict:
-    """The paper's Figure 3 runs with BN-Inception, trained by the paper's recipes."""
-    section = config["bn_inception"]
-    seed, steps = config["seed"], config["bn_inception_steps"]
+def train_bn_inception(
+    section: dict, config: dict, steps: int, eval_every: list, make_probes=None
+) -> dict:
+    """Trains ``section``'s runs (the first sets the target: its best accuracy) and returns
+    every number of them, as ``results.json`` holds them."""
+    seed = config["seed"]
     train_data, test_data, eval_data = load_splits(config, tuple(section["image_size"]))
     # Each step stands for PAPER_INCEPTION_STEPS / steps of the paper's: the schedule's epochs
     # (ImageNet's) pass at `steps_per_epoch` of our steps each.
@@ -279,14 +292,18 @@ def run_bn_inception(config: dict, output_dir: Path) -> dict:
             eval_data,
             test_data,
             steps=steps,
-            eval_every=config["bn_inception_eval_every"],
+            eval_every=eval_every,
             steps_per_epoch=steps_per_epoch,
             seed=seed,
+            make_probes=(
+                (lambda model: make_probes(model, train_data))
+                if make_probes is not None and spec.get("probes")
+                else None
+            ),
             log_prefix=f"[bn_inception] [{spec['label']}] ",
         )
         parameters[key] = models.count_parameters(model, trainable_only=True)
-    baseline = section["runs"][0]["key"]
-    target = runs[baseline].best_accuracy
+    target = runs[section["runs"][0]["key"]].best_accuracy
     for spec in section["runs"]:
         key, run_config = spec["key"], configs[spec["key"]]
         rows.append(
@@ -300,7 +317,6 @@ def run_bn_inception(config: dict, output_dir: Path) -> dict:
                 **runs[key].summary(),
             }
         )
-    plot_figure_2(runs, rows, target, output_dir / "bn_inception_accuracy.png")
     return {
         "input_shape": list(train_data.images.shape[1:]),
         "steps_per_schedule_epoch": steps_per_epoch,
@@ -315,6 +331,23 @@ def run_bn_inception(config: dict, output_dir: Path) -> dict:
     }
 
 
+def run_bn_inception(config: dict, output_dir: Path) -> dict:
+    """The paper's Figure 3 runs with BN-Inception, trained by the paper's recipes."""
+    results = train_bn_inception(
+        config["bn_inception"],
+        config,
+        config["bn_inception_steps"],
+        config["bn_inception_eval_every"],
+    )
+    plot_figure_2(
+        results["runs"],
+        results["rows"],
+        results["target_accuracy"],
+        output_dir / "bn_inception_accuracy.png",
+    )
+    return results
+
+
 def plot_figure_2(runs: dict, rows: list[dict], target: float, path: Path) -> Path:
     """The paper's Figure 2: test accuracy against training steps, with the learning rate of
     each run under it (the schedules are the recipes')."""
@@ -325,17 +358,17 @@ def plot_figure_2(runs: dict, rows: list[dict], target: float, path: Path) -> Pa
     bottom = max(0.0, target - 0.3)
     for row in rows:
         run = runs[row["key"]]
-        steps = np.asarray(run.steps)
+        steps = np.asarray(run["steps"])
         style = "-" if row["batch_norm"] else "--"
         label = row["label"]
-        if run.diverged_at_step is not None:
-            label += f" (diverged by step {run.diverged_at_step:,})"
-        elif run.best_accuracy < bottom:
-            label += f" (below the axis: best {100 * run.best_accuracy:.1f}%)"
+        if row["diverged_at_step"] is not None:
+            label += f" (diverged by step {row['diverged_at_step']:,})"
+        elif row["best_eval_accuracy"] < bottom:
+            label += f" (below the axis: best {100 * row['best_eval_accuracy']:.1f}%)"
         (line,) = accuracy_axis.plot(
-            steps[1:], np.asarray(run.eval_accuracy)[1:], style, label=label, linewidth=1.4
+            steps[1:], np.asarray(run["eval_accuracy"])[1:], style, label=label, linewidth=1.4
         )
-        rate_axis.plot(steps, run.learning_rate, style, color=line.get_color(), linewidth=1.2)
+        rate_axis.plot(steps, run["learning_rate"], style, color=line.get_color(), linewidth=1.2)
     accuracy_axis.axhline(target, color="gray", linestyle=":", linewidth=1)
     accuracy_axis.annotate(
         f"Inception's best {100 * target:.1f}%",
@@ -415,7 +448,7 @@ def report(results: dict) -> dict[str, str]:
             not_run = (
                 f"_({name} not run: `.venv/bin/python experiments/{NAME}.py --models {name}`)_"
             )
-            for key in ("table", "parameters", "figure3_table", "setup"):
+            for key in ("table", "parameters", "figure3_table", "curve_table", "setup"):
                 out[f"{name}_{key}"] = not_run
             continue
         data = results["models"][name]
@@ -425,6 +458,7 @@ def report(results: dict) -> dict[str, str]:
         out[f"{name}_parameters"] = f"{data['trainable_parameters_with_bn']:,}"
         if name == "bn_inception":
             out["bn_inception_figure3_table"] = figure_3_table(data, results["paper_figure_3"])
+            out["bn_inception_curve_table"] = curve_table(data)
             out["bn_inception_setup"] = bn_inception_setup(data)
     out["paper_table"] = harness.markdown_table(
         ["paper (Inception, ImageNet)", "initial learning rate", "steps to 72.2%", "max accuracy"],
@@ -505,6 +539,26 @@ def figure_3_table(data: dict, paper_rows: list[dict]) -> str:
     )
 
 
+def curve_table(data: dict, fractions: tuple[float, ...] = (1 / 12, 1 / 6, 1 / 3, 2 / 3, 1)) -> str:
+    """Figure 2 read off at a few points: each run's accuracy (2k subset) after those shares of
+    the run, and the run's learning rate there relative to its initial one."""
+    steps = max(run["summary"]["steps_trained"] for run in data["runs"].values())
+    points = [round(steps * fraction) for fraction in fractions]
+    lines = []
+    for row in data["rows"]:
+        run = data["runs"][row["key"]]
+        cells = [row["label"]]
+        for point in points:
+            if point in run["steps"]:
+                index = run["steps"].index(point)
+                rate = run["learning_rate"][index] / run["learning_rate"][0]
+                cells.append(f"{harness.percent(run['eval_accuracy'][index])} ({rate:.1g})")
+            else:
+                cells.append("")
+        lines.append(cells)
+    return harness.markdown_table(["run", *(f"step {point:,}" for point in points)], lines)
+
+
 def bn_inception_setup(data: dict) -> str:
     """The run's length and schedule in words, from the JSON."""
     rows = {row["key"]: row for row in data["rows"]}
@@ -529,7 +583,7 @@ def bn_inception_setup(data: dict) -> str:
         f"60,000 training images) per run. Each step stands for "
         f"{PAPER_INCEPTION_STEPS / steps:,.0f} of the paper's 31.0 M, so an ImageNet epoch of "
         f"the recipes' schedules is {per_epoch:.2f} steps: `paper_baseline`'s rate falls "
-        f"{decay('inception')}; the accelerated recipes' {decay(accelerated)}"
+        f"{decay('inception')}; the accelerated recipes' {decay(accelerated)}."
     )
 
 

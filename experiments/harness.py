@@ -975,6 +975,7 @@ def train_recipe(
     eval_every: int | Sequence[Sequence[int]],
     steps_per_epoch: float,
     seed: int,
+    make_probes: Callable[[keras.Model], Mapping[str, Probe]] | None = None,
     log_prefix: str = "",
 ) -> tuple[keras.Model, TrainingRun]:
     """Trains ``config``'s model on the arrays as ``train.py`` would: its builder arguments
@@ -992,6 +993,8 @@ def train_recipe(
         steps_per_epoch: the schedule's epoch in steps; a fraction lets each step stand for a
             share of another dataset's epoch (the paper's schedules are in ImageNet epochs).
         seed: weights and batch order.
+        make_probes: ``make_probes(model) -> {name: probe}``, probes of the built model
+            recorded at every evaluation point (see ``Trainer``).
         log_prefix: printed before each progress line.
 
     Returns:
@@ -1015,6 +1018,7 @@ def train_recipe(
         seed=seed,
         learning_rate_schedule=build_schedule(config, steps_per_epoch),
         shuffle_buffer=config.shuffle_buffer,
+        probes=make_probes(model) if make_probes is not None else None,
         log_prefix=log_prefix,
     )
     for until, every in phases:
@@ -1094,6 +1098,42 @@ def activation_percentiles_probe(
             "mean_over_units": [float(v) for v in per_unit.mean(axis=1)],
             "all_units": per_unit,
         }
+
+    return probe
+
+
+def nonlinearity_input_probe(
+    model: keras.Model, conv_layers: Sequence[str], images: np.ndarray
+) -> Probe:
+    """Each channel's mean and standard deviation of the input to a convolution's nonlinearity,
+    over ``images`` (batch and positions), in training mode.
+
+    The nonlinearity's input is the convolution's output without BN (``Wu + b``) and BN's
+    output with it (``BN(Wu)``): the distribution whose change during training the paper calls
+    internal covariate shift (§2), measured per layer as Figure 1(b, c) measures it for one
+    sigmoid. Training mode normalizes with the batch's statistics, as a training step does;
+    through ``stateless_call``, so the moving averages stay untouched.
+
+    Args:
+        model: a model built by ``models.create_model`` (conv-BN-activation blocks named
+            ``NAME``, ``NAME_bn``, ``NAME_<activation>``).
+        conv_layers: the convolutions' names.
+        images: a fixed batch.
+    """
+    names = {layer.name for layer in model.layers}
+    taps = [f"{name}_bn" if f"{name}_bn" in names else name for name in conv_layers]
+    tap = layer_outputs_model(model, taps)
+    batch = tf.constant(images)
+    forward = tf.function(lambda x: _forward(tap, x, True))
+
+    def probe(_model: keras.Model) -> dict:
+        outputs = forward(batch)
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        statistics = {}
+        for name, values in zip(conv_layers, outputs, strict=True):
+            values = np.asarray(values, dtype=np.float64).reshape(-1, values.shape[-1])
+            statistics[name] = {"mean": values.mean(axis=0), "std": values.std(axis=0)}
+        return statistics
 
     return probe
 

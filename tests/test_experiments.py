@@ -18,6 +18,7 @@ import tensorflow as tf
 from bnzoo.config import RECIPES
 from experiments import (
     exp1_mnist_mlp,
+    exp2_diagnostics,
     exp2_learning_rates,
     exp3_sigmoid_cnn,
     exp4_gradients,
@@ -31,6 +32,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SCRIPTS = {
     "exp1_mnist_mlp": exp1_mnist_mlp,
     "exp2_learning_rates": exp2_learning_rates,
+    "exp2_diagnostics": exp2_diagnostics,
     "exp3_sigmoid_cnn": exp3_sigmoid_cnn,
     "exp4_gradients": exp4_gradients,
     "exp5_layer_vs_keras": exp5_layer_vs_keras,
@@ -42,6 +44,7 @@ EXPECTED_PLOTS = {
         "fashion_mnist_figure1bc_sigmoid_input.png",
     ],
     "exp2_learning_rates": ["plain_cnn_accuracy.png", "bn_inception_accuracy.png"],
+    "exp2_diagnostics": ["diagnostics_accuracy.png"],
     "exp3_sigmoid_cnn": ["sigmoid_cnn_accuracy.png"],
     "exp4_gradients": ["gradient_norms.png", "preactivation_histograms.png"],
     "exp5_layer_vs_keras": ["plain_cnn_layer_vs_keras.png", "paper_mlp_layer_vs_keras.png"],
@@ -178,6 +181,27 @@ def test_exp2_bn_inception_runs_are_the_papers_recipes_on_64x64_inputs(smoke_roo
         "| BN-x30 | 0.045 | 2.7 M | 11.5x | 74.8% | 0.045 |"
         in (report_text["bn_inception_figure3_table"])
     )
+
+
+def test_exp2_diagnostics_switch_one_change_off_and_record_every_probed_layer(smoke_root):
+    results = _strict_json(smoke_root / "exp2_diagnostics" / "results.json")
+    configs = results["configs"]
+    slow = configs["bn_x5_inception_decay"]
+    # BN-x5 with the accelerated decay switched off: Inception's decay, every other change kept.
+    assert slow["lr_decay_epochs"] == configs["inception"]["lr_decay_epochs"] == 8
+    assert (slow["lr"], slow["weight_decay"]) == (0.0075, pytest.approx(4e-5))
+    assert slow["model_args"]["lrn"] is False
+    run = results["runs"]["inception"]
+    points = run["probes"]["nonlinearity_inputs"]
+    assert len(points) == len(run["steps"]) == len(run["probes"]["gradient_norms"])
+    for layer in exp2_diagnostics.PROBED_CONVOLUTIONS:
+        channels = results["layer_statistics"]["inception"][layer]["channels"]
+        assert len(points[-1][layer]["mean"]) == len(points[-1][layer]["std"]) == channels
+        assert all(std > 0 for std in points[0][layer]["std"])
+    # The probes only look: the same seed trains exactly as experiment 2's Inception does.
+    same = _strict_json(smoke_root / "exp2_learning_rates" / "results.json")
+    assert run["train_loss"] == same["models"]["bn_inception"]["runs"]["inception"]["train_loss"]
+    assert "bn_x5_inception_decay" not in results["layer_statistics"]  # not probed
 
 
 def test_exp4_gradient_norms_cover_every_layer_at_every_evaluation(smoke_root):
