@@ -8,9 +8,10 @@ FASHION_MNIST_FILE := $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 BENCH_ARGS ?=
+EXPERIMENT_ARGS ?=
 JAX_BENCH_ARGS ?= --precisions float32
 
-.PHONY: setup data train test test-all bench lint format experiments clean
+.PHONY: setup data train test test-all bench lint format experiments exp2 clean
 
 # The stamp is remade when pyproject.toml changes, so new dependencies install.
 $(VENV)/.installed: pyproject.toml
@@ -60,8 +61,15 @@ bench: setup
 	$(PY) bench/bench_models.py --backend jax $(JAX_BENCH_ARGS) $(BENCH_ARGS)
 	$(PY) bench/bench_serving.py
 
+# All five experiments (about 1 h 40 min on a 2-core CPU; docs/RESULTS.md lists each one's
+# runtime); e.g. EXPERIMENT_ARGS="--budget smoke" checks them all in a few minutes.
 experiments: setup data
-	$(PY) experiments/run_all.py
+	$(PY) experiments/run_all.py $(EXPERIMENT_ARGS)
+
+# Experiment 2 alone, the paper's headline (Figures 2 and 3): plain_cnn, then BN-Inception
+# trained by the paper's recipes; about an hour.
+exp2: setup data
+	$(PY) experiments/run_all.py --only exp2_learning_rates $(EXPERIMENT_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

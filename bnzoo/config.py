@@ -21,6 +21,7 @@ No TensorFlow here: the command line is checked before anything heavy is importe
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import datetime
@@ -29,6 +30,7 @@ import os
 import re
 import shlex
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,10 +61,12 @@ from bnzoo.options import (
     read_yaml_mapping,
     values_from_mapping,
 )
+from bnzoo.recipes import PAPER_RECIPES, recipe_flags
 
 NORMALIZATIONS = ("batch_norm", "keras", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
+WEIGHT_DECAY_FORMS = ("decoupled", "l2")
 DISTRIBUTE_MODES = ("auto", "none", "data_parallel", "multi_worker")
 BN_STATISTICS = ("population", "moving")
 RESUME_FROM = ("last", "best")
@@ -516,17 +520,34 @@ class TrainConfig:
     )
     lr_decay_rate: float = option(
         0.9,
-        "exponential schedule: learning-rate factor per epoch",
+        "exponential schedule: learning-rate factor per epoch (per --lr-decay-epochs with those)",
         kind=Number(Interval(0, 1, low_open=True)),
         group="optimization",
     )
+    lr_decay_epochs: float | None = option(
+        None,
+        "exponential schedule as a staircase: the rate drops by --lr-decay-rate once every "
+        "this many epochs (fractions allowed), as GoogLeNet's 4% every 8 epochs",
+        kind=Optional(Number(Interval(0, MAX_EPOCHS, low_open=True)), "a smooth decay"),
+        group="optimization",
+        metavar="EPOCHS",
+        default_text="none, a smooth decay",
+    )
     weight_decay: float | None = option(
         None,
-        "decoupled weight decay on kernels, not on biases or BN's gamma and beta",
+        "weight decay on kernels (see --weight-decay-form), not on biases or BN's gamma and beta",
         kind=Optional(Number(Interval(0, 1, high_open=True)), "the optimizer's default"),
         group="optimization",
         derive=_weight_decay_default,
         default_text=_per_optimizer(DEFAULT_WEIGHT_DECAY),
+    )
+    weight_decay_form: str = option(
+        "decoupled",
+        "decoupled: Keras' w -= lr * wd * w after each step; l2: the paper's L2 loss "
+        "wd/2 * sum(w**2), whose gradient wd * w goes through momentum (Caffe's weight_decay, "
+        "TF-slim's l2_regularizer)",
+        kind=Choice(WEIGHT_DECAY_FORMS),
+        group="optimization",
     )
     label_smoothing: float = option(
         0.0,
@@ -650,6 +671,17 @@ class TrainConfig:
             RECIPES.get(values.get("recipe")) if isinstance(values.get("recipe"), str) else None
         )
         below = dict(recipe.values) if recipe is not None else {}
+        # The model arguments a recipe sets are a bundle of their own: the user's keys override
+        # them one by one (as --model-arg does over a --config file) instead of replacing them
+        # all, so `--recipe paper_baseline --model-arg width_multiplier=0.5` keeps the recipe's
+        # dropout and LRN.
+        from_recipe: set[str] = set()
+        if isinstance(below.get("model_args"), dict) and isinstance(values.get("model_args"), dict):
+            from_recipe = set(below["model_args"]) - set(values["model_args"])
+            values = {
+                **values,
+                "model_args": {**copy.deepcopy(below["model_args"]), **values["model_args"]},
+            }
         for name, field in fields.items():
             if name in values:
                 value = values[name]
@@ -660,6 +692,8 @@ class TrainConfig:
             object.__setattr__(self, name, value)
         object.__setattr__(self, "_chosen", set(values))
         object.__setattr__(self, "_derived", set())
+        # Model arguments that are the recipe's, not chosen: `chosen()` leaves them out.
+        object.__setattr__(self, "_recipe_model_args", from_recipe)
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -680,6 +714,8 @@ class TrainConfig:
         if name in _FIELD_NAMES:
             self._chosen.add(name)
             self._derived.discard(name)
+            if name == "model_args":
+                self._recipe_model_args.clear()
 
     @classmethod
     def default(cls, name: str) -> Any:
@@ -693,6 +729,7 @@ class TrainConfig:
         resolved = copy.copy(self)
         object.__setattr__(resolved, "_chosen", set(self._chosen))
         object.__setattr__(resolved, "_derived", set(self._derived))
+        object.__setattr__(resolved, "_recipe_model_args", set(self._recipe_model_args))
         for field, declared in declared_options(self):
             if declared.derive is not None and getattr(self, field.name) == declared.automatic:
                 object.__setattr__(resolved, field.name, declared.derive(self))
@@ -707,6 +744,12 @@ class TrainConfig:
             if field.name in self._chosen and declared.saved:
                 value = getattr(self, field.name)
                 values[field.name] = declared.automatic if field.name in self._derived else value
+        if "model_args" in values:
+            values["model_args"] = {
+                key: value
+                for key, value in values["model_args"].items()
+                if key not in self._recipe_model_args
+            }
         return _plain(values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -799,6 +842,20 @@ class TrainConfig:
                 f"--lr-decay-rate {self.lr_decay_rate:g} has no effect with --lr-schedule "
                 f"{self.lr_schedule} (it is the exponential schedule's factor per epoch)"
             )
+        if (
+            self.lr_schedule != "exponential"
+            and self.lr_decay_epochs is not None
+            and "lr_decay_epochs" in chosen
+        ):
+            warnings.append(
+                f"--lr-decay-epochs {self.lr_decay_epochs:g} has no effect with --lr-schedule "
+                f"{self.lr_schedule} (it is the exponential schedule's staircase)"
+            )
+        if "weight_decay_form" in chosen and self.resolved().weight_decay == 0:
+            warnings.append(
+                f"--weight-decay-form {self.weight_decay_form} has no effect without weight "
+                "decay (--weight-decay is 0)"
+            )
         if self.normalization == "none" and "bn_statistics" in chosen:
             warnings.append(
                 f"--bn-statistics {self.bn_statistics} has no effect with --normalization none "
@@ -857,6 +914,49 @@ def default_output_dir(config: TrainConfig, today: datetime.date | None = None) 
 # --- Command line ---------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that paragraphs of the description and epilog with indented
+    lines (the recipe list) keep their line breaks."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith(" ") for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(super()._fill_text(paragraph, width, indent))
+        return "\n\n".join(paragraphs)
+
+
+def recipes_help(width: int = 78) -> str:
+    """The `--help` paragraph that lists the registered recipes and the flags each sets."""
+    if not RECIPES:
+        return "No recipes are registered."
+    lines = textwrap.wrap(
+        "recipes (--recipe NAME; options set in --config or on the command line override a "
+        "recipe's, and --model-arg keys merge with its model arguments):",
+        width,
+    )
+    for recipe in RECIPES.values():
+        flags = " ".join(recipe_flags(recipe.values))
+        for text, indent in ((f"{recipe.name}: {recipe.description}", "  "), (f"sets {flags}", "")):
+            # A flag and its value stay on one line: their space is a placeholder while wrapping.
+            wrapped = textwrap.wrap(
+                _FLAG_AND_VALUE.sub("\\1\0", text),
+                width,
+                initial_indent=indent or "      ",
+                subsequent_indent="      ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+            lines += [line.replace("\0", " ") for line in wrapped]
+    return "\n".join(lines)
+
+
+_FLAG_AND_VALUE = re.compile(r"(--[a-z][a-z-]*) (?=[^-\s])")
+
+
 def build_train_parser() -> ArgumentParser:
     """The `train.py` command line, generated from `TrainConfig`'s fields."""
     parser = ArgumentParser(
@@ -867,7 +967,8 @@ def build_train_parser() -> ArgumentParser:
             "Rerunning the same command resumes an interrupted run. Options are layered: "
             "defaults < --recipe < --config file < command line."
         ),
-        epilog=EXIT_STATUS_HELP,
+        epilog=f"{recipes_help()}\n\n{EXIT_STATUS_HELP}",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--config",
@@ -1097,3 +1198,8 @@ def _markdown_default(value: Any) -> str:
     if isinstance(value, bool):
         return "off" if not value else "on"
     return f"`{value}`"
+
+
+# The built-in recipes (bnzoo.recipes), registered once TrainConfig exists to check them.
+for _name, (_description, _values) in PAPER_RECIPES.items():
+    register_recipe(_name, _description, **_values)

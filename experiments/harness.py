@@ -370,19 +370,50 @@ class BatchSampler:
 
     Two samplers with the same seed produce the same batches, so two models trained with the same
     seed see identical data in identical order.
+
+    With a `shuffle_buffer` smaller than the split, an epoch's order is what `tf.data`'s
+    `shuffle(shuffle_buffer)` makes of the split's stored order (as `train.py`'s pipeline
+    shuffles): a partial shuffle, in which examples stored close together tend to share
+    batches. Section 4.2.1's "shuffle training examples more thoroughly" is the difference.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int):
+    def __init__(
+        self, num_examples: int, batch_size: int, seed: int, shuffle_buffer: int | None = None
+    ):
         if batch_size > num_examples:
             raise ValueError(
                 f"batch_size={batch_size} is larger than the {num_examples} training examples; "
                 "use a smaller batch or a larger split."
             )
+        if shuffle_buffer is not None and shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be a positive number, got {shuffle_buffer}.")
         self.num_examples = num_examples
         self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
         self._rng = np.random.default_rng(seed)
         self._order = np.empty(0, dtype=np.int32)
         self._position = 0
+
+    def _epoch_order(self) -> np.ndarray:
+        buffer_size = self.shuffle_buffer
+        if buffer_size is None or buffer_size >= self.num_examples:
+            return self._rng.permutation(self.num_examples).astype(np.int32)
+        # tf.data's shuffle: fill the buffer from the stored order, then each output is a
+        # uniformly drawn slot, refilled with the next stored example while any are left.
+        buffer = list(range(buffer_size))
+        order = np.empty(self.num_examples, dtype=np.int32)
+        draws = self._rng.random(self.num_examples)
+        following = buffer_size
+        for position in range(self.num_examples):
+            slot = int(draws[position] * len(buffer))
+            order[position] = buffer[slot]
+            if following < self.num_examples:
+                buffer[slot] = following
+                following += 1
+            else:
+                buffer[slot] = buffer[-1]
+                buffer.pop()
+        return order
 
     @property
     def steps_per_epoch(self) -> int:
@@ -395,7 +426,7 @@ class BatchSampler:
             if self._position + self.batch_size > self._order.shape[0]:
                 # The remainder of an epoch is dropped so that every batch has the same size
                 # (BN's batch statistics depend on it).
-                self._order = self._rng.permutation(self.num_examples).astype(np.int32)
+                self._order = self._epoch_order()
                 self._position = 0
             batches[step] = self._order[self._position : self._position + self.batch_size]
             self._position += self.batch_size
@@ -424,6 +455,7 @@ class TrainingRun:
             step 0, where no step was taken, the eval loss).
         step_losses: every step's training loss (only when ``record_step_losses``).
         chunk_seconds: wall time of each chunk of training steps (the first includes tracing).
+        learning_rate: the learning rate of the next step, at each evaluation point.
         probes: name -> list of values, one per evaluation point.
         diverged_at_step: first evaluation point whose loss or weights were not finite.
         final_test_accuracy / final_test_loss: on the full test split after training
@@ -438,6 +470,7 @@ class TrainingRun:
     train_loss: list[float] = dataclasses.field(default_factory=list)
     step_losses: list[float] = dataclasses.field(default_factory=list)
     chunk_seconds: list[float] = dataclasses.field(default_factory=list)
+    learning_rate: list[float] = dataclasses.field(default_factory=list)
     probes: dict[str, list] = dataclasses.field(default_factory=dict)
     diverged_at_step: int | None = None
     final_test_accuracy: float | None = None
@@ -583,6 +616,10 @@ class Trainer:
         record_step_losses: keep every step's loss, not only the chunk means.
         population_examples: training examples (a fixed subset) over which BN's inference
             statistics are recomputed at each evaluation point (``PopulationStatistics``).
+        learning_rate_schedule: sets the optimizer's learning rate before every step from its
+            step counter (``bnzoo.optimization.apply_learning_rate_schedule``, as ``train.py``'s
+            loop does); None keeps the optimizer's rate.
+        shuffle_buffer: see ``BatchSampler`` (None: a full permutation every epoch).
         log_prefix: printed before each progress line.
     """
 
@@ -599,6 +636,8 @@ class Trainer:
         probes: Mapping[str, Probe] | None = None,
         record_step_losses: bool = False,
         population_examples: int = 1920,
+        learning_rate_schedule: keras.optimizers.schedules.LearningRateSchedule | None = None,
+        shuffle_buffer: int | None = None,
         log_prefix: str = "",
     ):
         if eval_every < 1:
@@ -609,21 +648,33 @@ class Trainer:
         self.probes = dict(probes or {})
         self.record_step_losses = record_step_losses
         self.log_prefix = log_prefix
-        self.sampler = BatchSampler(train_data.num_examples, batch_size, seed)
+        self.sampler = BatchSampler(train_data.num_examples, batch_size, seed, shuffle_buffer)
         self.step = 0
         self.run = TrainingRun(probes={name: [] for name in self.probes})
+        self.optimizer = optimizer
+        self.learning_rate_schedule = learning_rate_schedule
         self._images = tf.constant(train_data.images)
         self._labels = tf.constant(train_data.labels)
-        self._train_chunk = self._compile(model, optimizer)
+        self._train_chunk = self._compile(
+            model, optimizer, learning_rate_schedule, self._images, self._labels, batch_size
+        )
         self.population = PopulationStatistics(
             model, train_data.subset(population_examples, seed).images, batch_size
         )
 
     @staticmethod
-    def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer):
+    def _compile(
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        schedule: keras.optimizers.schedules.LearningRateSchedule | None,
+        images: tf.Tensor,
+        labels: tf.Tensor,
+        batch_size: int,
+    ):
+        from bnzoo.optimization import apply_learning_rate_schedule
+
         variables = model.trainable_variables
 
-        @tf.function
         def train_chunk(images, labels, batch_indices):
             # The whole chunk is one graph: Python is not re-entered between steps.
             num_steps = tf.shape(batch_indices)[0]
@@ -638,15 +689,30 @@ class Trainer:
                     # Weight regularizers a builder may add are part of the objective.
                     total = loss + tf.add_n(model.losses) if model.losses else loss
                 gradients = tape.gradient(total, variables)
+                if schedule is not None:
+                    apply_learning_rate_schedule(optimizer, schedule)
                 optimizer.apply_gradients(zip(gradients, variables, strict=True))
                 losses = losses.write(step, tf.cast(loss, tf.float32))
             return losses.stack()
 
-        return train_chunk
+        # Chunks of any length share one graph (the first chunk after a change of `eval_every`
+        # and a last, shorter one would otherwise each trace the whole model again).
+        signature = [
+            tf.TensorSpec(images.shape, images.dtype),
+            tf.TensorSpec(labels.shape, labels.dtype),
+            tf.TensorSpec([None, batch_size], tf.int32),
+        ]
+        return tf.function(train_chunk, input_signature=signature)
 
     @property
     def diverged(self) -> bool:
         return self.run.diverged_at_step is not None
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next step."""
+        if self.learning_rate_schedule is not None:
+            return float(self.learning_rate_schedule(self.optimizer.iterations))
+        return float(np.asarray(self.optimizer.learning_rate))
 
     def _record(self, chunk_losses: np.ndarray | None) -> None:
         run = self.run
@@ -656,6 +722,7 @@ class Trainer:
         with self.population.applied():
             eval_loss, eval_accuracy = evaluate(self.model, self.eval_data)
         run.steps.append(self.step)
+        run.learning_rate.append(self.learning_rate())
         run.eval_loss.append(eval_loss)
         run.eval_accuracy.append(eval_accuracy)
         train_loss = float(np.mean(chunk_losses)) if chunk_losses is not None else eval_loss
@@ -844,6 +911,130 @@ def variant_rows(
 
 
 # ---------------------------------------------------------------------------------------------
+# Runs made from train.py's recipes (the paper's §4.2 and §4.2.1: bnzoo.recipes)
+# ---------------------------------------------------------------------------------------------
+
+#: `TrainConfig` options this harness does not implement: a recipe run must leave them at
+#: their defaults, so that what it trains is what the recipe says (train.py would apply them).
+NOT_IMPLEMENTED_OPTIONS = (
+    "dataset",
+    "weights",
+    "freeze_backbone",
+    "freeze_until",
+    "image_size",
+    "augment",
+    "label_smoothing",
+    "bn_statistics",
+    "sync_bn",
+)
+
+
+def recipe_config(recipe: str, lr_multiplier: float = 1.0, **options: Any):
+    """The resolved ``TrainConfig`` of ``train.py --recipe RECIPE`` with ``options`` set as on
+    its command line: the recipe's values are read from ``bnzoo.recipes`` through the same
+    layering as train.py's, never restated here.
+
+    Args:
+        recipe: a registered recipe (``paper_baseline``, ``paper_bn_accelerated_x5``, ...).
+        lr_multiplier: the run's learning rate is the recipe's times this (the paper's
+            Inception at 5x and 30x its rate: the same recipe, a higher rate).
+        **options: ``TrainConfig`` options over the recipe's (``model_args`` merge by key).
+
+    Raises:
+        ValueError: a bad option, or one this harness does not implement set away from its
+            default (``NOT_IMPLEMENTED_OPTIONS``; mixed precision: the harness trains float32).
+    """
+    from bnzoo.config import TrainConfig
+
+    if lr_multiplier != 1:
+        options["lr"] = TrainConfig(recipe=recipe, **options).resolved().lr * lr_multiplier
+    config = TrainConfig(recipe=recipe, **options).validate().resolved()
+    changed = [
+        name
+        for name in NOT_IMPLEMENTED_OPTIONS
+        if getattr(config, name) != TrainConfig.default(name)
+    ]
+    if config.mixed_precision:
+        changed.append("mixed_precision")
+    if changed:
+        raise ValueError(
+            f"Recipe {recipe!r} (with {options}) sets {', '.join(changed)}, which the "
+            "experiments' harness does not implement; train it with train.py, or leave "
+            "these options at their defaults."
+        )
+    return config
+
+
+def train_recipe(
+    config: Any,
+    train_data: ArraySplit,
+    eval_data: ArraySplit,
+    test_data: ArraySplit | None,
+    *,
+    steps: int,
+    eval_every: int | Sequence[Sequence[int]],
+    steps_per_epoch: float,
+    seed: int,
+    make_probes: Callable[[keras.Model], Mapping[str, Probe]] | None = None,
+    log_prefix: str = "",
+) -> tuple[keras.Model, TrainingRun]:
+    """Trains ``config``'s model on the arrays as ``train.py`` would: its builder arguments
+    (``bnzoo.training.build_model``), its optimizer, weight decay and learning-rate schedule
+    (``bnzoo.optimization``), its batch size and shuffle buffer.
+
+    Args:
+        config: a resolved ``TrainConfig`` (``recipe_config``).
+        train_data / eval_data / test_data: the splits (eval: the fixed subset; test:
+            evaluated once at the end, or None).
+        steps: training steps.
+        eval_every: steps between evaluation points, or ``[[until_step, every], ...]``: every
+            ``every`` steps up to ``until_step``, then the next pair's (finer early on, where
+            steps-to-target are decided, coarser later).
+        steps_per_epoch: the schedule's epoch in steps; a fraction lets each step stand for a
+            share of another dataset's epoch (the paper's schedules are in ImageNet epochs).
+        seed: weights and batch order.
+        make_probes: ``make_probes(model) -> {name: probe}``, probes of the built model
+            recorded at every evaluation point (see ``Trainer``).
+        log_prefix: printed before each progress line.
+
+    Returns:
+        The trained model and its ``TrainingRun``.
+    """
+    from bnzoo.optimization import build_optimizer, build_schedule
+    from bnzoo.training import build_model
+
+    classes = train_data.info.num_classes if train_data.info is not None else None
+    classes = classes or int(train_data.labels.max()) + 1
+    set_seed(seed)
+    model = build_model(config, tuple(train_data.images.shape[1:]), classes)
+    phases = [[steps, eval_every]] if isinstance(eval_every, int) else eval_every
+    trainer = Trainer(
+        model,
+        train_data,
+        eval_data,
+        optimizer=build_optimizer(config, model, steps_per_epoch),
+        batch_size=config.batch_size,
+        eval_every=phases[0][1],
+        seed=seed,
+        learning_rate_schedule=build_schedule(config, steps_per_epoch),
+        shuffle_buffer=config.shuffle_buffer,
+        probes=make_probes(model) if make_probes is not None else None,
+        log_prefix=log_prefix,
+    )
+    for until, every in phases:
+        if trainer.diverged:
+            break
+        if min(until, steps) > trainer.step:
+            trainer.eval_every = every
+            trainer.train(min(until, steps) - trainer.step)
+    if trainer.step < steps and not trainer.diverged:
+        trainer.train(steps - trainer.step)
+    if test_data is not None:
+        trainer.test(test_data)
+    return model, trainer.run
+
+
+# ---------------------------------------------------------------------------------------------
 # Probes: what the experiments look at inside a model
 # ---------------------------------------------------------------------------------------------
 
@@ -907,6 +1098,42 @@ def activation_percentiles_probe(
             "mean_over_units": [float(v) for v in per_unit.mean(axis=1)],
             "all_units": per_unit,
         }
+
+    return probe
+
+
+def nonlinearity_input_probe(
+    model: keras.Model, conv_layers: Sequence[str], images: np.ndarray
+) -> Probe:
+    """Each channel's mean and standard deviation of the input to a convolution's nonlinearity,
+    over ``images`` (batch and positions), in training mode.
+
+    The nonlinearity's input is the convolution's output without BN (``Wu + b``) and BN's
+    output with it (``BN(Wu)``): the distribution whose change during training the paper calls
+    internal covariate shift (§2), measured per layer as Figure 1(b, c) measures it for one
+    sigmoid. Training mode normalizes with the batch's statistics, as a training step does;
+    through ``stateless_call``, so the moving averages stay untouched.
+
+    Args:
+        model: a model built by ``models.create_model`` (conv-BN-activation blocks named
+            ``NAME``, ``NAME_bn``, ``NAME_<activation>``).
+        conv_layers: the convolutions' names.
+        images: a fixed batch.
+    """
+    names = {layer.name for layer in model.layers}
+    taps = [f"{name}_bn" if f"{name}_bn" in names else name for name in conv_layers]
+    tap = layer_outputs_model(model, taps)
+    batch = tf.constant(images)
+    forward = tf.function(lambda x: _forward(tap, x, True))
+
+    def probe(_model: keras.Model) -> dict:
+        outputs = forward(batch)
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        statistics = {}
+        for name, values in zip(conv_layers, outputs, strict=True):
+            values = np.asarray(values, dtype=np.float64).reshape(-1, values.shape[-1])
+            statistics[name] = {"mean": values.mean(axis=0), "std": values.std(axis=0)}
+        return statistics
 
     return probe
 

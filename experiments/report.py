@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 EXPERIMENTS = (
     "exp1_mnist_mlp",
     "exp2_learning_rates",
+    "exp2_diagnostics",
     "exp3_sigmoid_cnn",
     "exp4_gradients",
     "exp5_layer_vs_keras",

@@ -50,6 +50,7 @@ from typing import Any
 import keras
 
 from . import bn_inception_weights
+from .inception_v1 import LocalResponseNormalization
 from .pretrained import WeightSet
 from .scaffold import Build, builder, check_choice
 
@@ -130,10 +131,15 @@ PADDINGS = {
 #: Keras' and TF-slim's 1e-3.
 DEFAULT_EPSILONS = {"caffe": 1e-5, "same": 1e-3}
 
-#: The last layer at each stride (input size / feature map size), for feature extraction.
+#: The nonlinearities: ReLU, and the paper's sigmoid (BN-x5-Sigmoid, section 4.2.2). Both
+#: are non-negative, which Caffe's ceil-mode max pool needs (`ceil_mode_max_pool`).
+ACTIVATIONS = {"relu": "ReLU, the paper's", "sigmoid": "the paper's BN-x5-Sigmoid"}
+
+#: The last layer at each stride (input size / feature map size), for feature extraction; the
+#: first candidate the built model has (LRN follows conv2 where there is one).
 FEATURE_LAYERS = {
-    2: "conv1_7x7_s2_relu",
-    4: "conv2_3x3_relu",
+    2: tuple(f"conv1_7x7_s2_{activation}" for activation in ACTIVATIONS),
+    4: ("conv2_norm2", *(f"conv2_3x3_{activation}" for activation in ACTIVATIONS)),
     8: "inception_3b_output",
     16: "inception_4d_output",
     32: "inception_5b_output",
@@ -211,7 +217,7 @@ def ceil_mode_max_pool(x: Any, name: str) -> Any:
     Windows start at 0, 2, 4, ... and the last one may hang over the bottom/right edge by one
     pixel. That is a bottom/right padding of one, then a "valid" pool: `floor(H / 2)` outputs
     for every `H`. The padding is zeros, which equals Caffe's "ignore what is outside" because
-    every pool in BN-Inception follows a ReLU (inputs >= 0).
+    every pool in BN-Inception follows a ReLU or a sigmoid (inputs >= 0).
     """
     x = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}_pad")(x)
     return keras.layers.MaxPooling2D(3, strides=2, padding="valid", name=name)(x)
@@ -249,6 +255,9 @@ def _check(arguments: dict[str, Any]) -> None:
     """The stem, module table and padding; an unset BN epsilon takes the padding's."""
     check_choice(arguments, "stem", STEMS)
     check_choice(arguments, "module_table", TABLE_READINGS)
+    check_choice(arguments, "activation", ACTIVATIONS)
+    if not isinstance(arguments["lrn"], bool):
+        raise ValueError(f"lrn must be True or False; received lrn={arguments['lrn']!r}.")
     check_choice(arguments, "padding", PADDINGS)
     if arguments["bn_epsilon"] is None:
         arguments["bn_epsilon"] = DEFAULT_EPSILONS[arguments["padding"]]
@@ -335,6 +344,8 @@ def bn_inception(
     dropout_rate: float = 0.0,
     bn_scale: bool = True,
     normalize_stem: bool = True,
+    activation: str = "relu",
+    lrn: bool = False,
 ) -> Any:
     """BN-Inception, the Batch Normalization paper's ImageNet network (Figure 5).
 
@@ -380,6 +391,13 @@ def bn_inception(
         normalize_stem: whether the stem convolution is followed by BN. TF-slim's
             inception_v2 gives its separable stem a bias and no BN (its arg scope attaches BN
             to `conv2d` layers only), and its checkpoint has that layer.
+        activation: every convolution's nonlinearity: `"relu"`, or `"sigmoid"` for the
+            paper's BN-x5-Sigmoid (section 4.2.2). Layer names follow it
+            (`conv1_7x7_s2_sigmoid`).
+        lrn: Local Response Normalization after the stem's first pool and after conv2, as in
+            GoogLeNet (`models.inception_v1`), which the paper removed from its BN networks
+            (section 4.2.1: "with Batch Normalization it is not necessary"); for the paper's
+            Inception baseline (`--recipe paper_baseline`).
 
     Returns:
         A `keras.Model`.
@@ -397,7 +415,7 @@ def bn_inception(
     if padding == "caffe":
         _check_caffe_size(build.input_shape, build.name)
     depth = build.depth
-    conv = functools.partial(build.conv, bn_scale=bn_scale)
+    conv = functools.partial(build.conv, bn_scale=bn_scale, activation=activation)
 
     separable_depth_multiplier = None
     if stem == "separable":
@@ -415,8 +433,12 @@ def bn_inception(
         separable_depth_multiplier=separable_depth_multiplier,
     )
     x = _stem_pool(x, "pool1_3x3_s2", padding)
+    if lrn:
+        x = LocalResponseNormalization(name="pool1_norm1")(x)
     x = conv(x, depth(64), 1, name="conv2_3x3_reduce")
     x = conv(x, depth(192), 3, name="conv2_3x3")
+    if lrn:
+        x = LocalResponseNormalization(name="conv2_norm2")(x)
     x = _stem_pool(x, "pool2_3x3_s2", padding)
 
     for module in MODULE_TABLES[module_table]:

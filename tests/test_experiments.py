@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bnzoo.config import RECIPES
 from experiments import (
     exp1_mnist_mlp,
+    exp2_diagnostics,
     exp2_learning_rates,
     exp3_sigmoid_cnn,
     exp4_gradients,
@@ -30,6 +32,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SCRIPTS = {
     "exp1_mnist_mlp": exp1_mnist_mlp,
     "exp2_learning_rates": exp2_learning_rates,
+    "exp2_diagnostics": exp2_diagnostics,
     "exp3_sigmoid_cnn": exp3_sigmoid_cnn,
     "exp4_gradients": exp4_gradients,
     "exp5_layer_vs_keras": exp5_layer_vs_keras,
@@ -41,6 +44,7 @@ EXPECTED_PLOTS = {
         "fashion_mnist_figure1bc_sigmoid_input.png",
     ],
     "exp2_learning_rates": ["plain_cnn_accuracy.png", "bn_inception_accuracy.png"],
+    "exp2_diagnostics": ["diagnostics_accuracy.png"],
     "exp3_sigmoid_cnn": ["sigmoid_cnn_accuracy.png"],
     "exp4_gradients": ["gradient_norms.png", "preactivation_histograms.png"],
     "exp5_layer_vs_keras": ["plain_cnn_layer_vs_keras.png", "paper_mlp_layer_vs_keras.png"],
@@ -132,18 +136,74 @@ def test_exp1_records_ordered_percentiles_of_the_last_sigmoid_input_at_every_eva
 def test_exp2_target_is_the_no_bn_baseline_best_and_every_variant_has_a_row(smoke_root):
     results = _strict_json(smoke_root / "exp2_learning_rates" / "results.json")
     config = _strict_json(smoke_root / "exp2_learning_rates" / "config.json")
-    for name, data in results["models"].items():
-        baseline = data["runs"]["no_bn_x1"]
-        assert data["target_accuracy"] == max(baseline["eval_accuracy"])
-        assert [row["key"] for row in data["rows"]] == [
-            harness.variant_key(v["normalization"], v["multiplier"])
-            for v in config[f"{name}_variants"]
+    data = results["models"]["plain_cnn"]
+    baseline = data["runs"]["no_bn_x1"]
+    assert data["target_accuracy"] == max(baseline["eval_accuracy"])
+    assert [row["key"] for row in data["rows"]] == [
+        harness.variant_key(v["normalization"], v["multiplier"])
+        for v in config["plain_cnn_variants"]
+    ]
+    for row in data["rows"]:
+        assert row["learning_rate"] == pytest.approx(0.01 * float(row["key"].rsplit("_x", 1)[1]))
+        # Constant: every evaluation records the run's rate (read back from a float32 variable).
+        rates = data["runs"][row["key"]]["learning_rate"]
+        assert rates == [pytest.approx(row["learning_rate"], rel=2**-23)] * len(rates)
+
+
+def test_exp2_bn_inception_runs_are_the_papers_recipes_on_64x64_inputs(smoke_root):
+    results = _strict_json(smoke_root / "exp2_learning_rates" / "results.json")
+    config = _strict_json(smoke_root / "exp2_learning_rates" / "config.json")
+    data = results["models"]["bn_inception"]
+    section = config["bn_inception"]
+    assert data["input_shape"] == [64, 64, 1]  # 3a then sees 8x8 maps
+    assert [row["key"] for row in data["rows"]] == [run["key"] for run in section["runs"]]
+    inception = data["runs"]["inception"]
+    assert data["target_accuracy"] == max(inception["eval_accuracy"])
+    # The evaluation points follow the preset's phases: every step to 2, then every 2 to 4.
+    assert inception["steps"] == [0, 1, 2, 4]
+    per_epoch = data["steps_per_schedule_epoch"]
+    assert per_epoch == pytest.approx(4 / exp2_learning_rates.PAPER_INCEPTION_EPOCHS)
+    for key, run_config in data["configs"].items():
+        recipe = RECIPES[run_config["recipe"]].values
+        # Every value comes from the recipe, the run's own options over it.
+        assert run_config["lr"] == recipe["lr"]
+        assert run_config["weight_decay"] == recipe["weight_decay"]
+        assert run_config["model_args"] == {**recipe["model_args"], **section["model_args"]}
+        # The recorded rate is GoogLeNet's staircase, in steps that stand for ImageNet epochs.
+        every = run_config["lr_decay_epochs"] * per_epoch
+        expected = [
+            run_config["lr"] * run_config["lr_decay_rate"] ** math.floor(step / every)
+            for step in data["runs"][key]["steps"]
         ]
-        for row in data["rows"]:
-            assert row["learning_rate"] == pytest.approx(
-                0.01 * float(row["key"].rsplit("_x", 1)[1])
-            )
-    assert results["models"]["bn_inception"]["input_shape"] == [32, 32, 1]
+        assert data["runs"][key]["learning_rate"] == pytest.approx(expected, rel=1e-5)
+    assert data["configs"]["inception"]["normalization"] == "none"
+    assert data["configs"]["bn_x30"]["recipe"] == "paper_bn_accelerated_x30"
+    report_text = exp2_learning_rates.report(results)
+    assert (
+        "| BN-x30 | 0.045 | 2.7 M | 11.5x | 74.8% | 0.045 |"
+        in (report_text["bn_inception_figure3_table"])
+    )
+
+
+def test_exp2_diagnostics_switch_one_change_off_and_record_every_probed_layer(smoke_root):
+    results = _strict_json(smoke_root / "exp2_diagnostics" / "results.json")
+    configs = results["configs"]
+    slow = configs["bn_x5_inception_decay"]
+    # BN-x5 with the accelerated decay switched off: Inception's decay, every other change kept.
+    assert slow["lr_decay_epochs"] == configs["inception"]["lr_decay_epochs"] == 8
+    assert (slow["lr"], slow["weight_decay"]) == (0.0075, pytest.approx(4e-5))
+    assert slow["model_args"]["lrn"] is False
+    run = results["runs"]["inception"]
+    points = run["probes"]["nonlinearity_inputs"]
+    assert len(points) == len(run["steps"]) == len(run["probes"]["gradient_norms"])
+    for layer in exp2_diagnostics.PROBED_CONVOLUTIONS:
+        channels = results["layer_statistics"]["inception"][layer]["channels"]
+        assert len(points[-1][layer]["mean"]) == len(points[-1][layer]["std"]) == channels
+        assert all(std > 0 for std in points[0][layer]["std"])
+    # The probes only look: the same seed trains exactly as experiment 2's Inception does.
+    same = _strict_json(smoke_root / "exp2_learning_rates" / "results.json")
+    assert run["train_loss"] == same["models"]["bn_inception"]["runs"]["inception"]["train_loss"]
+    assert "bn_x5_inception_decay" not in results["layer_statistics"]  # not probed
 
 
 def test_exp4_gradient_norms_cover_every_layer_at_every_evaluation(smoke_root):
@@ -253,6 +313,79 @@ def test_batch_sampler_draws_each_example_once_per_epoch_and_repeats_with_its_se
         assert len(np.unique(epoch)) == 9
     assert not np.array_equal(batches[:3], batches[3:])  # reshuffled each epoch
     np.testing.assert_array_equal(batches, harness.BatchSampler(10, 3, seed=7).take(6))
+
+
+def test_a_shuffle_buffer_as_large_as_the_split_is_the_full_permutation():
+    full = harness.BatchSampler(20, 4, seed=3).take(10)
+    np.testing.assert_array_equal(
+        harness.BatchSampler(20, 4, seed=3, shuffle_buffer=20).take(10), full
+    )
+    np.testing.assert_array_equal(
+        harness.BatchSampler(20, 4, seed=3, shuffle_buffer=99).take(10), full
+    )
+
+
+def test_a_small_shuffle_buffer_shuffles_partially_like_tf_data():
+    # tf.data's shuffle(buffer) reads the stored order into the buffer and outputs a random
+    # slot each time: example i enters the buffer after i - buffer + 1 outputs, so it cannot
+    # come out earlier; a buffer of one keeps the stored order.
+    assert harness.BatchSampler(12, 4, seed=0, shuffle_buffer=1).take(3).ravel().tolist() == list(
+        range(12)
+    )
+    buffer = 50
+    sampler = harness.BatchSampler(1000, 10, seed=1, shuffle_buffer=buffer)
+    for epoch in range(2):
+        order = sampler.take(100).ravel()
+        assert sorted(order.tolist()) == list(range(1000)), epoch  # each example once
+        position = np.empty(1000, dtype=int)
+        position[order] = np.arange(1000)
+        assert np.all(position >= np.arange(1000) - buffer + 1)
+        assert order[:100].max() < 150  # the stored order still shows: a partial shuffle
+        assert not np.array_equal(order, np.arange(1000))
+
+
+def test_a_recipe_run_is_configured_by_the_recipe_and_refuses_what_the_harness_lacks():
+    config = harness.recipe_config(
+        "paper_baseline", lr_multiplier=5, normalization="none", model_args={"min_depth": 8}
+    )
+    assert config.lr == pytest.approx(5 * RECIPES["paper_baseline"].values["lr"])
+    assert config.model_args == {"dropout_rate": 0.4, "lrn": True, "min_depth": 8}
+    assert config.normalization == "none" and config.weight_decay_form == "l2"
+    with pytest.raises(ValueError, match="sets augment, label_smoothing, which the experiments"):
+        harness.recipe_config("paper_baseline", augment=True, label_smoothing=0.1)
+
+
+def test_trainer_follows_a_learning_rate_schedule_and_records_it():
+    from bnzoo.optimization import WarmupSchedule
+
+    data = _tiny_data()
+    inputs = keras.Input((4, 4, 1))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    schedule = WarmupSchedule(
+        0.4,
+        warmup_steps=0,
+        total_steps=100,
+        decay="exponential",
+        decay_rate=0.5,
+        staircase_steps=3,
+    )
+    optimizer = harness.sgd(1.0)
+    trainer = harness.Trainer(
+        model,
+        data,
+        data,
+        optimizer=optimizer,
+        batch_size=8,
+        eval_every=4,
+        seed=0,
+        learning_rate_schedule=schedule,
+    )
+    run = trainer.train(7)
+    assert run.steps == [0, 4, 7]
+    # The rate of the next step at each point: halved every 3 steps.
+    assert run.learning_rate == pytest.approx([0.4, 0.2, 0.1])
+    # The optimizer's rate is the schedule's at its last step (step 6: 0.4 / 2**2).
+    assert float(optimizer.learning_rate) == pytest.approx(0.1)
 
 
 def test_steps_to_reach_is_the_first_evaluation_at_or_above_the_target():
