@@ -59,6 +59,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench.machine import describe_machine  # noqa: E402
+
 # Experiments build many small models on purpose; TensorFlow warns that each new model's
 # compiled functions are "retracing", which is expected here and would bury the progress lines.
 tf.get_logger().setLevel("ERROR")
@@ -262,6 +264,8 @@ def environment() -> dict:
     return {
         "machine": platform.machine(),
         "processor": platform.processor() or "unknown",
+        # Model and instruction sets: oneDNN's kernels, so every wall time, depend on them.
+        "cpu": describe_machine().describe(),
         "cpu_count": os.cpu_count(),
         "gpus": len(tf.config.list_physical_devices("GPU")),
         "platform": platform.platform(),

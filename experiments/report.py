@@ -81,17 +81,18 @@ def build_context(results: dict[str, dict]) -> dict[str, str]:
             data = results[name]
             load = data["environment"].get("load_average_1_5_15_min")
             load_text = " / ".join(f"{v:.1f}" for v in load) if load else "not recorded"
+            cpu = data["environment"].get("cpu", "not recorded").removeprefix("CPU: ")
             rows.append(
                 f"| `experiments/{name}.py` | {data['budget']} | "
-                f"{_format_seconds(data['runtime_seconds'])} | {load_text} |"
+                f"{_format_seconds(data['runtime_seconds'])} | {load_text} | {cpu} |"
             )
     if rows:
         total = sum(results[name]["runtime_seconds"] for name in results)
-        rows.append(f"| all | | {_format_seconds(total)} | |")
+        rows.append(f"| all | | {_format_seconds(total)} | | |")
     context["runtime_table"] = "\n".join(
         [
-            "| script | budget | runtime | load average at the end (1 / 5 / 15 min) |",
-            "|---|---|---|---|",
+            "| script | budget | runtime | load average at the end (1 / 5 / 15 min) | CPU |",
+            "|---|---|---|---|---|",
             *rows,
         ]
     )
