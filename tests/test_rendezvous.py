@@ -9,6 +9,7 @@ import logging
 import socket
 import threading
 import time
+import types
 
 import pytest
 from local_cluster import free_ports
@@ -116,11 +117,24 @@ def test_workers_given_different_clusters_all_stop():
 
 
 def test_a_chief_alone_says_whom_it_waits_for_then_gives_up(monkeypatch):
+    # The meeting reads the test's clock, which advances 1/8 s per reading: the deadline is
+    # checked against time the test counts, whatever this machine's speed or load.
+    readings = []
+
+    def monotonic():
+        readings.append(1000.0 + 0.125 * len(readings))
+        return readings[-1]
+
+    monkeypatch.setattr(
+        rendezvous, "time", types.SimpleNamespace(monotonic=monotonic, sleep=time.sleep)
+    )
     monkeypatch.setattr(rendezvous, "FIRST_NOTICE_SECONDS", 0.2)
     chief, _ = plans(2)
-    started = time.monotonic()
     outcomes, logs = meet([(chief, IDENTITY)], timeout=1.5)
-    assert 1.5 <= time.monotonic() - started < 10
+    waited = readings[-1] - readings[0]
+    # It gives up at its first look at the clock past the deadline: not before it, and within
+    # one turn of its loop (at most four readings: deadline, notice, its text, the wait) after.
+    assert 1.5 <= waited < 1.5 + 4 * 0.125
     address = chief.addresses[1]
     assert outcomes == [
         f"worker 0 of 2: worker 1 at {address} did not start within 1.5 s "
